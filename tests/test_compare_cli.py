@@ -1,0 +1,243 @@
+"""The gate's command line (python -m perf_tests): exit codes, formats, baselines folder, bad input, A/B."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from perf_json import CASES, run_doc, write_run
+
+from perf_tests.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Baseline and candidate runs: A/A, and a candidate with CASES[1] 20% slower."""
+    return {
+        "base": write_run(tmp_path / "base.json", 1),
+        "same": write_run(tmp_path / "same.json", 2),
+        "slow": write_run(tmp_path / "slow.json", 3, slow={CASES[1]: 1.2}),
+    }
+
+
+def test_aa_compare_exits_0(capsys, runs):
+    code, out, _ = run_cli(capsys, "compare", runs["base"], runs["same"])
+    assert code == 0
+    assert "REGRESSION" not in out and f"{len(CASES)} no change" in out
+
+
+def test_regression_exits_1_with_effect_table_markdown_json_and_plot(capsys, runs, tmp_path):
+    code, out, _ = run_cli(capsys, "compare", runs["base"], runs["slow"])
+    assert code == 1
+    line = next(x for x in out.splitlines() if x.startswith(CASES[1]))
+    assert "REGRESSION" in line and "+2" in line  # about +20%
+
+    code, md, _ = run_cli(capsys, "compare", runs["base"], runs["slow"], "--format", "markdown")
+    assert code == 1 and md.startswith("### 🔴 Performance gate") and f"| `{CASES[1]}` | 🔴 REGRESSION" in md
+
+    report = tmp_path / "out" / "cmp.json"
+    code, _, err = run_cli(capsys, "compare", runs["base"], runs["slow"], "--format", "json", "--output", report,
+                           "--plot-dir", tmp_path / "plots")
+    doc = json.loads(report.read_text())
+    case = next(c for c in doc["cases"] if c["name"] == CASES[1])
+    assert case["verdict"] == "regression" and doc["has_regression"]
+    assert case["metrics"]["time"]["ratio"] == pytest.approx(1.2, rel=0.03)
+    lo, hi = case["metrics"]["time"]["ci"]
+    assert lo < 1.2 < hi
+    pngs = list((tmp_path / "plots").glob("*.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG" and "plot:" in err
+
+
+def test_baseline_folder_is_picked_by_device_env_and_profile(capsys, runs, tmp_path):
+    code, out, _ = run_cli(capsys, "update-baselines", runs["base"], runs["same"], "--baseline-dir", tmp_path / "bl")
+    assert code == 0 and "2 run(s) merged" in out
+    code, out, _ = run_cli(capsys, "compare", tmp_path / "bl", runs["slow"])
+    assert code == 1 and "cpu-intel-xeon-processor/torch2-tiny.json" in out
+
+
+def test_missing_baseline_warns_and_exits_0_unless_required(capsys, runs, tmp_path):
+    run_cli(capsys, "update-baselines", runs["base"], "--baseline-dir", tmp_path / "bl")
+    gpu = write_run(tmp_path / "gpu.json", machine={"device_slug": "nvidia-a100-sxm4-80gb"})
+    code, out, err = run_cli(capsys, "compare", tmp_path / "bl", gpu)
+    assert code == 0 and out == ""
+    assert "warning: no baseline for this device" in err and "nvidia-a100-sxm4-80gb" in err
+    assert "Existing baselines:" in err and "cpu-intel-xeon-processor" in err and "update-baselines" in err
+    run_cli(capsys, "compare", tmp_path / "bl", gpu, "--format", "markdown", "--output", tmp_path / "v.md")
+    assert "No comparison:** no baseline for this device" in (tmp_path / "v.md").read_text()
+    code, _, err = run_cli(capsys, "compare", tmp_path / "bl", gpu, "--require-baseline")
+    assert code == 2 and err.startswith("error: no baseline")
+
+
+def test_inconclusive_fails_only_with_the_flag(capsys, tmp_path):
+    base = write_run(tmp_path / "b.json", 1, rounds=3)
+    cand = write_run(tmp_path / "c.json", 2, rounds=3)
+    code, out, _ = run_cli(capsys, "compare", base, cand)
+    assert code == 0 and "too few samples" in out
+    assert run_cli(capsys, "compare", base, cand, "--fail-on-inconclusive")[0] == 1
+
+
+def test_environment_mismatch_is_inconclusive(capsys, runs, tmp_path):
+    other = write_run(tmp_path / "o.json", 2, slow={CASES[1]: 1.5}, machine={"torch_version": "2.15.0"})
+    code, out, _ = run_cli(capsys, "compare", runs["base"], other)
+    assert code == 0 and "environment mismatch" in out and "REGRESSION" not in out
+    assert run_cli(capsys, "compare", runs["base"], other, "--ignore-env", "torch_version")[0] == 1
+
+
+def test_changed_definition_is_new_not_compared(capsys, runs, tmp_path):
+    changed = write_run(tmp_path / "c.json", 3, slow={CASES[1]: 1.5},
+                        extra={CASES[1]: {"definition_hash": "0000000000000000"}})
+    code, out, _ = run_cli(capsys, "compare", runs["base"], changed)
+    assert code == 0 and "changed definition" in out
+
+
+def test_step_summary_is_appended(capsys, runs, tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    run_cli(capsys, "compare", runs["base"], runs["slow"], "--step-summary")
+    text = summary.read_text()
+    assert text.startswith("earlier step\n") and "Performance gate" in text
+
+
+# --- bad input: message and exit code 2 ----------------------------------------------------------------------
+
+
+def _bad_files(tmp_path):
+    full = json.dumps(run_doc())
+    nodata = run_doc()
+    for b in nodata["benchmarks"]:
+        del b["stats"]["data"]
+    newer = {"schema": "sd-perf-baseline", "schema_version": 99, "runs": [], "cases": {}}
+    files = {
+        "truncated": (full[:200], "not valid JSON"),
+        "nodata": (json.dumps(nodata), "--benchmark-save-data"),
+        "schema": (json.dumps(newer), "unknown baseline schema version 99"),
+        "other": ('{"hello": 1}', "neither a pytest-benchmark JSON"),
+    }
+    out = {}
+    for name, (text, message) in files.items():
+        (tmp_path / f"{name}.json").write_text(text)
+        out[name] = (tmp_path / f"{name}.json", message)
+    out["absent"] = (tmp_path / "absent.json", "no such file")
+    return out
+
+
+@pytest.mark.parametrize("which", ["truncated", "nodata", "schema", "other", "absent"])
+@pytest.mark.parametrize("side", ["baseline", "candidate"])
+def test_bad_input_exits_2_with_its_message(capsys, runs, tmp_path, which, side):
+    bad, message = _bad_files(tmp_path)[which]
+    args = (bad, runs["same"]) if side == "baseline" else (runs["base"], bad)
+    code, out, err = run_cli(capsys, "compare", *args)
+    assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_bad_input_to_update_baselines_exits_2(capsys, tmp_path):
+    bad, message = _bad_files(tmp_path)["nodata"]
+    code, _, err = run_cli(capsys, "update-baselines", bad, "--baseline-dir", tmp_path / "bl")
+    assert code == 2 and message in err and not (tmp_path / "bl").exists()
+
+
+@pytest.mark.parametrize("argv", [["compare"], ["compare", "a.json", "b.json", "--alpha", "2"], ["frobnicate"],
+                                  ["compare", "a.json", "b.json", "--format", "yaml"],
+                                  ["compare", "a.json", "b.json", "--", "-x"]])
+def test_usage_errors_exit_2(capsys, runs, argv):
+    argv = [str(runs["base"]) if a == "a.json" else str(runs["same"]) if a == "b.json" else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exc.value.code == 2
+
+
+def test_module_entry_point_and_exit_code(runs):
+    res = subprocess.run([sys.executable, "-m", "perf_tests", "compare", str(runs["base"]), str(runs["slow"]),
+                          "--format", "markdown"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    assert "REGRESSION" in res.stdout
+
+
+# --- report (the study table of the perf suite) --------------------------------------------------------
+
+
+def test_report_writes_study_table_and_plot(capsys, runs, tmp_path):
+    pytest.importorskip("perf_tests.table")
+    code, _, err = run_cli(capsys, "report", runs["base"], "--output", tmp_path / "study.md", "--plot",
+                           tmp_path / "study.png")
+    assert code == 0, err
+    assert "original" in (tmp_path / "study.md").read_text()
+    assert list(tmp_path.glob("study*.png"))
+
+
+# --- A/B: current tree vs a git ref, interleaved, on a throw-away repository -------------------------------
+
+FAKE_SUITE = '''
+from pathlib import Path
+
+FACTOR = float(Path(__file__).with_name("factor.txt").read_text())
+
+
+def work():
+    return sum(range(int(30000 * FACTOR)))
+
+
+def test_fake(benchmark, request):
+    benchmark.extra_info.update({extra!r})
+    benchmark.pedantic(work, rounds=15, warmup_rounds=1)
+'''
+FAKE_CONFTEST = '''
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update({machine!r})
+'''
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="A/B mode needs git")
+def test_ab_flags_a_slower_working_tree_against_its_ref(capsys, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "perf_tests").mkdir(parents=True)
+    extra = {"case": {"kind": "fake", "profile": "tiny", "attention": "original", "compile": "eager",
+                      "batch_size": 1, "precision": "fp32"}, "definition_hash": "abc", "env": "torch2",
+             "correct": True, "attention_used": "original"}
+    machine = {"device_slug": "cpu-test", "env": "torch2", "torch_version": "x"}
+    (repo / "perf_tests" / "test_fake.py").write_text(textwrap.dedent(FAKE_SUITE.format(extra=extra)))
+    (repo / "perf_tests" / "conftest.py").write_text(FAKE_CONFTEST.format(machine=machine))
+    (repo / "perf_tests" / "factor.txt").write_text("1.0")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "reference")
+    (repo / "perf_tests" / "factor.txt").write_text("2.0")  # the working tree is 2x slower
+
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    out_dir = tmp_path / "ab"
+    code, out, err = run_cli(capsys, "ab", "HEAD", "--rounds-per-side", "2", "--output-dir", out_dir,
+                             "--format", "json", "--", "--benchmark-timer=time.process_time")
+    assert code == 1, out + err  # CPU time: the shared test machine's load does not blur the 2x
+    assert sorted(p.name for p in out_dir.glob("?-*.json")) == ["A-1.json", "A-2.json", "B-1.json", "B-2.json"]
+    order = [line.split("side ")[1][0] for line in err.splitlines() if line.startswith("[ab] run")]
+    assert order == ["A", "B", "A", "B"]
+    case = json.loads(out)["cases"][0]
+    assert case["verdict"] == "regression"
+    assert 1.6 < case["metrics"]["time"]["ratio"] < 2.5
+    assert (out_dir / "ab-comparison.md").is_file()
+    # the temporary worktree is gone again
+    listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
+    assert len(listed.strip().splitlines()) == 1
+    assert os.listdir(repo / "perf_tests") and (repo / "perf_tests" / "factor.txt").read_text() == "2.0"
