@@ -1,0 +1,171 @@
+"""The whole SD 2.1 model (`StableDiffusion`) and `load_model`, its one constructor.
+
+Reproduces the inference side of `LatentDiffusion` (`ldm/models/diffusion/ddpm.py`, sd21-facts 5): the UNet
+under `model.diffusion_model`, the autoencoder as `first_stage_model`, the OpenCLIP text encoder as
+`cond_stage_model.model` and the 12 schedule buffers at top level, so that `state_dict()` has exactly the
+keys and shapes of the original checkpoints. `scale_factor` is a plain float, as in the original.
+
+Random weights (no checkpoint) are deterministic from `seed`: the modules are built and initialised on the
+CPU under a private RNG, with PyTorch's default layer initialisation. The original zero-initialises the
+ResBlocks' last conv, the transformers' proj_out and the UNet's output conv; we never zero them, so the
+outputs of a random model depend on its inputs (the same effect as re-initialising them).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sd import capabilities
+from sd.attention import AttendFn, resolve_attention
+from sd.config import ModelConfig, load_config
+from sd.errors import AttentionUnavailable
+from sd.schedule import schedule_buffers
+from sd.text_encoder import OpenCLIPTextEncoder
+from sd.unet import UNetModel
+from sd.vae import AutoencoderKL
+from sd.weights import load_checkpoint
+
+
+class DiffusionWrapper(nn.Module):
+    """The original's `model` wrapper: holds the UNet as `diffusion_model` (cross-attention conditioning)."""
+
+    def __init__(self, unet: UNetModel):
+        super().__init__()
+        self.diffusion_model = unet
+
+    def forward(self, x: Tensor, t: Tensor | float, context: Tensor) -> Tensor:
+        return self.diffusion_model(x, t, context)
+
+
+def vae_head_dims(config: ModelConfig) -> tuple[int, ...]:
+    """The VAE's attention runs one head as wide as its channels (512 for SD 2.1's mid-block)."""
+    vae = config.vae
+    return tuple(
+        sorted({vae.ch * m for m in vae.ch_mult} if vae.attn_resolutions else {vae.ch * vae.ch_mult[-1]})
+    )
+
+
+def resolve_model_attention(
+    config: ModelConfig, attention: str, vae_attention: str | None, device: torch.device, dtype: torch.dtype
+) -> tuple[AttendFn, AttendFn]:
+    """(UNet kernel, VAE kernel), each checked on device/dtype with the head dims it will see."""
+    attend = resolve_attention(attention, device, dtype, (config.unet.num_head_channels,))
+    vae_name = attention if vae_attention is None else vae_attention
+    try:
+        return attend, resolve_attention(vae_name, device, dtype, vae_head_dims(config))
+    except AttentionUnavailable as exc:
+        raise AttentionUnavailable(
+            f"For the VAE's mid-block attention (one head of dim {max(vae_head_dims(config))}): {exc} "
+            f"To keep {attention!r} in the UNet, choose the VAE's kernel with vae_attention= (e.g. 'sdpa-math')."
+        ) from None
+
+
+class StableDiffusion(nn.Module):
+    """SD 2.1 for inference. Build it with `load_model`; see the module docstring for the layout."""
+
+    betas: Tensor
+    alphas_cumprod: Tensor
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        attention: str,
+        attend: AttendFn,
+        vae_attention: str | None = None,
+        vae_attend: AttendFn | None = None,
+    ):
+        super().__init__()
+        for name, value in schedule_buffers(config.linear_start, config.linear_end, config.timesteps).items():
+            self.register_buffer(name, value)  # float32 (timesteps,), top-level keys as in the original
+        self.model = DiffusionWrapper(UNetModel(config.unet, attend))
+        self.first_stage_model = AutoencoderKL(config.vae, attend if vae_attend is None else vae_attend)
+        self.cond_stage_model = OpenCLIPTextEncoder(config.text)
+        self.config = config
+        self.parameterization = config.parameterization
+        self.scale_factor = float(config.scale_factor)
+        self.attention = (
+            attention  # the backend of the UNet's attention (and the VAE's unless said otherwise)
+        )
+        self.vae_attention = attention if vae_attention is None else vae_attention
+        self.compile_mode: str | None = None  # set by sd.compile.compile_model
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.first_stage_model
+
+    @property
+    def text_encoder(self) -> OpenCLIPTextEncoder:
+        return self.cond_stage_model
+
+    def tokenize(self, prompts: str | list[str]) -> Tensor:
+        """open_clip tokens, LongTensor (B, 77)."""
+        return self.cond_stage_model.tokenize(prompts)
+
+    def encode_text(self, prompts: str | list[str]) -> Tensor:
+        """Prompts -> (B, 77, width) cross-attention context (penultimate layer + ln_final for SD 2.1)."""
+        return self.cond_stage_model.encode(prompts)
+
+    def set_attention(self, name: str, vae_attention: str | None = None) -> None:
+        """Switch the UNet's attention (and the VAE's, to `vae_attention` or else `name`) to other kernels,
+        checked on this model's device/dtype. A compiled UNet recompiles on its next call."""
+        weight = self.unet.time_embed[0].weight
+        attend, vae_attend = resolve_model_attention(
+            self.config, name, vae_attention, weight.device, weight.dtype
+        )
+        for part, kernel in ((self.unet, attend), (self.vae, vae_attend)):
+            for module in part.modules():
+                if hasattr(module, "attend"):
+                    module.attend = kernel
+        self.attention, self.vae_attention = name, name if vae_attention is None else vae_attention
+
+
+def load_model(
+    config_or_preset: str | Path | ModelConfig,
+    ckpt: str | Path | None = None,
+    *,
+    attention: str = "original",
+    vae_attention: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    unsafe_pickle: bool = False,
+    channels_last: bool = False,
+) -> StableDiffusion:
+    """Build SD 2.1 from a preset name ("sd21-base", "sd21-v", "tiny"), an LDM YAML path or a ModelConfig.
+
+    ckpt: a .safetensors or .ckpt file (strictly checked), or None for random weights from `seed`.
+    attention: one of sd.ATTENTION_BACKENDS, for every attention; AttentionUnavailable if it cannot run on
+    `device`/`dtype`. vae_attention: another kernel for the VAE's single 512-wide head (flash kernels
+    stop at head dim 256), recorded as `model.vae_attention`; None means `attention`.
+    device "meta" builds without memory (for key/shape checks). The schedule buffers stay float32 in every
+    dtype. channels_last puts the conv weights in channels-last memory format. Returns the model in eval
+    mode without gradients.
+    """
+    config = config_or_preset if isinstance(config_or_preset, ModelConfig) else load_config(config_or_preset)
+    device = torch.device(device)
+    attend, vae_attend = resolve_model_attention(config, attention, vae_attention, device, dtype)
+    # Initialised on the CPU, so that a seed gives the same weights on every device; a "meta" model is
+    # built directly on meta where PyTorch can (2.x), else on the CPU and moved below.
+    build_on = (
+        capabilities.device_context(device) if device.type == "meta" and ckpt is None else nullcontext()
+    )
+    with torch.random.fork_rng(devices=[]), build_on:
+        torch.manual_seed(seed)
+        model = StableDiffusion(config, attention, attend, vae_attention, vae_attend)
+    if ckpt is not None:
+        load_checkpoint(model, ckpt, unsafe_pickle=unsafe_pickle, strict=True)
+    model.to(device)
+    for part in (model.model, model.first_stage_model, model.cond_stage_model):
+        part.to(dtype)  # not the top level: alphas_cumprod & co stay float32
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.eval().requires_grad_(False)
+    return model

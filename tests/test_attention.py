@@ -1,0 +1,137 @@
+"""sd.attention: the kernel registry, availability probing and the CrossAttention block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import has_sdpa
+
+from sd import attention, capabilities
+from sd.attention import (
+    ATTENTION_BACKENDS,
+    CrossAttention,
+    attend_original,
+    available_attention,
+    resolve_attention,
+)
+from sd.errors import AttentionUnavailable
+
+AVAILABLE = [name for name, why in available_attention("cpu").items() if why is None]
+
+
+def textbook_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The original's math with batch and heads merged: softmax(q k^T * d^-0.5) v in float64."""
+    b, h, n, d = q.shape
+    q, k, v = (t.double().reshape(b * h, -1, d) for t in (q, k, v))  # ((B heads), N, d)
+    sim = torch.bmm(q, k.transpose(1, 2)) * d**-0.5
+    return torch.bmm(sim.softmax(-1), v).reshape(b, h, n, d)
+
+
+def qkv(dtype=torch.float32, nq=50, nk=77, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(2, 3, nq, d, generator=g).to(dtype),
+        torch.randn(2, 3, nk, d, generator=g).to(dtype),
+        torch.randn(2, 3, nk, d, generator=g).to(dtype),
+    )
+
+
+def test_backend_names_in_contract_order():
+    assert ATTENTION_BACKENDS == (
+        "original",
+        "sdpa",
+        "sdpa-math",
+        "sdpa-flash",
+        "sdpa-mem-efficient",
+        "sdpa-cudnn",
+        "xformers",
+    )
+
+
+def test_cpu_availability_is_probed():
+    table = available_attention("cpu")
+    assert set(table) == set(ATTENTION_BACKENDS)
+    assert table["original"] is None
+    expected = ["sdpa", "sdpa-math", "sdpa-flash"] if has_sdpa() else []
+    for name in expected:
+        assert table[name] is None, table[name]
+    # No CUDA kernels on a CPU: the reasons are the kernels' own refusals of a real call.
+    for name in ("sdpa-mem-efficient", "sdpa-cudnn", "xformers"):
+        assert isinstance(table[name], str) and table[name]
+
+
+def test_original_is_the_original_math():
+    q, k, v = qkv()
+    torch.testing.assert_close(
+        attend_original(q, k, v).double(), textbook_attention(q, k, v), atol=2e-6, rtol=0
+    )
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_every_available_backend_agrees_with_original_fp32(name):
+    q, k, v = qkv()
+    torch.testing.assert_close(
+        resolve_attention(name)(q, k, v), attend_original(q, k, v), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_every_available_backend_agrees_in_bf16(name):
+    q, k, v = qkv()
+    out = resolve_attention(name, "cpu", torch.bfloat16)(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), attend_original(q, k, v), atol=3e-2, rtol=3e-2)
+
+
+def test_original_keeps_qk_in_fp32_under_autocast():
+    q, k, v = qkv(nq=16, nk=16, d=64)
+    big = q * 60  # logits of ~1e3: fine in fp32, coarse in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend_original(big.bfloat16(), k.bfloat16(), v.bfloat16())
+    ref = textbook_attention(big.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(AttentionUnavailable) as exc:
+        resolve_attention("flash2", "cpu")
+    assert "original, sdpa" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_unavailable_backend_says_why_and_what_runs():
+    with pytest.raises(AttentionUnavailable) as exc:
+        resolve_attention("xformers", "cpu")
+    message = str(exc.value)
+    assert "cannot run here" in message and "xformers" in message
+    assert "Available on this machine (cpu): " + ", ".join(AVAILABLE) in message
+
+
+def test_missing_sdpa_is_reported_as_such(monkeypatch):
+    monkeypatch.setattr(capabilities, "has_sdpa", lambda: False)
+    monkeypatch.setattr(attention, "_PROBES", {})
+    table = available_attention("cpu")
+    assert table["original"] is None
+    for name in ("sdpa", "sdpa-math", "sdpa-flash"):
+        assert "scaled_dot_product_attention" in table[name]
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_cross_attention_splits_heads_outer(context_dim):
+    torch.manual_seed(0)
+    block = CrossAttention(32, context_dim, heads=4, dim_head=8, attend=attend_original)
+    x = torch.randn(2, 10, 32)
+    context = None if context_dim is None else torch.randn(2, 7, context_dim)
+    src = x if context is None else context
+    # The original: q = to_q(x); 'b n (h d) -> (b h) n d'; softmax(q k^T * scale) v; '(b h) n d -> b n (h d)'.
+    q, k, v = block.to_q(x), block.to_k(src), block.to_v(src)
+    split = [t.reshape(t.shape[0], t.shape[1], 4, 8).permute(0, 2, 1, 3) for t in (q, k, v)]
+    out = textbook_attention(*split).float().permute(0, 2, 1, 3).reshape(2, 10, 32)
+    expected = block.to_out(out)
+    torch.testing.assert_close(block(x, context), expected, atol=1e-5, rtol=1e-5)
+    assert [n for n, _ in block.named_parameters()] == [
+        "to_q.weight",
+        "to_k.weight",
+        "to_v.weight",
+        "to_out.0.weight",
+        "to_out.0.bias",
+    ]

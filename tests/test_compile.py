@@ -1,0 +1,72 @@
+"""sd.compile: refusals without torch.compile, and one fullgraph compile that never recompiles over steps."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import micro_config
+
+from sd import capabilities
+from sd.compile import COMPILE_MODES, compile_model
+from sd.errors import CompileUnavailable
+from sd.model import load_model
+
+
+def test_modes():
+    assert COMPILE_MODES == ("default", "reduce-overhead", "max-autotune")
+
+
+def test_no_torch_compile_is_a_clear_error(monkeypatch, tiny_config):
+    monkeypatch.setattr(capabilities, "has_compile", lambda: False)
+    model = load_model(tiny_config, device="meta")
+    with pytest.raises(CompileUnavailable) as exc:
+        compile_model(model)
+    assert "torch.compile" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.skipif(not capabilities.has_compile(), reason="torch.compile needs PyTorch 2")
+def test_unknown_mode_is_refused(tiny_config):
+    with pytest.raises(CompileUnavailable) as exc:
+        compile_model(load_model(tiny_config, device="meta"), "fast")
+    assert "default, reduce-overhead, max-autotune" in str(exc.value)
+
+
+@pytest.mark.skipif(not capabilities.has_compile(), reason="torch.compile needs PyTorch 2")
+def test_compile_model_wraps_without_renaming_weights(tiny_config):
+    model = load_model(tiny_config, device="meta")
+    keys = list(model.state_dict())
+    assert compile_model(model, "reduce-overhead", vae=True) is model  # compiling itself is lazy
+    assert model.compile_mode == "reduce-overhead" and model.unet.clone_outputs
+    assert "denoise" in vars(model.unet) and "forward" in vars(model.vae.decoder)
+    assert "forward" not in vars(model.vae.encoder)
+    assert list(model.state_dict()) == keys
+    with pytest.raises(CompileUnavailable):
+        compile_model(model)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not capabilities.has_compile(), reason="torch.compile needs PyTorch 2")
+@pytest.mark.parametrize("attention", ["original", "sdpa-flash"])
+def test_unet_compiles_fullgraph_once_for_all_timesteps(tiny_config, attention):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    if capabilities.sdpa_kernel_missing("flash") and attention != "original":
+        pytest.skip("no SDPA kernel selection in this PyTorch")
+    torch._dynamo.reset()
+    counters.clear()
+    model = load_model(
+        micro_config(tiny_config), attention=attention
+    )  # ~1/3 of the tiny graph: fast to compile
+    keys = list(model.state_dict())
+    x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 256)
+    steps = [999, 981.0, torch.tensor(500), torch.tensor([480, 480]), torch.tensor([1.5, 1.5])]
+    with torch.no_grad():
+        eager = [model.unet(x, t, c) for t in steps]
+        compile_model(model)
+        # fullgraph=True: any graph break raises; error_on_recompile: so does any new graph after the first.
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = [model.unet(x, t, c) for t in steps]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert list(model.state_dict()) == keys and model.compile_mode == "default"
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,176 @@
+"""sd.model and sd.schedule: load_model's options, random weights, the schedule buffers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import has_sdpa, micro_config
+
+from sd import attention
+from sd.config import load_config
+from sd.errors import AttentionUnavailable, ConfigError
+from sd.model import StableDiffusion, load_model
+from sd.schedule import SCHEDULE_BUFFERS, schedule_buffers
+
+
+def test_schedule_matches_register_schedule_in_numpy():
+    # DDPM.register_schedule, written with numpy in float64 as the original does.
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    expected = [
+        betas,
+        ac,
+        ac_prev,
+        np.sqrt(ac),
+        np.sqrt(1 - ac),
+        np.log(1 - ac),
+        np.sqrt(1 / ac),
+        np.sqrt(1 / ac - 1),
+        post_var,
+        np.log(np.maximum(post_var, 1e-20)),
+        betas * np.sqrt(ac_prev) / (1 - ac),
+        (1 - ac_prev) * np.sqrt(alphas) / (1 - ac),
+    ]
+    ours = schedule_buffers(0.00085, 0.012, 1000)
+    assert tuple(ours) == SCHEDULE_BUFFERS
+    for (name, value), ref in zip(ours.items(), expected, strict=True):
+        assert value.dtype == torch.float32 and value.shape == (1000,), name
+        np.testing.assert_allclose(value.numpy(), ref.astype(np.float32), rtol=1e-6, atol=0, err_msg=name)
+    ac32 = ours["alphas_cumprod"]
+    # Measured values from the facts sheet (sd21-facts 6).
+    for i, value in ((0, 0.99915), (1, 0.998296), (981, 0.0057755), (999, 0.0046601)):
+        assert abs(ac32[i].item() - value) < 5e-7, i
+
+
+def test_tiny_model_api(tiny_model):
+    assert isinstance(tiny_model, StableDiffusion) and not tiny_model.training
+    assert tiny_model.parameterization == "eps" and tiny_model.attention == "original"
+    assert type(tiny_model.scale_factor) is float and tiny_model.scale_factor == 0.18215
+    assert tiny_model.alphas_cumprod.dtype == torch.float32 and tiny_model.alphas_cumprod.shape == (1000,)
+    assert (
+        tiny_model.unet is tiny_model.model.diffusion_model and tiny_model.vae is tiny_model.first_stage_model
+    )
+    assert tiny_model.text_encoder is tiny_model.cond_stage_model
+    children = [name for name, _ in tiny_model.named_children()]
+    assert children == ["model", "first_stage_model", "cond_stage_model"]
+    assert list(tiny_model.state_dict())[:12] == list(SCHEDULE_BUFFERS)
+    assert not any(p.requires_grad for p in tiny_model.parameters())
+
+
+def test_text_and_denoise_path_is_finite(tiny_model):
+    tokens = tiny_model.tokenize(["a photograph of an astronaut riding a horse", ""])
+    assert tokens.dtype == torch.int64 and tokens.shape == (2, 77)
+    with torch.no_grad():
+        context = tiny_model.encode_text(["a photograph of an astronaut riding a horse", ""])
+        assert context.shape == (2, 77, 256) and torch.isfinite(context).all()
+        eps = tiny_model.unet(torch.randn(2, 4, 8, 8), 981, context)
+        image = tiny_model.vae.decode(eps / tiny_model.scale_factor)
+    assert torch.isfinite(eps).all() and 1e-2 < eps.std() < 1e2
+    assert image.shape == (2, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_random_weights_are_deterministic_and_private(tiny_config):
+    cfg = micro_config(tiny_config)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a, b, c = load_model(cfg, seed=7), load_model(cfg, seed=7), load_model(cfg, seed=8)
+    assert torch.equal(torch.rand(3), before)  # the caller's RNG stream is untouched
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.diffusion_model.out.2.weight"], sc["model.diffusion_model.out.2.weight"])
+    # The layers the original zero-initialises are random here, so outputs depend on inputs.
+    for key in (
+        "model.diffusion_model.out.2.weight",
+        "model.diffusion_model.input_blocks.1.0.out_layers.3.weight",
+        "model.diffusion_model.input_blocks.1.1.proj_out.weight",
+    ):
+        assert sa[key].abs().sum() > 0, key
+
+
+def test_dtype_keeps_schedule_float32_and_channels_last(tiny_config):
+    model = load_model(micro_config(tiny_config), dtype=torch.bfloat16, channels_last=True)
+    assert model.unet.time_embed[0].weight.dtype == torch.bfloat16
+    assert model.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert all(getattr(model, name).dtype == torch.float32 for name in SCHEDULE_BUFFERS)
+    conv = model.unet.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    with torch.no_grad():
+        out = model.unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 77, 256))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_meta_device_allocates_nothing(tiny_config):
+    model = load_model(tiny_config, device="meta")
+    assert all(t.is_meta for t in model.state_dict().values())
+
+
+def test_unavailable_attention_raises_before_building():
+    with pytest.raises(AttentionUnavailable) as exc:
+        load_model("tiny", attention="xformers")
+    assert "Available on this machine" in str(exc.value)
+    with pytest.raises(ConfigError):
+        load_model("no-such-preset")
+
+
+@pytest.mark.skipif(not has_sdpa(), reason="needs F.scaled_dot_product_attention (PyTorch 2)")
+def test_set_attention_switches_every_attention(tiny_config):
+    model = load_model(micro_config(tiny_config))
+    x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 256)
+    with torch.no_grad():
+        ref = model.unet(x, 3, c)
+        model.set_attention("sdpa-math")
+        assert model.attention == "sdpa-math"
+        attends = {m.attend.__name__ for m in model.modules() if hasattr(m, "attend")}
+        assert attends == {"attend_sdpa_math"}
+        torch.testing.assert_close(model.unet(x, 3, c), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_same_architecture_from_a_path(tiny_config):
+    model = load_model(tiny_config.source, device="meta")
+    assert model.config == load_config("tiny")
+
+
+def test_checkpoint_round_trip_in_half_precision(tmp_path, tiny_config):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    cfg = micro_config(tiny_config)
+    source = load_model(cfg, seed=1)
+    path = tmp_path / "micro.safetensors"
+    safetensors_torch.save_file({k: v.half().contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = load_model(cfg, path, seed=2)  # the checkpoint, not the seed, decides the weights
+    targets = loaded.state_dict()
+    for key, value in source.state_dict().items():
+        target = targets[key]
+        assert target.dtype == torch.float32, key
+        torch.testing.assert_close(target, value.half().float(), atol=0, rtol=0)
+
+
+def test_vae_attention_can_differ_when_the_kernel_cannot_take_its_wide_head(monkeypatch, tiny_config):
+    # A kernel that, like flash attention on CUDA, stops at head dims of 256: here at 64, so that the
+    # tiny VAE's single 128-wide head is refused while the UNet's 64-d heads run.
+    def narrow(q, k, v):
+        if q.shape[-1] > 64:
+            raise RuntimeError("No available kernel.")
+        return attention.attend_original(q, k, v)
+
+    real_kernel = attention._kernel
+    monkeypatch.setattr(
+        attention, "_kernel", lambda name: narrow if name == "sdpa-math" else real_kernel(name)
+    )
+    monkeypatch.setattr(attention, "_missing_feature", lambda name: None)  # also where SDPA is absent
+    monkeypatch.setattr(attention, "_PROBES", {})
+    cfg = micro_config(tiny_config)
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, ch_mult=(1, 4)))  # VAE head: 128
+    with pytest.raises(AttentionUnavailable) as exc:
+        load_model(cfg, attention="sdpa-math")
+    assert "VAE" in str(exc.value) and "head dim 128" in str(exc.value) and "vae_attention=" in str(exc.value)
+    model = load_model(cfg, attention="sdpa-math", vae_attention="original")
+    assert (model.attention, model.vae_attention) == ("sdpa-math", "original")
+    assert model.vae.decoder.mid.attn_1.attend is attention.attend_original
+    assert all(m.attend is narrow for m in model.unet.modules() if hasattr(m, "attend"))
