@@ -27,7 +27,7 @@ from sd.schedule import schedule_buffers
 from sd.text_encoder import OpenCLIPTextEncoder
 from sd.unet import UNetModel
 from sd.vae import AutoencoderKL
-from sd.weights import load_checkpoint
+from sd.weights import check_checkpoint_path, load_checkpoint
 
 
 class DiffusionWrapper(nn.Module):
@@ -150,6 +150,8 @@ def load_model(
     mode without gradients.
     """
     config = config_or_preset if isinstance(config_or_preset, ModelConfig) else load_config(config_or_preset)
+    if ckpt is not None:
+        check_checkpoint_path(ckpt)  # a wrong path fails before minutes of model building
     device = torch.device(device)
     attend, vae_attend = resolve_model_attention(config, attention, vae_attention, device, dtype)
     # Initialised on the CPU, so that a seed gives the same weights on every device; a "meta" model is
@@ -162,6 +164,7 @@ def load_model(
         model = StableDiffusion(config, attention, attend, vae_attention, vae_attend)
     if ckpt is not None:
         load_checkpoint(model, ckpt, unsafe_pickle=unsafe_pickle, strict=True)
+    model.checkpoint = None if ckpt is None else str(ckpt)  # read by the pipeline's random-weights warning
     model.to(device)
     for part in (model.model, model.first_stage_model, model.cond_stage_model):
         part.to(dtype)  # not the top level: alphas_cumprod & co stay float32

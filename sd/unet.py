@@ -36,7 +36,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32, C, eps 1e-5) that normalises in float32 and casts back (the original GroupNorm32)."""
+    """GroupNorm that normalises in float32 and casts back (the original GroupNorm32, eps 1e-5 by default)."""
 
     def forward(self, x: Tensor) -> Tensor:
         # Weights too: in a pure fp16/bf16 model they are half precision (the original never has that).
@@ -149,7 +149,9 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        # Normalises in float32 like CUDA autocast does for the original's plain GroupNorm (and so also
+        # works under CPU autocast on PyTorch 1.12, which has no bf16 group_norm with fp32 weights).
+        self.norm = GroupNorm32(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, attend) for _ in range(depth)

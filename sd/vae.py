@@ -18,10 +18,12 @@ from torch import Tensor, nn
 
 from sd.attention import AttendFn
 from sd.config import VAEConfig
+from sd.unet import GroupNorm32
 
 
 def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 - the original's name
-    return nn.GroupNorm(32, channels, eps=1e-6)
+    # float32 statistics, as CUDA autocast gives the original's plain GroupNorm (see unet.SpatialTransformer)
+    return GroupNorm32(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

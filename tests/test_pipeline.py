@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import sd.pipeline as P
-from sd import capabilities
 from sd.errors import ConfigError, SDError
 from sd.model import load_model
 
@@ -114,13 +113,7 @@ def test_bad_sizes_and_arguments(tiny):
         run(tiny, prompts=[])
 
 
-OLD_CPU_AUTOCAST = pytest.mark.xfail(
-    not capabilities.has_device_context(),
-    reason="PyTorch 1.12 CPU autocast has no group_norm rule: nn.GroupNorm gets bf16 input with fp32 weights",
-)
-
-
-@pytest.mark.parametrize("precision", ["bf16", pytest.param("autocast", marks=OLD_CPU_AUTOCAST)])
+@pytest.mark.parametrize("precision", ["bf16", "autocast"])
 def test_low_precision_runs(tiny, precision):
     model = tiny if precision == "autocast" else load_model("tiny", seed=0, dtype=torch.bfloat16)
     ref = run(tiny, steps=2, prompts="a cat")
