@@ -311,6 +311,10 @@ def atomic_write_json(path: str | os.PathLike, doc: dict) -> None:
     text = _compact_json(doc) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; a baseline is a shared, reviewable data file (0644 less the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
