@@ -86,6 +86,7 @@ def _rows(cmp: Comparison) -> list[list[str]]:
             _seconds(t.baseline_median if t else None),
             _seconds(t.candidate_median if t else None),
             _change(t),
+            "-" if t is None or t.threshold is None else f"±{t.threshold:.1%}",
             "-" if t is None or t.p_regression is None else f"{min(t.p_regression, t.p_improvement):.2g}",
             _metric_cell(c.metrics.get("compile_time")),
             _metric_cell(c.metrics.get("peak_memory")),
@@ -93,7 +94,7 @@ def _rows(cmp: Comparison) -> list[list[str]]:
     return rows
 
 
-_HEADER = ["case", "verdict", "baseline", "candidate", "time change [CI]", "p (adj.)", "compile time", "peak memory"]
+_HEADER = ["case", "verdict", "baseline", "candidate", "time change [CI]", "threshold", "p (adj.)", "compile time", "peak memory"]
 
 
 def _reasons(c: CaseVerdict) -> list[str]:
