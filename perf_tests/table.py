@@ -1,0 +1,292 @@
+"""The study's table and figure, built from saved pytest-benchmark JSON (one or several runs).
+
+Rows are configurations — original, original+xformers, sdpa-math, sdpa-mem-efficient,
+sdpa-mem-efficient+compile (the PyTorch blog study's five), then every other backend/compile mode that
+ran — columns are batch sizes, and a cell is the median time with the % improvement against a reference
+row, ``(t_ref - t) / t_ref``, as in the study. Runs from several environments (torch1/torch2), precisions,
+devices or profiles can be mixed: whatever differs between benchmarks is added to the row label in
+brackets (``original [torch1]``). Samples of the same benchmark from several runs are pooled. Nothing is
+rerun: only the JSON is read.
+
+    table = build_study_table(runs, reference="original")   # runs: list of loaded JSON dicts
+    print(table.to_markdown()); plot_study(table, "study.png")
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from perf_tests.cases import ATTENTION_BACKENDS, COMPILE_MODES, KINDS, PRECISIONS, Case, parse_name
+
+STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient", "sdpa-mem-efficient+compile")
+_COMPILE_ORDER = ("eager", *COMPILE_MODES)
+
+
+def config_label(attention: str, compile: str) -> str:
+    """'xformers'/'eager' -> 'original+xformers' (the study's name: the original code with xFormers)."""
+    base = "original+xformers" if attention == "xformers" else attention
+    return base if compile == "eager" else f"{base}+{compile}"
+
+
+@dataclass
+class Cell:
+    median_s: float
+    rounds: int
+    improvement: float | None = None  # fraction; positive = faster than the reference
+
+
+@dataclass
+class Row:
+    label: str
+    config: str  # label without qualifiers
+    qualifiers: dict  # e.g. {"env": "torch1"}
+    sort_key: tuple
+    cells: dict = field(default_factory=dict)  # batch size -> Cell
+
+
+@dataclass
+class StudyTable:
+    kind: str
+    title: str
+    batch_sizes: list
+    rows: list
+    reference: str | None
+    notes: list = field(default_factory=list)
+
+    def row(self, label: str) -> Row:
+        return next(r for r in self.rows if r.label == label)
+
+    def cell_text(self, row: Row, bs: int) -> str:
+        cell = row.cells.get(bs)
+        if cell is None:
+            return "–"
+        if row.label == self.reference:
+            return f"{format_seconds(cell.median_s)} (ref)"
+        if cell.improvement is None:
+            return format_seconds(cell.median_s)
+        return f"{format_seconds(cell.median_s)} ({cell.improvement * 100:+.1f}%)"
+
+    def _grid(self) -> tuple[list, list]:
+        header = ["configuration", *[f"batch {b}" for b in self.batch_sizes]]
+        body = [[r.label, *[self.cell_text(r, b) for b in self.batch_sizes]] for r in self.rows]
+        return header, body
+
+    def to_markdown(self) -> str:
+        header, body = self._grid()
+        lines = [f"### {self.title}", "", "| " + " | ".join(header) + " |",
+                 "|" + "---|" + "---:|" * len(self.batch_sizes)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def to_text(self) -> str:
+        header, body = self._grid()
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+        def fmt(row):
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+
+        lines = [self.title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]
+        lines += [f"  * {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind, "title": self.title, "reference": self.reference, "batch_sizes": self.batch_sizes,
+            "notes": self.notes,
+            "rows": [{"label": r.label, "config": r.config, **r.qualifiers,
+                      "cells": {str(b): vars(c) for b, c in r.cells.items()}} for r in self.rows],
+        }
+
+
+def format_seconds(s: float) -> str:
+    return f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms"
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[dict]:
+    return [json.loads(Path(p).read_text()) for p in paths]
+
+
+@dataclass
+class _Entry:
+    case: Case
+    env: str
+    device: str
+    samples: list
+
+
+def _entries(runs: Iterable[dict]) -> list[_Entry]:
+    """One entry per (benchmark name, env, device), samples pooled over runs."""
+    pooled: dict[tuple, _Entry] = {}
+    for run in runs:
+        machine = run.get("machine_info", {})
+        for b in run.get("benchmarks", []):
+            extra = b.get("extra_info") or {}
+            try:
+                case = Case(**extra["case"]) if "case" in extra else parse_name(b["name"])
+            except (TypeError, ValueError):
+                continue  # not a perf_tests benchmark
+            stats = b.get("stats", {})
+            samples = list(stats.get("data") or ([stats["median"]] if "median" in stats else []))
+            if not samples:
+                continue
+            env = extra.get("env") or machine.get("env") or "?"
+            device = machine.get("device_slug") or "?"
+            key = (b["name"], env, device)
+            if key in pooled:
+                pooled[key].samples.extend(samples)
+            else:
+                pooled[key] = _Entry(case, env, device, samples)
+    return list(pooled.values())
+
+
+def _sort_key(config_attention: str, compile: str, qualifiers: dict, label: str) -> tuple:
+    config = config_label(config_attention, compile)
+    study = STUDY_ROWS.index(config) if config in STUDY_ROWS else len(STUDY_ROWS)
+    a = ATTENTION_BACKENDS.index(config_attention) if config_attention in ATTENTION_BACKENDS else 99
+    c = _COMPILE_ORDER.index(compile) if compile in _COMPILE_ORDER else 99
+    env = qualifiers.get("env", "")
+    prec = qualifiers.get("precision", "")
+    p = PRECISIONS.index(prec) if prec in PRECISIONS else 99
+    return (study, a, c, env, p, qualifiers.get("device", ""), qualifiers.get("profile", ""), label)
+
+
+def available_kinds(runs: list[dict]) -> list[str]:
+    kinds = {e.case.kind for e in _entries(runs)}
+    return [k for k in KINDS if k in kinds] + sorted(kinds - set(KINDS))
+
+
+def build_study_table(runs: list[dict], reference: str = "original", kind: str | None = None) -> StudyTable:
+    """The study table of one case kind (default: txt2img if present, else the first kind that ran)."""
+    entries = _entries(runs)
+    if kind is None:
+        kinds = available_kinds(runs)
+        kind = "txt2img" if "txt2img" in kinds else (kinds[0] if kinds else "txt2img")
+    entries = [e for e in entries if e.case.kind == kind]
+
+    # Dimensions that vary between benchmarks go into the row label.
+    dims = {
+        "env": {e.env for e in entries},
+        "precision": {e.case.precision for e in entries},
+        "device": {e.device for e in entries},
+        "profile": {e.case.profile for e in entries},
+    }
+    varying = [d for d in ("env", "precision", "device", "profile") if len(dims[d]) > 1]
+    constant = {d: next(iter(v)) for d, v in dims.items() if len(v) == 1}
+
+    rows: dict[str, Row] = {}
+    samples: dict[tuple, list] = {}  # (label, batch size) -> pooled samples
+    for e in entries:
+        values = {"env": e.env, "precision": e.case.precision, "device": e.device, "profile": e.case.profile}
+        qualifiers = {d: values[d] for d in varying}
+        config = config_label(e.case.attention, e.case.compile)
+        label = config + (f" [{', '.join(qualifiers.values())}]" if qualifiers else "")
+        row = rows.get(label)
+        if row is None:
+            row = rows[label] = Row(label, config, qualifiers, _sort_key(e.case.attention, e.case.compile,
+                                                                         qualifiers, label))
+        pooled = samples.setdefault((label, e.case.batch_size), [])
+        pooled.extend(e.samples)
+        row.cells[e.case.batch_size] = Cell(statistics.median(pooled), len(pooled))
+    ordered = sorted(rows.values(), key=lambda r: r.sort_key)
+    batch_sizes = sorted({b for r in ordered for b in r.cells})
+
+    ref_row = _find_reference(ordered, reference)
+    notes = []
+    if ref_row is None:
+        notes.append(f"reference {reference!r} is not in these runs: no % improvement shown")
+    else:
+        for r in ordered:
+            for b, cell in r.cells.items():
+                ref_cell = ref_row.cells.get(b)
+                if ref_cell is not None and ref_cell.median_s > 0:
+                    cell.improvement = (ref_cell.median_s - cell.median_s) / ref_cell.median_s
+        notes.append(f"% = (t_ref - t) / t_ref against {ref_row.label!r}; positive is faster")
+    rounds = sorted({c.rounds for r in ordered for c in r.cells.values()})
+    if rounds:
+        notes.append("median of " + (f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}")
+                     + " timed rounds per cell")
+    where = ", ".join(constant[d] for d in ("profile", "device", "env", "precision") if d in constant)
+    title = f"{kind} — {where}" if where else kind
+    return StudyTable(kind, title, batch_sizes, ordered, ref_row.label if ref_row else None, notes)
+
+
+def build_study_tables(runs: list[dict], reference: str = "original") -> list[StudyTable]:
+    """One table per case kind present in the runs."""
+    return [build_study_table(runs, reference, kind) for kind in available_kinds(runs)]
+
+
+def _find_reference(rows: list[Row], reference: str) -> Row | None:
+    exact = [r for r in rows if r.label == reference]
+    if exact:
+        return exact[0]
+    same = [r for r in rows if r.config == reference]
+    # The study's reference is the original code on PyTorch 1.12: prefer torch1, then fp32/autocast order.
+    same.sort(key=lambda r: (r.qualifiers.get("env", "torch1") != "torch1", r.sort_key))
+    return same[0] if same else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plot_study(table: StudyTable, path: str | Path) -> Path:
+    """Grouped bar chart like the study's figures: one group per batch size, one bar per configuration,
+    the % improvement against the reference written above each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    n_rows, n_bs = len(table.rows), len(table.batch_sizes)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + n_bs * (0.45 * n_rows + 0.6)), 4.8))
+    width = 0.8 / max(n_rows, 1)
+    colors = plt.get_cmap("tab20").colors
+    for i, row in enumerate(table.rows):
+        xs, ys, notes = [], [], []
+        for j, b in enumerate(table.batch_sizes):
+            cell = row.cells.get(b)
+            if cell is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            ys.append(cell.median_s)
+            if row.label == table.reference:
+                notes.append("ref")
+            else:
+                notes.append("" if cell.improvement is None else f"{cell.improvement * 100:+.0f}%")
+        bars = ax.bar(xs, ys, width * 0.95, label=row.label, color=colors[i % len(colors)])
+        for bar, note in zip(bars, notes, strict=True):
+            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=7, rotation=90 if n_rows > 6 else 0, xytext=(0, 2),
+                        textcoords="offset points")
+    ax.set_xticks(range(n_bs))
+    ax.set_xticklabels([f"batch {b}" for b in table.batch_sizes])
+    ax.set_ylabel("median time (s)")
+    ax.set_title(table.title, fontsize=10)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_study(runs: list[dict], out_dir: str | Path, reference: str = "original") -> list[Path]:
+    """Write study.md, study.txt and one study-<kind>.png per kind into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_study_tables(runs, reference)
+    (out / "study.md").write_text("\n".join(t.to_markdown() for t in tables))
+    (out / "study.txt").write_text("\n".join(t.to_text() for t in tables))
+    written = [out / "study.md", out / "study.txt"]
+    for t in tables:
+        written.append(plot_study(t, out / f"study-{t.kind}.png"))
+    return written

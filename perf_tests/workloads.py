@@ -1,0 +1,253 @@
+"""What each case kind runs, on which inputs, and the models it runs on (built once, shared).
+
+Every kind is a function ``make_<kind>(model, case, profile, device) -> fn`` returning a zero-argument
+callable that does the work and returns its output (compared with the reference). Inputs are made once,
+from fixed seeds, outside the timed call:
+
+  txt2img      text encoding of the prompt and of "" (classifier-free guidance), the sampling loop (PLMS,
+               guidance 9, the profile's steps) from a fixed x_T, VAE decode; output: image in [0, 1]
+  unet-step    one UNet call on the [uncond; cond] batch (2 x batch) at t=500
+  vae-decode   one VAE decode of batch latents
+  text-encode  encode_text of batch prompts + batch empty prompts (what one txt2img call encodes)
+  attention-*  one attend(q, k, v) call of the backend at SD 2.1's shapes (2 x batch, heads of 64)
+
+Models are cached by ``Case.model_key()``; the reference model (original attention, eager, fp32) is kept
+for the whole session, any other model until a case needs a different one (cases are sorted so each
+model is built once). A compiled model is released with ``torch._dynamo.reset()`` so the next one does
+not run into dynamo's per-function cache limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from perf_tests.cases import ATTENTION_SHAPES, PROFILES, Case, Profile
+
+DTYPES = {"fp32": torch.float32, "autocast": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+UNET_T = 500  # a mid-schedule timestep for the single-step case
+SEEDS = {"x_T": 1, "unet": 2, "vae": 3, "attention": 4}
+
+
+# Where each public sd function lives (sd/__init__.py re-exports them; the modules work before it does).
+_SD_MODULES = {"load_model": "sd.model", "compile_model": "sd.compile", "sample": "sd.samplers",
+               "available_attention": "sd.attention", "resolve_attention": "sd.attention"}
+
+
+def sd_api(name: str):
+    """``sd.<name>``, from the package or, when not re-exported (yet), from its module."""
+    import sd
+
+    fn = getattr(sd, name, None)
+    return fn if fn is not None else getattr(importlib.import_module(_SD_MODULES[name]), name)
+
+
+def autocast_context(case: Case, device: str):
+    """torch.autocast for precision "autocast" (fp16 on CUDA, bf16 elsewhere), else nothing."""
+    if case.precision != "autocast":
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+
+
+def _randn(shape, seed: int, device: str, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)  # CPU generator: same numbers on every device
+    return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+
+def _param_dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kinds
+
+
+def make_txt2img(model, case: Case, profile: Profile, device: str) -> Callable:
+    sample = sd_api("sample")
+    bs, h, w = case.batch_size, case.height // 8, case.width // 8
+    prompts, empty = [profile.prompt] * bs, [""] * bs
+    x_T = _randn((bs, 4, h, w), SEEDS["x_T"], device)  # float32, as the original script
+    vae_dtype = _param_dtype(model.vae)
+
+    def fn():
+        with torch.no_grad(), autocast_context(case, device):
+            cond = model.encode_text(prompts)
+            uncond = model.encode_text(empty)
+            z = sample(model, profile.sampler, steps=case.steps, cond=cond, uncond=uncond,
+                          guidance_scale=profile.guidance_scale, x_T=x_T)
+            image = model.vae.decode((z / model.scale_factor).to(vae_dtype))
+            return ((image.float() + 1) / 2).clamp(0, 1)  # (B, 3, H, W), as txt2img before uint8
+
+    return fn
+
+
+def make_unet_step(model, case: Case, profile: Profile, device: str) -> Callable:
+    n, h, w = 2 * case.batch_size, case.height // 8, case.width // 8
+    dtype = _param_dtype(model.unet)
+    x = _randn((n, 4, h, w), SEEDS["unet"], device, dtype)
+    t = torch.full((n,), UNET_T, device=device, dtype=torch.long)
+    context = _randn((n, 77, model.config.unet.context_dim), SEEDS["unet"] + 100, device, dtype)
+
+    def fn():
+        with torch.no_grad(), autocast_context(case, device):
+            return model.unet(x, t, context)
+
+    return fn
+
+
+def make_vae_decode(model, case: Case, profile: Profile, device: str) -> Callable:
+    dtype = _param_dtype(model.vae)
+    z = _randn((case.batch_size, 4, case.height // 8, case.width // 8), SEEDS["vae"], device)
+    z = (z / model.scale_factor).to(dtype)
+
+    def fn():
+        with torch.no_grad(), autocast_context(case, device):
+            return model.vae.decode(z)
+
+    return fn
+
+
+def make_text_encode(model, case: Case, profile: Profile, device: str) -> Callable:
+    prompts = [profile.prompt] * case.batch_size + [""] * case.batch_size
+
+    def fn():
+        with torch.no_grad(), autocast_context(case, device):
+            return model.encode_text(prompts)
+
+    return fn
+
+
+def attention_inputs(case: Case, profile: Profile, device: str) -> tuple:
+    q_tokens, kv_tokens, level = ATTENTION_SHAPES[case.kind]
+    n, heads = 2 * case.batch_size, profile.heads[level]
+    dtype = DTYPES[case.precision]
+    q = _randn((n, heads, q_tokens, 64), SEEDS["attention"], device, dtype)  # (B, heads, N, d)
+    k = _randn((n, heads, kv_tokens, 64), SEEDS["attention"] + 1, device, dtype)
+    v = _randn((n, heads, kv_tokens, 64), SEEDS["attention"] + 2, device, dtype)
+    return q, k, v
+
+
+def make_attention(attend: Callable, case: Case, profile: Profile, device: str) -> Callable:
+    q, k, v = attention_inputs(case, profile, device)
+
+    def fn():
+        with torch.no_grad(), autocast_context(case, device):
+            return attend(q, k, v)
+
+    return fn
+
+
+MAKERS = {
+    "txt2img": make_txt2img,
+    "unet-step": make_unet_step,
+    "vae-decode": make_vae_decode,
+    "text-encode": make_text_encode,
+}
+
+
+def needs_model(kind: str) -> bool:
+    return kind in MAKERS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class Built:
+    """A model (or an attention kernel) ready to run, with what its building cost."""
+
+    key: tuple
+    model: object  # sd model, or the attend callable for attention kinds
+    attention_used: str
+    build_s: float
+    compile_setup_s: float | None = None  # sd.compile_model / torch.compile call itself (lazy: small)
+    compiled_parts: list | None = None
+    cases_run: list = field(default_factory=list)  # names of the cases that ran on it so far
+
+
+class ModelCache:
+    """Session cache: the reference model for the whole run, plus the most recent other model."""
+
+    def __init__(self, device: str, ckpt: str | None = None, compile_vae: bool = False):
+        self.device = device
+        self.ckpt = ckpt
+        # With compile_vae, compiled models get sd.compile_model(..., vae=True): the vae-decode kind measures
+        # the compiled decoder and txt2img runs it too; else only the UNet is compiled (as in the study).
+        self.compile_vae = compile_vae
+        self._reference: dict[str, Built] = {}  # profile -> reference model
+        self._current: Built | None = None
+        self._kernels: dict[tuple, Built] = {}
+
+    def model(self, case: Case) -> Built:
+        key = case.model_key()
+        if not case.optimized:
+            if case.profile not in self._reference:
+                self._reference[case.profile] = self._build(case)
+            return self._reference[case.profile]
+        if self._current is not None and self._current.key == key:
+            return self._current
+        self.release()
+        self._current = self._build(case)
+        return self._current
+
+    def _build(self, case: Case) -> Built:
+        t0 = time.perf_counter()
+        model = sd_api("load_model")(PROFILES[case.profile].preset, self.ckpt, attention=case.attention,
+                              device=self.device, dtype=DTYPES[case.precision])
+        model.eval()
+        build_s = time.perf_counter() - t0
+        built = Built(case.model_key(), model, model.attention, build_s)
+        if case.compile_mode is not None:
+            t0 = time.perf_counter()
+            built.model = sd_api("compile_model")(model, case.compile_mode, vae=self.compile_vae)
+            built.compiled_parts = ["unet", "vae-decoder"] if self.compile_vae else ["unet"]
+            built.compile_setup_s = time.perf_counter() - t0
+        return built
+
+    def kernel(self, case: Case) -> Built:
+        """The attend function of the case's backend (compiled with torch.compile when asked)."""
+        key = (case.attention, case.compile, case.precision)
+        if key not in self._kernels:
+            self.release()  # attention cases run after all model cases (run_order): free the last model
+            if case.compile_mode is not None and any(k[1] != "eager" for k in self._kernels):
+                # one compiled kernel at a time keeps dynamo's per-function cache small
+                self._kernels = {k: b for k, b in self._kernels.items() if k[1] == "eager"}
+                torch._dynamo.reset()
+
+            t0 = time.perf_counter()
+            attend = sd_api("resolve_attention")(case.attention, self.device, DTYPES[case.precision])
+            parts = None
+            if case.compile_mode is not None:
+                attend, parts = torch.compile(attend, mode=case.compile_mode, fullgraph=True), ["attention"]
+            self._kernels[key] = Built(key, attend, case.attention, time.perf_counter() - t0, compiled_parts=parts)
+        return self._kernels[key]
+
+    def release(self) -> None:
+        """Drop the current non-reference model (and dynamo's caches if it was compiled)."""
+        if self._current is None:
+            return
+        compiled = self._current.key[2] != "eager"
+        self._current = None
+        if compiled:
+            self._kernels = {k: b for k, b in self._kernels.items() if k[1] == "eager"}
+            torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def make_workload(cache: ModelCache, case: Case) -> tuple[Callable, Built]:
+    profile = PROFILES[case.profile]
+    if needs_model(case.kind):
+        built = cache.model(case)
+        return MAKERS[case.kind](built.model, case, profile, cache.device), built
+    built = cache.kernel(case)
+    return make_attention(built.model, case, profile, cache.device), built

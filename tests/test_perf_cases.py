@@ -1,0 +1,220 @@
+"""perf_tests.cases: case ids and names, grid defaults, skip reasons, definition hash, option parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+
+from perf_tests import cases as C
+from perf_tests.suite import Options
+
+ALL_AVAILABLE = dict.fromkeys(C.ATTENTION_BACKENDS)
+CPU_TORCH2 = C.Capabilities(
+    device_type="cpu",
+    attention={**ALL_AVAILABLE, "sdpa-mem-efficient": "a test call on cpu failed (no kernel)",
+               "sdpa-cudnn": "a test call on cpu failed (no kernel)", "xformers": "xformers is not importable"},
+    has_compile=True,
+    torch_version="2.14.1",
+)
+CPU_TORCH1 = C.Capabilities(
+    device_type="cpu",
+    attention={**dict.fromkeys(C.ATTENTION_BACKENDS, "this PyTorch has no F.scaled_dot_product_attention"),
+               "original": None},
+    has_compile=False,
+    torch_version="1.12.1",
+)
+CUDA = C.Capabilities(device_type="cuda", attention=ALL_AVAILABLE, has_compile=True, torch_version="2.5.0",
+                      cuda_capability=(8, 0))
+
+
+def case(**kw) -> C.Case:
+    base = dict(kind="txt2img", profile="tiny", attention="sdpa-math", compile="eager", batch_size=1,
+                precision="fp32", steps=8, height=384, width=384)
+    return C.Case(**{**base, **kw})
+
+
+def test_case_id_and_benchmark_name():
+    c = case(profile="sd21-base", attention="sdpa-mem-efficient", compile="compile", precision="fp16")
+    assert str(c) == "sd21-base-sdpa-mem-efficient-compile-bs1-fp16"
+    assert c.name == "test_txt2img[sd21-base-sdpa-mem-efficient-compile-bs1-fp16]"
+    assert case(kind="unet-step").name == "test_unet_step[tiny-sdpa-math-eager-bs1-fp32]"
+    assert case(kind="attention-cross-77").test_name == "test_attention_cross_77"
+
+
+@pytest.mark.parametrize("profile", list(C.PROFILES))
+def test_parse_name_inverts_every_grid_point(profile):
+    for kind, a, comp, prec in itertools.product(C.KINDS, C.ATTENTION_BACKENDS, C.COMPILE_MODES, C.PRECISIONS):
+        c = C.Case(kind, profile, a, comp, 4, prec)
+        assert C.parse_name(c.name) == c
+
+
+def test_parse_name_rejects_foreign_names():
+    with pytest.raises(ValueError):
+        C.parse_name("test_something_else")
+    with pytest.raises(ValueError):
+        C.parse_name("test_txt2img[tiny-original-bs1]")
+
+
+def test_compile_spellings():
+    assert C.normalize_compile(["eager", "default", "max-autotune", "reduce-overhead"]) == (
+        "eager", "compile", "compile-max-autotune", "compile-reduce-overhead")
+    assert C.normalize_compile(["off", "compile", "default"]) == ("eager", "compile")
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        C.normalize_compile(["fast"])
+    assert case(compile="compile-max-autotune").compile_mode == "max-autotune"
+    assert case().compile_mode is None
+
+
+def test_kind_family_and_unknown_kind():
+    assert C.normalize_kinds(["attention"]) == ("attention-self-4096", "attention-self-1024", "attention-cross-77")
+    assert C.normalize_kinds(["unet_step", "txt2img", "unet-step"]) == ("unet-step", "txt2img")
+    with pytest.raises(ValueError, match="unknown case kind"):
+        C.normalize_kinds(["decode"])
+
+
+def test_default_grid_cpu_is_small_and_covers_every_backend():
+    g = C.default_grid("cpu")
+    assert g.profile == "tiny"
+    assert g.attention == C.ATTENTION_BACKENDS  # unavailable ones are skipped with a reason, not dropped
+    assert g.compile == ("eager", "compile")
+    assert g.batch_sizes == (1, 2)
+    assert g.precisions == ("fp32",)
+    assert set(g.kinds) == set(C.KINDS)
+    assert all(g.rounds[k] >= 5 for k in C.KINDS)
+    assert all(g.warmup_rounds[k] >= 1 for k in C.KINDS)
+
+
+def test_default_grid_cuda_is_the_full_grid():
+    g = C.default_grid("cuda")
+    assert g.profile == "sd21-base"
+    assert g.batch_sizes == (1, 2, 4)
+    assert set(g.precisions) == {"autocast", "fp16"}
+    assert g.compile == ("eager", "compile", "compile-max-autotune", "compile-reduce-overhead")
+    assert g.attention == C.ATTENTION_BACKENDS
+
+
+def test_build_cases_filters_nothing():
+    got = C.build_cases("txt2img", "tiny", C.ATTENTION_BACKENDS, ("eager", "compile"), (1, 2), ("fp32",), steps=3)
+    assert len(got) == len(C.ATTENTION_BACKENDS) * 2 * 2
+    assert len({str(c) for c in got}) == len(got)
+    assert {c.steps for c in got} == {3}
+    assert C.build_cases("unet-step", "tiny", ["original"], ["eager"], [1], ["fp32"])[0].steps is None
+
+
+def test_skip_reasons_cpu_torch2():
+    assert C.skip_reason(case(attention="sdpa-math", compile="compile"), CPU_TORCH2) is None
+    assert C.skip_reason(case(attention="original", batch_size=2), CPU_TORCH2) is None
+    r = C.skip_reason(case(attention="xformers"), CPU_TORCH2)
+    assert "xformers" in r and "not importable" in r
+    assert "CUDA" in C.skip_reason(case(precision="fp16"), CPU_TORCH2)
+    assert "CUDA" in C.skip_reason(case(precision="autocast"), CPU_TORCH2)
+    assert "CUDA graphs" in C.skip_reason(case(compile="compile-reduce-overhead"), CPU_TORCH2)
+    assert C.skip_reason(case(precision="bf16"), CPU_TORCH2) is None
+
+
+def test_skip_reasons_torch1_compile_and_sdpa():
+    r = C.skip_reason(case(attention="original", compile="compile"), CPU_TORCH1)
+    assert "torch.compile is not available in PyTorch 1.12.1" in r
+    assert "scaled_dot_product_attention" in C.skip_reason(case(attention="sdpa"), CPU_TORCH1)
+    assert C.skip_reason(case(attention="original"), CPU_TORCH1) is None
+
+
+def test_skip_reasons_cuda():
+    assert C.skip_reason(case(compile="compile-reduce-overhead", precision="fp16"), CUDA) is None
+    old_gpu = dataclasses.replace(CUDA, cuda_capability=(6, 0))
+    assert "7.0" in C.skip_reason(case(compile="compile"), old_gpu)
+    assert "bf16" in C.skip_reason(case(precision="bf16"), dataclasses.replace(CUDA, bf16=False))
+
+
+def test_backend_free_kind_is_measured_once():
+    assert C.skip_reason(case(kind="text-encode", attention="original"), CPU_TORCH2) is None
+    r = C.skip_reason(case(kind="text-encode", attention="sdpa"), CPU_TORCH2)
+    assert "measured once as tiny-original-eager-bs1-fp32" in r
+    assert C.skip_reason(case(kind="text-encode", attention="original", compile="compile"), CPU_TORCH2)
+
+
+def test_every_default_cpu_case_runs_or_has_a_reason():
+    g = C.default_grid("cpu")
+    runnable = set()
+    for kind in g.kinds:
+        for c in C.build_cases(kind, g.profile, g.attention, g.compile, g.batch_sizes, g.precisions):
+            reason = C.skip_reason(c, CPU_TORCH2)
+            assert reason is None or len(reason) > 20
+            if reason is None and kind == "unet-step":
+                runnable.add((c.attention, c.compile, c.batch_size))
+    # issue 3: every available backend x compile off/default x batch 1 and 2
+    expected = {(a, comp, b) for a in ("original", "sdpa", "sdpa-math", "sdpa-flash")
+                for comp in ("eager", "compile") for b in (1, 2)}
+    assert runnable == expected
+
+
+def test_reference_and_optimized():
+    assert not case(attention="original").optimized
+    assert case(attention="original", compile="compile").optimized
+    assert case(attention="original", precision="bf16").optimized
+    ref = case(attention="sdpa", compile="compile", precision="bf16").reference()
+    assert (ref.attention, ref.compile, ref.precision) == ("original", "eager", "fp32")
+
+
+def test_definition_hash_is_stable_and_specific():
+    c = case()
+    h = C.definition_hash(c)
+    assert len(h) == 16 and int(h, 16) >= 0
+    assert h == C.definition_hash(case())  # equal definitions, equal hash (no object ids, no dict order)
+    # Golden value: if this changes, baselines stop matching. Bump HARNESS_VERSION on purpose, then update.
+    assert h == GOLDEN_HASH
+    assert C.definition_hash(case(steps=9)) != h
+    assert C.definition_hash(case(kind="unet-step", steps=None)) != h
+    assert C.definition_hash(case(attention="sdpa")) != h
+    assert C.definition_hash(c, weights="checkpoint") != h
+
+
+GOLDEN_HASH = "0a20ff4ed5eb2c4d"
+
+
+def test_tolerances_order_by_precision():
+    for kind in ("txt2img", "unet-step", "attention-self-4096"):
+        fp32, fp16, bf16 = (C.tolerance(case(kind=kind, precision=p)) for p in ("fp32", "fp16", "bf16"))
+        assert fp32 < fp16 <= bf16
+
+
+def test_run_order_groups_models_reference_first_kernels_last():
+    g = C.default_grid("cpu")
+    all_cases = [c for k in g.kinds
+                 for c in C.build_cases(k, g.profile, g.attention, g.compile, g.batch_sizes, g.precisions)]
+    ordered = sorted(all_cases, key=C.run_order)
+    assert not ordered[0].optimized and ordered[0].kind == "txt2img"
+    kinds = [c.kind in C.ATTENTION_SHAPES for c in ordered]
+    assert kinds == sorted(kinds)  # all kernel cases after all model cases
+    model_cases = [c for c in ordered if c.kind not in C.ATTENTION_SHAPES]
+    keys = [c.model_key() for c in model_cases]
+    # each model key forms one contiguous block
+    blocks = [k for k, _ in itertools.groupby(keys)]
+    assert len(blocks) == len(set(keys))
+
+
+def _getter(**given):
+    return lambda name: given.get(name)
+
+
+def test_options_defaults_and_overrides():
+    o = Options.parse(_getter(), cuda_available=False)
+    assert o.device == "cpu" and o.grid.profile == "tiny" and o.grid.compile == ("eager", "compile")
+    o = Options.parse(_getter(perf_attention="original,sdpa", perf_compile="eager,max-autotune",
+                              perf_batch_size="4", perf_case_kind="attention,txt2img", perf_steps=3),
+                      cuda_available=False)
+    assert o.grid.attention == ("original", "sdpa")
+    assert o.grid.compile == ("eager", "compile-max-autotune")
+    assert o.grid.batch_sizes == (4,)
+    assert o.grid.kinds[-1] == "txt2img" and len(o.grid.kinds) == 4
+    assert o.steps == 3
+    assert Options.parse(_getter(), cuda_available=True).grid.profile == "sd21-base"
+
+
+@pytest.mark.parametrize("bad", [{"perf_profile": "huge"}, {"perf_attention": "flash"}, {"perf_precision": "fp8"},
+                                 {"perf_compile": "jit"}, {"perf_case_kind": "decoder"}])
+def test_options_reject_unknown_values(bad):
+    with pytest.raises(ValueError):
+        Options.parse(_getter(**bad), cuda_available=False)

@@ -1,0 +1,39 @@
+"""perf_tests.machine: the contract's machine_info keys and a stable, filesystem-safe device slug."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from perf_tests import machine
+
+CONTRACT_KEYS = {"device_name", "device_slug", "device_type", "gpu_count", "driver_version", "cuda_version",
+                 "cudnn_version", "torch_version", "open_clip_version", "cpu_model", "git_commit", "env"}
+
+
+@pytest.mark.parametrize("name, slug", [
+    ("NVIDIA A100-SXM4-80GB", "nvidia-a100-sxm4-80gb"),
+    ("Tesla V100-SXM2-16GB", "tesla-v100-sxm2-16gb"),
+    ("Intel(R) Xeon(R) Processor", "intel-xeon-processor"),
+    ("Intel(R) Xeon(R) CPU E5-2686 v4 @ 2.30GHz", "intel-xeon-cpu-e5-2686-v4"),
+    ("AMD EPYC 7R13 Processor", "amd-epyc-7r13-processor"),
+    ("", "unknown"),
+])
+def test_slugify(name, slug):
+    assert machine.slugify(name) == slug
+
+
+def test_env_label():
+    assert machine.env_label("1.12.1+cu102") == "torch1"
+    assert machine.env_label("2.14.1+cu130") == "torch2"
+    assert machine.env_label("2.0.0.dev20230111+cu117") == "torch2"
+
+
+def test_cpu_machine_info_has_the_contract_keys():
+    info = machine.machine_info("cpu")
+    assert CONTRACT_KEYS <= set(info)
+    assert info["device_type"] == "cpu"
+    assert info["device_slug"].startswith("cpu-")
+    assert re.fullmatch(r"[a-z0-9-]+", info["device_slug"])
+    assert info["env"] in ("torch1", "torch2")
