@@ -162,9 +162,13 @@ class GridDefaults:
     warmup_rounds: Mapping  # kind -> warm-up calls before the timed rounds (>= 1: the first is the check)
     kind_compile: Mapping = dataclasses.field(default_factory=dict)  # kind -> compile modes, unless --compile
     threads: int | None = None  # torch.set_num_threads for the run (None: leave torch's default)
+    kind_batch_sizes: Mapping = dataclasses.field(default_factory=dict)  # kind -> sizes, unless --batch-size
 
     def compile_for(self, kind: str) -> tuple:
         return tuple(self.kind_compile.get(kind, self.compile))
+
+    def batch_sizes_for(self, kind: str) -> tuple:
+        return tuple(self.kind_batch_sizes.get(kind, self.batch_sizes))
 
 
 def default_grid(device_type: str) -> GridDefaults:
@@ -183,9 +187,12 @@ def default_grid(device_type: str) -> GridDefaults:
     # CPU: every backend x eager/default compile x batch 1 and 2, fp32, on the tiny profile. Economy on a
     # 2-core machine: torch.compile is exercised where it matters, on the UNet (unet-step, and txt2img
     # which reuses the same compiled graphs, i.e. the study's "compile the U-Net only"); the VAE decoder
-    # and the bare attention kernels are measured eager unless --compile is given. One thread: a CPU
-    # shared with other jobs makes multi-threaded (OpenMP) timings several times slower and erratic.
-    # Rounds: >= 5 per case so a Mann-Whitney test of 5 vs 5 samples can reach p < 0.01.
+    # and the bare attention kernels are measured eager unless --compile is given. txt2img and
+    # vae-decode (seconds per call) run at batch 1 only unless --batch-size is given: batch 2 of
+    # both tripled the run (16 min instead of about 6). One thread: a CPU shared with other jobs makes
+    # multi-threaded (OpenMP) timings several times slower and erratic.
+    # Rounds: >= 5 per case so a Mann-Whitney test of 5 vs 5 samples can reach p < 0.01; 10 for the
+    # UNet step, the case that carries the grid (power >= 0.95 for a 10% slowdown against a 3-run baseline).
     return GridDefaults(
         profile="tiny",
         attention=ATTENTION_BACKENDS,
@@ -193,10 +200,11 @@ def default_grid(device_type: str) -> GridDefaults:
         batch_sizes=(1, 2),
         precisions=("fp32",),
         kinds=KINDS,
-        rounds=dict.fromkeys(KINDS, 10) | {"txt2img": 5, "unet-step": 7, "vae-decode": 5},
+        rounds=dict.fromkeys(KINDS, 10) | {"txt2img": 5, "vae-decode": 7},
         warmup_rounds=dict.fromkeys(KINDS, 2) | {"txt2img": 1, "unet-step": 1, "vae-decode": 1},
         kind_compile={k: ("eager",) for k in ("vae-decode", *KIND_FAMILIES["attention"])},
         threads=1,
+        kind_batch_sizes={"txt2img": (1,), "vae-decode": (1,)},
     )
 
 

@@ -32,13 +32,14 @@ def pytest_addoption(parser):
                 help="comma-separated: eager, default, max-autotune, reduce-overhead "
                      "(default: eager,default on CPU; all four on CUDA)")
     g.addoption("--batch-size", dest="perf_batch_size", default=None,
-                help="comma-separated batch sizes (default: 1,2 on CPU; 1,2,4 on CUDA)")
+                help="comma-separated batch sizes (default: 1,2 on CPU, txt2img and vae-decode 1 only; 1,2,4 on CUDA)")
     g.addoption("--precision", dest="perf_precision", default=None,
                 help="comma-separated: fp32, fp16, bf16, autocast (default: fp32 on CPU; autocast,fp16 on CUDA)")
     g.addoption("--steps", dest="perf_steps", type=int, default=None,
                 help="txt2img sampling steps (default: the profile's, 8 tiny, 50 sd21)")
     g.addoption("--rounds", dest="perf_rounds", type=int, default=None,
-                help="timed rounds per case (default per kind: 5 for txt2img, 10 CPU / 20 CUDA for components)")
+                help="timed rounds per case (default per kind: 5 for txt2img, 7 for vae-decode on CPU, 10 CPU / 20 CUDA "
+                     "for the other components)")
     g.addoption("--warmup-rounds", dest="perf_warmup_rounds", type=int, default=None,
                 help="untimed calls before the rounds, the first being the correctness check (min 1; "
                      "compiled cases get one more). Default: 1 for txt2img (the study's --skip_first), 2-3 else")
@@ -137,7 +138,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "harness_version": C.HARNESS_VERSION,
         "grid": {"profile": g.profile, "attention": list(g.attention), "compile": list(g.compile),
                  "batch_sizes": list(g.batch_sizes), "precisions": list(g.precisions), "kinds": list(g.kinds),
-                 "kind_compile": {k: list(v) for k, v in g.kind_compile.items()}, "threads": g.threads},
+                 "kind_compile": {k: list(v) for k, v in g.kind_compile.items()}, "threads": g.threads,
+                 "kind_batch_sizes": {k: list(v) for k, v in g.kind_batch_sizes.items()}},
         "skipped": list(_SKIPPED),  # every combination that did not run, with its reason
         "failed": list(_FAILED),
     }

@@ -36,18 +36,20 @@ class Options:
         if profile not in C.PROFILES:
             raise ValueError(f"unknown --profile {profile!r}; choose from {', '.join(C.PROFILES)}")
         compile_given = C.split_csv(get("perf_compile"))
+        batch_given = C.split_csv(get("perf_batch_size"))
         threads = get("perf_threads")
         grid = C.GridDefaults(
             profile=profile,
             attention=C.split_csv(get("perf_attention")) or d.attention,
             compile=C.normalize_compile(compile_given or d.compile),
-            batch_sizes=tuple(int(b) for b in (C.split_csv(get("perf_batch_size")) or d.batch_sizes)),
+            batch_sizes=tuple(int(b) for b in (batch_given or d.batch_sizes)),
             precisions=C.split_csv(get("perf_precision")) or d.precisions,
             kinds=C.normalize_kinds(C.split_csv(get("perf_case_kind")) or d.kinds),
             rounds=d.rounds,
             warmup_rounds=d.warmup_rounds,
             kind_compile={} if compile_given else d.kind_compile,
             threads=d.threads if threads is None else (threads or None),
+            kind_batch_sizes={} if batch_given else d.kind_batch_sizes,
         )
         for p in grid.precisions:
             if p not in C.PRECISIONS:
@@ -100,7 +102,7 @@ class PerfSession:
         g = self.options.grid
         if kind not in g.kinds:
             return []
-        return C.build_cases(kind, g.profile, g.attention, g.compile_for(kind), g.batch_sizes, g.precisions,
+        return C.build_cases(kind, g.profile, g.attention, g.compile_for(kind), g.batch_sizes_for(kind), g.precisions,
                              self.options.steps)
 
     @property

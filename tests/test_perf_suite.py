@@ -59,5 +59,17 @@ def test_default_cpu_session_cases(session):
     assert {c.compile for c in got} == {"eager", "compile"}
     assert {c.compile for c in session.cases("vae-decode")} == {"eager"}  # VAE compile only on request
     assert not session.compile_vae
-    assert session.rounds(got[0]) == (7, 1)
+    assert session.rounds(got[0]) == (10, 1)
+    assert {c.batch_size for c in got} == {1, 2}
+    # The seconds-per-call kinds stay at batch 1 on a CPU unless --batch-size says otherwise.
+    assert {c.batch_size for c in session.cases("txt2img")} == {1}
+    assert {c.batch_size for c in session.cases("vae-decode")} == {1}
     assert session.cases("txt2img")[0].steps == C.PROFILES["tiny"].steps
+
+
+def test_explicit_batch_sizes_apply_to_every_kind():
+    given = {"perf_batch_size": "1,2", "perf_device": "cpu"}
+    options = Options.parse(given.get, cuda_available=False)
+    s = PerfSession(options, caps=CAPS)
+    assert {c.batch_size for c in s.cases("txt2img")} == {1, 2}
+    assert {c.batch_size for c in s.cases("vae-decode")} == {1, 2}
