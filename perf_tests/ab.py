@@ -43,7 +43,7 @@ def repo_root(start: Path | None = None) -> Path:
 
 
 def suite_command(out_json: Path, pytest_args: list[str]) -> list[str]:
-    """The pytest invocation for one run of one side (the contract's command line), run in that side's tree."""
+    """The pytest invocation for one run of one side (the documented suite command line), run in that side's tree."""
     return [sys.executable, "-m", "pytest", "perf_tests", "-p", "no:cacheprovider", "-q", *pytest_args,
             f"--benchmark-json={out_json}"]
 

@@ -1,4 +1,4 @@
-"""The environment a run came from, for pytest-benchmark's ``machine_info`` (design contract keys).
+"""The environment a run came from, for pytest-benchmark's ``machine_info`` (the keys the comparator and baselines read).
 
 Baselines are kept per device (``baselines/<device_slug>/<env>-<profile>.json``), so the slug must be
 stable and filesystem-safe; everything else is recorded so a later reader can tell two runs apart.
@@ -76,7 +76,7 @@ def device_identity(device: str) -> tuple[str, str]:
 
 
 def machine_info(device: str, repo_root: str | None = None) -> dict:
-    """The contract's machine_info keys for ``device`` ("cpu" or "cuda[:i]")."""
+    """The machine_info keys for ``device`` ("cpu" or "cuda[:i]")."""
     import torch
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"

@@ -1,4 +1,4 @@
-"""A small factory of synthetic pytest-benchmark JSON runs in the perf_tests format (design contract),
+"""A small factory of synthetic pytest-benchmark JSON runs in the perf_tests result format,
 for the gate's tests (test_baselines.py, test_compare_cli.py). Not collected by pytest.
 """
 

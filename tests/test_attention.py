@@ -36,7 +36,7 @@ def qkv(dtype=torch.float32, nq=50, nk=77, d=64, seed=0):
     )
 
 
-def test_backend_names_in_contract_order():
+def test_backend_names_in_documented_order():
     assert ATTENTION_BACKENDS == (
         "original",
         "sdpa",

@@ -52,7 +52,7 @@ def test_sd21_v_differs_only_by_parameterization():
     assert v_yaml == base_yaml
 
 
-def test_tiny_has_the_contract_widths_and_the_same_yaml_structure():
+def test_tiny_has_the_documented_widths_and_the_same_yaml_structure():
     cfg = load_config("tiny")
     u, v = cfg.unet, cfg.vae
     assert (u.model_channels, u.channel_mult, u.num_res_blocks, u.attention_resolutions) == (

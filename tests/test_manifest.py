@@ -14,7 +14,7 @@ import torch
 
 from sd.model import load_model
 
-# A verbatim copy of the team's reference manifest (shared/reference/sd21-checkpoint-manifest.json).
+# A verbatim copy of the SD 2.1 checkpoint manifest (every key and shape of the original state dict).
 MANIFEST = Path(__file__).parent / "data" / "sd21-checkpoint-manifest.json"
 
 
