@@ -424,11 +424,7 @@ def _perf(session: nox.Session, env: Env) -> None:
     if failed:
         session.error(f"some benchmark cases failed (see above and {junit})")
     if regressed:
-        message = f"performance regression against {opts.baseline_dir}/ (details: {verdict})"
-        if opts.gate == "warn":
-            session.warn(f"{message}; not failing the run (--gate warn)")
-        else:
-            session.error(message)
+        _fail_on_regression(session, opts, f"performance regression against {opts.baseline_dir}/ (details: {verdict})")
 
 
 def _ab(session: nox.Session, env: Env, opts: argparse.Namespace, pytest_args: list[str], out: Path) -> None:
@@ -438,11 +434,15 @@ def _ab(session: nox.Session, env: Env, opts: argparse.Namespace, pytest_args: l
     regressed = _run_code(session, *args, "--", *pytest_args, ok=(0, 1))
     _summary(*sorted(out.glob("*.md")))
     if regressed:
-        message = f"performance regression of the working tree against {opts.ab} (details in {out}/)"
-        if opts.gate == "warn":
-            session.warn(f"{message}; not failing the run (--gate warn)")
-        else:
-            session.error(message)
+        _fail_on_regression(session, opts, f"performance regression of the working tree against {opts.ab} (details in {out}/)")
+
+
+def _fail_on_regression(session: nox.Session, opts: argparse.Namespace, message: str) -> None:
+    """A regression fails the session, unless --gate warn asked only to report it."""
+    if opts.gate == "warn":
+        session.warn(f"{message}; not failing the run (--gate warn)")
+    else:
+        session.error(message)
 
 
 def _update_baselines(
