@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from sd.attention import AttendFn
 from sd.config import VAEConfig
-from sd.unet import GroupNorm32
+from sd.unet import GroupNorm32, Upsample  # the decoder's upsampling is the UNet's (nearest x2, conv)
 
 
 def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 - the original's name
@@ -75,15 +75,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom only (differs from the UNet)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _level(
