@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,17 +34,11 @@ UNET_T = 500  # a mid-schedule timestep for the single-step case
 SEEDS = {"x_T": 1, "unet": 2, "vae": 3, "attention": 4}
 
 
-# Where each public sd function lives (sd/__init__.py re-exports them; the modules work before it does).
-_SD_MODULES = {"load_model": "sd.model", "compile_model": "sd.compile", "sample": "sd.samplers",
-               "available_attention": "sd.attention", "resolve_attention": "sd.attention"}
-
-
 def sd_api(name: str):
-    """``sd.<name>``, from the package or, when not re-exported (yet), from its module."""
+    """``sd.<name>``, imported on first use (collecting the suite does not build any sd module)."""
     import sd
 
-    fn = getattr(sd, name, None)
-    return fn if fn is not None else getattr(importlib.import_module(_SD_MODULES[name]), name)
+    return getattr(sd, name)
 
 
 def autocast_context(case: Case, device: str):
