@@ -18,10 +18,11 @@ EXIT_BAD_INPUT = 2
 VERDICT_RULES = """\
 verdicts (per case; time, compile time and peak memory each judged):
   regression    slower: significant after multiple-comparison correction AND the CI's lower bound above
-                +min-effect (widened to the run-to-run noise stored in merged runs); exit 1
+                +min-effect (widened to the run-to-run noise stored in merged runs, and to the dispersion
+                of a noisy side); exit 1
   improvement   the mirror image
-  no-change     the whole CI within the threshold band
-  inconclusive  CI straddles the threshold, too few samples, noisy (dispersion over the limit), or an
+  no-change     the whole CI within the threshold band, neither side noisy
+  inconclusive  CI straddles the threshold, too few samples, noisy and within its noise, or an
                 environment mismatch; exit 0 unless --fail-on-inconclusive
   new/missing   case only in the candidate / only in the baseline; a changed definition_hash is "new"
 a candidate case with wrong output (extra_info.correct false) always counts as a regression.
@@ -50,7 +51,8 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--correction", choices=("holm", "bh", "none"), default=d.correction,
                    help="multiple-comparison correction across cases (default %(default)s)")
     g.add_argument("--max-dispersion", type=float, default=d.max_dispersion,
-                   help="robust CV above which a case is 'noisy' and inconclusive (default %(default)s)")
+                   help="robust CV above which a case is 'noisy': its threshold widens to that CV and it "
+                        "is never 'no change' (default %(default)s)")
     g.add_argument("--min-samples", type=int, default=d.min_samples, help="per side (default %(default)s)")
     g.add_argument("--compile-threshold", type=float, default=d.compile_threshold,
                    help="relative compile-time change that counts (default %(default)s)")

@@ -71,7 +71,7 @@ def policy_line(cmp: Comparison) -> str:
     return (
         f"time: one-sided Mann-Whitney, {p.correction} over cases at alpha {p.alpha}; Hodges-Lehmann change with "
         f"{p.confidence_level:.0%} bootstrap CI; regression needs the CI above +{p.min_effect:.0%} (widened to "
-        f"recorded run-to-run noise); noisy above {p.max_dispersion:.0%} dispersion. compile time ±{p.compile_threshold:.0%}, "
+        f"recorded run-to-run noise, and to the dispersion of a side noisier than {p.max_dispersion:.0%}). compile time ±{p.compile_threshold:.0%}, "
         f"peak memory ±{p.memory_threshold:.0%} on every run pair."
     )
 

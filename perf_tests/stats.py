@@ -19,8 +19,10 @@ wrap it). Per case it judges three metrics:
     pairwise ratio candidate/baseline above ``1 + threshold`` is a regression, every one below
     ``1 / (1 + threshold)`` an improvement, all inside the band no change, anything else inconclusive.
 
-Too few samples to ever reach significance, a noisy case (robust dispersion over ``max_dispersion``) or an
-environment mismatch (fields chosen by the policy) make a metric *inconclusive*, always with the reason.
+A noisy side (robust dispersion over ``max_dispersion``) widens the threshold to that dispersion and rules
+out "no change": a 2x slowdown on a busy machine is still a regression, anything less is inconclusive. Too
+few samples to ever reach significance or an environment mismatch (fields chosen by the policy) make a
+metric *inconclusive*, always with the reason.
 Cases present on one side only are *new* or *missing*; a case whose ``definition_hash`` changed is *new*
 with that reason, never compared with a stale definition.
 """
@@ -76,7 +78,8 @@ class Policy:
     confidence_level: float = 0.90  # two-sided CI; its lower bound is a one-sided 95% bound
     n_resamples: int = 1000
     min_samples: int = 5  # per side; fewer is "too few samples"
-    max_dispersion: float = 0.10  # robust CV (1.4826 MAD / median) above which a side is "noisy"
+    max_dispersion: float = 0.10  # robust CV (1.4826 MAD / median) above which a side is "noisy" and the
+    # threshold is widened to that CV
     # The threshold is at least noise_z * (run-to-run sd of the difference of the two sides). None: the
     # one-sided normal quantile at alpha / (number of cases), so run-level drift alone rarely alarms a run.
     noise_z: float | None = None
@@ -320,28 +323,40 @@ def _time_result(
 
     lo, hi = ratio_ci(bs, cs, policy, _case_seed(policy, name))
     base.update(ci=(lo, hi), p_regression=p_reg, p_improvement=p_imp)
-    for label, x in (("baseline", bs), ("candidate", cs)):
-        cv = robust_cv(x)
-        if cv > policy.max_dispersion:
-            blockers = [*blockers, f"noisy {label}: dispersion {cv:.1%} > limit {policy.max_dispersion:.0%}"]
-            reasons.append(blockers[-1])
     if blockers:
         return MetricResult(verdict=INCONCLUSIVE, reasons=tuple(reasons), **base)
+    # A noisy side (a shared machine's load, clock changes) can shift a median by about its own spread, so
+    # the threshold is widened to that spread: a change far beyond it is still called, a smaller one is not,
+    # and "no change" is never claimed from noisy data.
+    noisy = [(label, robust_cv(x)) for label, x in (("baseline", bs), ("candidate", cs))]
+    noisy = [(label, cv) for label, cv in noisy if cv > policy.max_dispersion]
+    if noisy:
+        label, cv = max(noisy, key=lambda item: item[1])
+        reasons.append(
+            f"noisy {label}: dispersion {cv:.1%} > limit {policy.max_dispersion:.0%}"
+            + (f", threshold widened from {threshold:.1%} to {cv:.1%}" if cv > threshold else "")
+        )
+        threshold = max(threshold, cv)
+        base["threshold"] = threshold
 
     up, down = _band(threshold)
     if lo > up and p_reg <= policy.alpha:
         verdict = REGRESSION
     elif hi < down and p_imp <= policy.alpha:
         verdict = IMPROVEMENT
-    elif lo >= down and hi <= up:
+    elif lo >= down and hi <= up and not noisy:
         verdict = NO_CHANGE
+    elif noisy:
+        verdict = INCONCLUSIVE
+        reasons.append("too noisy to claim no change; rerun on a quieter machine or with more rounds")
     else:
         verdict = INCONCLUSIVE
         sig = p_reg <= policy.alpha or p_imp <= policy.alpha
         reasons.append(
             f"CI [{lo - 1:+.1%}, {hi - 1:+.1%}] reaches beyond the ±{threshold:.1%} threshold "
             f"({'significant' if sig else 'not significant'} after {policy.correction}); more "
-            + ("runs (processes)" if threshold > policy.min_effect_for(name) else "rounds") + " needed"
+            + ("runs (processes) or a quieter machine" if threshold > policy.min_effect_for(name) else "rounds")
+            + " needed"
         )
     return MetricResult(verdict=verdict, reasons=tuple(reasons), **base)
 

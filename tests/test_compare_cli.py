@@ -190,7 +190,7 @@ FACTOR = float(Path(__file__).with_name("factor.txt").read_text())
 
 
 def work():
-    return sum(range(int(30000 * FACTOR)))
+    return sum(range(int(200000 * FACTOR)))
 
 
 def test_fake(benchmark, request):

@@ -170,13 +170,29 @@ def test_too_few_samples_is_inconclusive_with_reason():
     assert m.ratio == pytest.approx(2.0, rel=0.2)  # the estimate is still reported
 
 
-def test_noisy_case_is_inconclusive_with_reason():
-    rng = np.random.default_rng(10)
-    base = make_side(rng, 2, ROUNDS, sigma=0.3)
-    cand = make_side(rng, 2, ROUNDS, sigma=0.3, slow=0, factor=1.5)
-    c = S.compare(base, cand).cases[0]
-    assert c.verdict == S.INCONCLUSIVE
-    assert any("noisy" in r for r in c.metrics["time"].reasons)
+def _noisy(factor, seed=10):
+    # Lognormal sigma 0.3: a robust CV of about 30%, three times the default dispersion limit.
+    rng = np.random.default_rng(seed)
+    base = make_side(rng, 1, 40, sigma=0.3)
+    cand = make_side(rng, 1, 40, sigma=0.3, slow=0, factor=factor)
+    name = "test_unet_step[case0]"
+    spread = max(S.robust_cv(base.cases[name].samples), S.robust_cv(cand.cases[name].samples))
+    return S.compare(base, cand).cases[0].metrics["time"], spread
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.15])
+def test_noisy_case_widens_the_threshold_and_never_claims_no_change(factor):
+    m, spread = _noisy(factor)  # inside the noise: neither a regression nor "no change"
+    assert spread > S.Policy().max_dispersion
+    assert m.threshold == pytest.approx(spread)
+    assert m.verdict == S.INCONCLUSIVE
+    assert any(r.startswith("noisy") and "threshold widened" in r for r in m.reasons)
+
+
+def test_noisy_case_still_flags_a_change_far_beyond_its_noise():
+    m, spread = _noisy(3.0)
+    assert m.verdict == S.REGRESSION and m.ci[0] > 1 + spread
+    assert any(r.startswith("noisy") for r in m.reasons)
 
 
 @pytest.mark.parametrize("field,value", [("device_slug", "nvidia-a100-sxm4-80gb"), ("torch_version", "2.15.0"),
