@@ -11,7 +11,7 @@ from conftest import has_sdpa, micro_config
 
 from sd import attention
 from sd.config import load_config
-from sd.errors import AttentionUnavailable, ConfigError
+from sd.errors import AttentionUnavailable, CheckpointError, ConfigError
 from sd.model import StableDiffusion, load_model
 from sd.schedule import SCHEDULE_BUFFERS, schedule_buffers
 
@@ -149,6 +149,41 @@ def test_checkpoint_round_trip_in_half_precision(tmp_path, tiny_config):
         target = targets[key]
         assert target.dtype == torch.float32, key
         torch.testing.assert_close(target, value.half().float(), atol=0, rtol=0)
+
+
+def test_checkpoint_model_computes_what_the_saved_model_computes(tmp_path, tiny_config):
+    # Loading skips the random initialisation; every tensor, non-persistent ones such as the text
+    # encoder's causal mask included, and so every output must still be the saved model's.
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    cfg = micro_config(tiny_config)
+    source = load_model(cfg, seed=1)
+    path = tmp_path / "micro.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = load_model(cfg, path, seed=2)
+    buffers = dict(loaded.named_buffers())
+    for name, value in source.named_buffers():
+        torch.testing.assert_close(buffers[name], value, atol=0, rtol=0)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        for model_out, expected in (
+            (loaded.encode_text(["a photo", ""]), source.encode_text(["a photo", ""])),
+            (loaded.unet(x, t, source.encode_text(["a", "b"])), source.unet(x, t, source.encode_text(["a", "b"]))),
+            (loaded.vae.decode(x), source.vae.decode(x)),
+        ):
+            torch.testing.assert_close(model_out, expected, atol=0, rtol=0)
+
+
+def test_failed_checkpoint_load_restores_weight_initialisation(tmp_path, tiny_config):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "wrong.safetensors"
+    safetensors_torch.save_file({"not.a.key": torch.zeros(2)}, str(path))
+    before = {n: getattr(torch.nn.init, n) for n in ("normal_", "kaiming_uniform_", "zeros_", "xavier_uniform_")}
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(micro_config(tiny_config), path)
+    assert {n: getattr(torch.nn.init, n) for n in before} == before
+    weight = torch.zeros(64, 64)
+    torch.nn.init.kaiming_uniform_(weight)
+    assert weight.abs().max() > 0  # initialisation works again after the failed load
 
 
 def test_vae_attention_can_differ_when_the_kernel_cannot_take_its_wide_head(monkeypatch, tiny_config):
