@@ -344,11 +344,11 @@ def _time_result(
         verdict = REGRESSION
     elif hi < down and p_imp <= policy.alpha:
         verdict = IMPROVEMENT
-    elif lo >= down and hi <= up and not noisy:
-        verdict = NO_CHANGE
     elif noisy:
         verdict = INCONCLUSIVE
         reasons.append("too noisy to claim no change; rerun on a quieter machine or with more rounds")
+    elif lo >= down and hi <= up:
+        verdict = NO_CHANGE
     else:
         verdict = INCONCLUSIVE
         sig = p_reg <= policy.alpha or p_imp <= policy.alpha
