@@ -17,21 +17,16 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+# The vocabulary is sd's: one spelling each, shared by the CLI, case ids and baselines.
+from sd.attention import ATTENTION_BACKENDS
+from sd.capabilities import DeviceCapabilities
+from sd.compile import COMPILE_MODES
+from sd.precision import PRECISIONS
+
 # Bump when the meaning of a measurement changes (what a kind times, its inputs, the warm-up rule), so
 # that old baselines stop matching instead of being compared with something else.
 HARNESS_VERSION = 1
 
-ATTENTION_BACKENDS = ("original", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn", "xformers")
-
-# Command-line spelling -> id spelling. The id says "compile" for torch.compile's default mode.
-COMPILE_LABELS = {
-    "eager": "eager",
-    "default": "compile",
-    "max-autotune": "compile-max-autotune",
-    "reduce-overhead": "compile-reduce-overhead",
-}
-COMPILE_MODES = {label: mode for mode, label in COMPILE_LABELS.items()}  # "compile" -> "default"
-PRECISIONS = ("fp32", "fp16", "bf16", "autocast")
 
 # Kinds in the order they run inside one model group: txt2img first, so that a compiled model's
 # compilation is paid (and recorded) by the end-to-end case, as a user running txt2img would pay it.
@@ -87,7 +82,7 @@ class Case:
     kind: str
     profile: str
     attention: str
-    compile: str  # id spelling: "eager", "compile", "compile-max-autotune", "compile-reduce-overhead"
+    compile: str  # a sd.compile.COMPILE_MODES name: "eager", "compile", "compile-max-autotune", ...
     batch_size: int
     precision: str
     steps: int | None = None  # txt2img only
@@ -107,9 +102,8 @@ class Case:
         return f"{self.test_name}[{self}]"
 
     @property
-    def compile_mode(self) -> str | None:
-        """torch.compile mode, or None for eager."""
-        return COMPILE_MODES[self.compile] if self.compile != "eager" else None
+    def compiled(self) -> bool:
+        return self.compile != "eager"
 
     @property
     def optimized(self) -> bool:
@@ -154,7 +148,7 @@ def parse_name(name: str) -> Case:
 class GridDefaults:
     profile: str
     attention: tuple
-    compile: tuple  # id spelling
+    compile: tuple  # COMPILE_MODES names
     batch_sizes: tuple
     precisions: tuple
     kinds: tuple
@@ -177,7 +171,7 @@ def default_grid(device_type: str) -> GridDefaults:
         return GridDefaults(
             profile="sd21-base",
             attention=ATTENTION_BACKENDS,
-            compile=tuple(COMPILE_LABELS.values()),
+            compile=COMPILE_MODES,
             batch_sizes=(1, 2, 4),
             precisions=("autocast", "fp16"),
             kinds=KINDS,
@@ -214,18 +208,13 @@ def split_csv(value: str | None) -> tuple | None:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def normalize_compile(values: Iterable[str]) -> tuple:
-    """Accept both spellings ("default" or "compile", "off" for eager) and return id spellings."""
-    out = []
-    for v in values:
-        v = {"off": "eager", "none": "eager"}.get(v, v)
-        if v in COMPILE_LABELS:
-            out.append(COMPILE_LABELS[v])
-        elif v in COMPILE_MODES:
-            out.append(v)
-        else:
-            raise ValueError(f"unknown compile mode {v!r}; choose from {', '.join(COMPILE_LABELS)}")
-    return tuple(dict.fromkeys(out))
+def check_compile(values: Iterable[str]) -> tuple:
+    """The compile modes asked for, each checked against sd.compile.COMPILE_MODES (no other spelling)."""
+    out = tuple(dict.fromkeys(values))
+    for v in out:
+        if v not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {v!r}; choose from {', '.join(COMPILE_MODES)}")
+    return out
 
 
 def normalize_kinds(values: Iterable[str]) -> tuple:
@@ -280,7 +269,7 @@ def run_order(case: Case) -> tuple:
         not is_ref_group,
         PRECISIONS.index(case.precision) if case.precision in PRECISIONS else 99,
         ATTENTION_BACKENDS.index(case.attention) if case.attention in ATTENTION_BACKENDS else 99,
-        tuple(COMPILE_LABELS.values()).index(case.compile) if case.compile in COMPILE_MODES or case.compile == "eager" else 99,
+        COMPILE_MODES.index(case.compile) if case.compile in COMPILE_MODES else 99,
         case.batch_size,
         KINDS.index(case.kind) if case.kind in KINDS else 99,
     )
@@ -290,19 +279,7 @@ def run_order(case: Case) -> tuple:
 # What cannot run here, and why
 
 
-@dataclass(frozen=True)
-class Capabilities:
-    """What this machine and torch offer; probed once by conftest (tests build it by hand)."""
-
-    device_type: str  # "cpu" | "cuda"
-    attention: Mapping  # backend -> None if usable, else the reason (sd.available_attention)
-    has_compile: bool
-    torch_version: str
-    bf16: bool = True
-    cuda_capability: tuple | None = None
-
-
-def skip_reason(case: Case, caps: Capabilities) -> str | None:
+def skip_reason(case: Case, caps: DeviceCapabilities) -> str | None:
     """Why ``case`` cannot be measured here (a sentence), or None when it can."""
     if case.kind in BACKEND_FREE_KINDS and (case.attention != "original" or case.compile != "eager"):
         return (

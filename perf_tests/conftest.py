@@ -29,8 +29,8 @@ def pytest_addoption(parser):
     g.addoption("--attention", dest="perf_attention", default=None,
                 help=f"comma-separated attention backends (default: all of {', '.join(C.ATTENTION_BACKENDS)})")
     g.addoption("--compile", dest="perf_compile", default=None,
-                help="comma-separated: eager, default, max-autotune, reduce-overhead "
-                     "(default: eager,default on CPU; all four on CUDA)")
+                help="comma-separated: eager, compile, compile-max-autotune, compile-reduce-overhead "
+                     "(default: eager,compile on CPU; all four on CUDA)")
     g.addoption("--batch-size", dest="perf_batch_size", default=None,
                 help="comma-separated batch sizes (default: 1,2 on CPU, txt2img and vae-decode 1 only; 1,2,4 on CUDA)")
     g.addoption("--precision", dest="perf_precision", default=None,

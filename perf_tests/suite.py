@@ -14,7 +14,9 @@ import torch
 from perf_tests import cases as C
 from perf_tests.machine import env_label
 from perf_tests.timing import is_oom, measure, sync
-from perf_tests.workloads import ModelCache, make_workload, sd_api
+from perf_tests.workloads import ModelCache, make_workload
+from sd.capabilities import DeviceCapabilities, probe_device
+from sd.errors import AttentionUnavailable, CompileUnavailable
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Options:
         grid = C.GridDefaults(
             profile=profile,
             attention=C.split_csv(get("perf_attention")) or d.attention,
-            compile=C.normalize_compile(compile_given or d.compile),
+            compile=C.check_compile(compile_given or d.compile),
             batch_sizes=tuple(int(b) for b in (batch_given or d.batch_sizes)),
             precisions=C.split_csv(get("perf_precision")) or d.precisions,
             kinds=C.normalize_kinds(C.split_csv(get("perf_case_kind")) or d.kinds),
@@ -69,22 +71,8 @@ class Options:
         )
 
 
-def probe_capabilities(device: str) -> C.Capabilities:
-    dev = torch.device(device)
-    cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
-    bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else True
-    return C.Capabilities(
-        device_type=dev.type,
-        attention=sd_api("available_attention")(device),
-        has_compile=hasattr(torch, "compile"),
-        torch_version=torch.__version__,
-        bf16=bf16,
-        cuda_capability=cap,
-    )
-
-
 class PerfSession:
-    def __init__(self, options: Options, caps: C.Capabilities | None = None):
+    def __init__(self, options: Options, caps: DeviceCapabilities | None = None):
         self.options = options
         self.device = options.device
         self._caps = caps
@@ -93,9 +81,9 @@ class PerfSession:
         self._reference_outputs: dict[tuple, torch.Tensor] = {}
 
     @property
-    def caps(self) -> C.Capabilities:
+    def caps(self) -> DeviceCapabilities:
         if self._caps is None:
-            self._caps = probe_capabilities(self.device)
+            self._caps = probe_device(self.device)
         return self._caps
 
     def cases(self, kind: str) -> list[C.Case]:
@@ -130,16 +118,14 @@ class PerfSession:
                 self.cache.release()
                 torch.cuda.empty_cache()
                 pytest.skip(f"CUDA out of memory for {case.name} (the run goes on): {str(exc).splitlines()[0]}")
-            import sd.errors
-
-            if isinstance(exc, (sd.errors.AttentionUnavailable, sd.errors.CompileUnavailable)):
+            if isinstance(exc, (AttentionUnavailable, CompileUnavailable)):
                 pytest.skip(f"{type(exc).__name__}: {exc}")
             raise
 
     def _run(self, benchmark, case: C.Case) -> None:
         fn, built = make_workload(self.cache, case)
         rounds, warmup = self.rounds(case)
-        compiled = case.compile_mode is not None
+        compiled = case.compiled
         info = benchmark.extra_info
         info.update(
             case=case.as_dict(),

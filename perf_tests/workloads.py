@@ -19,7 +19,6 @@ not run into dynamo's per-function cache limit.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
 from collections.abc import Callable
@@ -28,25 +27,14 @@ from dataclasses import dataclass, field
 import torch
 
 from perf_tests.cases import ATTENTION_SHAPES, PROFILES, Case, Profile
+from sd.attention import resolve_attention
+from sd.compile import compile_fn, compile_model
+from sd.model import load_model
+from sd.precision import autocast_context, precision_dtype
+from sd.samplers import sample
 
-DTYPES = {"fp32": torch.float32, "autocast": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNET_T = 500  # a mid-schedule timestep for the single-step case
 SEEDS = {"x_T": 1, "unet": 2, "vae": 3, "attention": 4}
-
-
-def sd_api(name: str):
-    """``sd.<name>``, imported on first use (collecting the suite does not build any sd module)."""
-    import sd
-
-    return getattr(sd, name)
-
-
-def autocast_context(case: Case, device: str):
-    """torch.autocast for precision "autocast" (fp16 on CUDA, bf16 elsewhere), else nothing."""
-    if case.precision != "autocast":
-        return contextlib.nullcontext()
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
 
 
 def _randn(shape, seed: int, device: str, dtype=torch.float32) -> torch.Tensor:
@@ -63,14 +51,13 @@ def _param_dtype(module) -> torch.dtype:
 
 
 def make_txt2img(model, case: Case, profile: Profile, device: str) -> Callable:
-    sample = sd_api("sample")
     bs, h, w = case.batch_size, case.height // 8, case.width // 8
     prompts, empty = [profile.prompt] * bs, [""] * bs
     x_T = _randn((bs, 4, h, w), SEEDS["x_T"], device)  # float32, as the original script
     vae_dtype = _param_dtype(model.vae)
 
     def fn():
-        with torch.no_grad(), autocast_context(case, device):
+        with torch.no_grad(), autocast_context(case.precision, device):
             cond = model.encode_text(prompts)
             uncond = model.encode_text(empty)
             z = sample(model, profile.sampler, steps=case.steps, cond=cond, uncond=uncond,
@@ -89,7 +76,7 @@ def make_unet_step(model, case: Case, profile: Profile, device: str) -> Callable
     context = _randn((n, 77, model.config.unet.context_dim), SEEDS["unet"] + 100, device, dtype)
 
     def fn():
-        with torch.no_grad(), autocast_context(case, device):
+        with torch.no_grad(), autocast_context(case.precision, device):
             return model.unet(x, t, context)
 
     return fn
@@ -101,7 +88,7 @@ def make_vae_decode(model, case: Case, profile: Profile, device: str) -> Callabl
     z = (z / model.scale_factor).to(dtype)
 
     def fn():
-        with torch.no_grad(), autocast_context(case, device):
+        with torch.no_grad(), autocast_context(case.precision, device):
             return model.vae.decode(z)
 
     return fn
@@ -111,7 +98,7 @@ def make_text_encode(model, case: Case, profile: Profile, device: str) -> Callab
     prompts = [profile.prompt] * case.batch_size + [""] * case.batch_size
 
     def fn():
-        with torch.no_grad(), autocast_context(case, device):
+        with torch.no_grad(), autocast_context(case.precision, device):
             return model.encode_text(prompts)
 
     return fn
@@ -120,7 +107,7 @@ def make_text_encode(model, case: Case, profile: Profile, device: str) -> Callab
 def attention_inputs(case: Case, profile: Profile, device: str) -> tuple:
     q_tokens, kv_tokens, level = ATTENTION_SHAPES[case.kind]
     n, heads = 2 * case.batch_size, profile.heads[level]
-    dtype = DTYPES[case.precision]
+    dtype = precision_dtype(case.precision)
     q = _randn((n, heads, q_tokens, 64), SEEDS["attention"], device, dtype)  # (B, heads, N, d)
     k = _randn((n, heads, kv_tokens, 64), SEEDS["attention"] + 1, device, dtype)
     v = _randn((n, heads, kv_tokens, 64), SEEDS["attention"] + 2, device, dtype)
@@ -131,7 +118,7 @@ def make_attention(attend: Callable, case: Case, profile: Profile, device: str) 
     q, k, v = attention_inputs(case, profile, device)
 
     def fn():
-        with torch.no_grad(), autocast_context(case, device):
+        with torch.no_grad(), autocast_context(case.precision, device):
             return attend(q, k, v)
 
     return fn
@@ -193,14 +180,14 @@ class ModelCache:
 
     def _build(self, case: Case) -> Built:
         t0 = time.perf_counter()
-        model = sd_api("load_model")(PROFILES[case.profile].preset, self.ckpt, attention=case.attention,
-                              device=self.device, dtype=DTYPES[case.precision])
+        model = load_model(PROFILES[case.profile].preset, self.ckpt, attention=case.attention,
+                           device=self.device, dtype=precision_dtype(case.precision))
         model.eval()
         build_s = time.perf_counter() - t0
         built = Built(case.model_key(), model, model.attention, build_s)
-        if case.compile_mode is not None:
+        if case.compiled:
             t0 = time.perf_counter()
-            built.model = sd_api("compile_model")(model, case.compile_mode, vae=self.compile_vae)
+            built.model = compile_model(model, case.compile, vae=self.compile_vae)
             built.compiled_parts = ["unet", "vae-decoder"] if self.compile_vae else ["unet"]
             built.compile_setup_s = time.perf_counter() - t0
         return built
@@ -210,16 +197,16 @@ class ModelCache:
         key = (case.attention, case.compile, case.precision)
         if key not in self._kernels:
             self.release()  # attention cases run after all model cases (run_order): free the last model
-            if case.compile_mode is not None and any(k[1] != "eager" for k in self._kernels):
+            if case.compiled and any(k[1] != "eager" for k in self._kernels):
                 # one compiled kernel at a time keeps dynamo's per-function cache small
                 self._kernels = {k: b for k, b in self._kernels.items() if k[1] == "eager"}
                 torch._dynamo.reset()
 
             t0 = time.perf_counter()
-            attend = sd_api("resolve_attention")(case.attention, self.device, DTYPES[case.precision])
+            attend = resolve_attention(case.attention, self.device, precision_dtype(case.precision))
             parts = None
-            if case.compile_mode is not None:
-                attend, parts = torch.compile(attend, mode=case.compile_mode, fullgraph=True), ["attention"]
+            if case.compiled:
+                attend, parts = compile_fn(attend, case.compile), ["attention"]
             self._kernels[key] = Built(key, attend, case.attention, time.perf_counter() - t0, compiled_parts=parts)
         return self._kernels[key]
 

@@ -6,35 +6,48 @@ The public entry points:
     latents = sd.sample(model, "plms", steps=50, cond=..., uncond=..., guidance_scale=9.0, x_T=...)
     images = sd.txt2img(model, ["a photo"], steps=50)
 
-Everything imports on PyTorch 1.12; features of newer releases are probed in `sd.capabilities`.
+Everything imports on PyTorch 1.12; features of newer releases are probed in `sd.capabilities`. Importing
+`sd` is cheap: each name below is imported from its module on first use, so `import sd.attention` (or
+`sd.ATTENTION_BACKENDS`) does not import open_clip.
 """
 
-from .attention import ATTENTION_BACKENDS, available_attention, resolve_attention
-from .compile import COMPILE_MODES, compile_model
-from .config import PRESETS, ModelConfig, load_config
-from .errors import AttentionUnavailable, CheckpointError, CompileUnavailable, ConfigError, SDError
-from .model import StableDiffusion, load_model
-from .pipeline import PRECISIONS, txt2img
-from .samplers import SAMPLERS, sample
+from __future__ import annotations
 
-__all__ = [
-    "ATTENTION_BACKENDS",
-    "COMPILE_MODES",
-    "PRECISIONS",
-    "PRESETS",
-    "SAMPLERS",
-    "AttentionUnavailable",
-    "CheckpointError",
-    "CompileUnavailable",
-    "ConfigError",
-    "ModelConfig",
-    "SDError",
-    "StableDiffusion",
-    "available_attention",
-    "compile_model",
-    "load_config",
-    "load_model",
-    "resolve_attention",
-    "sample",
-    "txt2img",
-]
+import importlib
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "ATTENTION_BACKENDS": "attention",
+    "available_attention": "attention",
+    "resolve_attention": "attention",
+    "COMPILE_MODES": "compile",
+    "compile_model": "compile",
+    "PRESETS": "config",
+    "ModelConfig": "config",
+    "load_config": "config",
+    "AttentionUnavailable": "errors",
+    "CheckpointError": "errors",
+    "CompileUnavailable": "errors",
+    "ConfigError": "errors",
+    "SDError": "errors",
+    "StableDiffusion": "model",
+    "load_model": "model",
+    "txt2img": "pipeline",
+    "PRECISIONS": "precision",
+    "precision_dtype": "precision",
+    "SAMPLERS": "samplers",
+    "sample": "samplers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sd.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     from .attention import ATTENTION_BACKENDS
     from .compile import COMPILE_MODES
     from .config import PRESETS
-    from .pipeline import PRECISIONS
+    from .precision import PRECISIONS
     from .samplers import SAMPLERS
 
     parser = argparse.ArgumentParser(prog="python -m sd", description="Stable Diffusion 2.1 (sd-perf).")
@@ -57,10 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     t2i.add_argument(
         "--compile",
         nargs="?",
-        const="default",
+        const="compile",
         choices=COMPILE_MODES,
-        default=None,
-        help="torch.compile the UNet (mode; 'default' when given alone)",
+        default="eager",
+        help="torch.compile the UNet in this mode ('compile' when given alone; default: eager)",
     )
     t2i.add_argument(
         "--compile-vae", action="store_true", help="with --compile, also compile the VAE decoder"
@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def txt2img_command(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .pipeline import precision_dtype, txt2img
+    from .pipeline import txt2img
+    from .precision import precision_dtype
     from .weights import check_checkpoint_path
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -115,7 +116,7 @@ def txt2img_command(args: argparse.Namespace) -> int:
         model.checkpoint = (
             args.ckpt
         )  # until load_model records it: the pipeline's random-weights check reads it
-    if args.compile is not None:
+    if args.compile != "eager":
         compile_model(model, args.compile, vae=args.compile_vae)
     start = time.perf_counter()
     images = txt2img(

@@ -1,6 +1,6 @@
 """torch.compile for SD 2.1, applied from outside the model by one builder function.
 
-This is the PyTorch-2 part of the optimised SD 2.1 (sd21-facts 9: "compiled only the U-Net"): the UNet's
+This is the PyTorch-2 part of the optimised SD 2.1 (the study compiled the U-Net only): the UNet's
 tensor-only `denoise` is compiled with fullgraph=True, so a graph break is an error rather than a silent
 slowdown, and with static shapes. Timesteps reach it as a float32 (B,) tensor (UNetModel.forward converts
 ints and floats), so a new timestep is new data, not a recompilation. Optionally the VAE decoder is compiled
@@ -17,14 +17,24 @@ import torch
 from sd import capabilities
 from sd.errors import CompileUnavailable
 
-COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
+# The one spelling of a compile mode in this project: CLI values, case ids, baselines and compile_model.
+# "eager" means not compiled. torch.compile's own names appear only in _TORCH_MODES.
+COMPILE_MODES: tuple[str, ...] = ("eager", "compile", "compile-max-autotune", "compile-reduce-overhead")
+_TORCH_MODES: dict[str, str] = {
+    "compile": "default",
+    "compile-max-autotune": "max-autotune",
+    "compile-reduce-overhead": "reduce-overhead",
+}
 
 # Inductor options on top of the mode's own: 1x1 convolutions as matmuls, as diffusion-fast does for SD.
 INDUCTOR_OPTIONS: dict[str, Any] = {"conv_1x1_as_mm": True}
 
 
-def _compile(fn: Any, mode: str) -> Any:
-    """torch.compile(fn) with fullgraph=True, static shapes and `mode` plus INDUCTOR_OPTIONS."""
+def compile_fn(fn: Any, mode: str = "compile") -> Any:
+    """torch.compile(fn) with fullgraph=True, static shapes and `mode` (a COMPILE_MODES name other than
+    "eager") plus INDUCTOR_OPTIONS. The one place where this project calls torch.compile."""
+    _check_mode(mode)
+    mode = _TORCH_MODES[mode]
     list_mode_options = (
         getattr(torch._inductor, "list_mode_options", None) if hasattr(torch, "_inductor") else None
     )
@@ -35,30 +45,36 @@ def _compile(fn: Any, mode: str) -> Any:
     return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
 
 
-def compile_model(model: Any, mode: str = "default", *, vae: bool = False) -> Any:
-    """Compile `model.unet` (and with vae=True the VAE decoder) with torch.compile; returns `model`.
-
-    mode: "default", "reduce-overhead" or "max-autotune" (the last two replay CUDA graphs, whose output
-    buffers are reused, so the UNet then returns a copy: samplers keep earlier outputs). Compilation
-    itself happens lazily on the first call; time that call to measure it. Records the mode as
-    `model.compile_mode`. Raises CompileUnavailable where PyTorch has no torch.compile or for unknown modes.
-    """
+def _check_mode(mode: str) -> None:
     if not capabilities.has_compile():
         raise CompileUnavailable(
             f"torch.compile is not available in PyTorch {torch.__version__} (it arrived in PyTorch 2.0). "
             f"Run without compile (compile mode 'eager'), or use a PyTorch 2 environment."
         )
-    if mode not in COMPILE_MODES:
-        raise CompileUnavailable(f"Unknown compile mode {mode!r}. Choose one of: {', '.join(COMPILE_MODES)}.")
+    if mode not in _TORCH_MODES:
+        raise CompileUnavailable(
+            f"Unknown compile mode {mode!r}. Choose one of: {', '.join(_TORCH_MODES)} ('eager' means no compile)."
+        )
+
+
+def compile_model(model: Any, mode: str = "compile", *, vae: bool = False) -> Any:
+    """Compile `model.unet` (and with vae=True the VAE decoder) with torch.compile; returns `model`.
+
+    mode: "compile" (torch.compile's default mode), "compile-reduce-overhead" or "compile-max-autotune"
+    (the last two replay CUDA graphs, whose output buffers are reused, so the UNet then returns a copy:
+    samplers keep earlier outputs). Compilation itself happens lazily on the first call; time that call
+    to measure it. Records the mode as `model.compile_mode`. Raises CompileUnavailable where PyTorch has no torch.compile or for unknown modes.
+    """
+    _check_mode(mode)
     if getattr(model, "compile_mode", None) is not None:
         raise CompileUnavailable(
             f"This model is already compiled (mode {model.compile_mode!r}); build a new one."
         )
     unet = model.unet
-    unet.denoise = _compile(unet.denoise, mode)
-    unet.clone_outputs = mode != "default"
+    unet.denoise = compile_fn(unet.denoise, mode)
+    unet.clone_outputs = mode != "compile"
     if vae:
         decoder = model.vae.decoder
-        decoder.forward = _compile(decoder.forward, mode)
+        decoder.forward = compile_fn(decoder.forward, mode)
     model.compile_mode = mode
     return model

@@ -10,7 +10,6 @@ The original's invisible watermark is not applied.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 import weakref
@@ -20,10 +19,8 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, SDError
+from .precision import autocast_context, precision_dtype
 from .samplers import num_model_steps, resolve_sampler, sample
-
-PRECISIONS = ("fp32", "fp16", "bf16", "autocast")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "autocast": torch.float32}
 
 # Models already warned about random weights (the warning is said once per model, however many calls).
 _WARNED_RANDOM: weakref.WeakSet = weakref.WeakSet()
@@ -33,13 +30,6 @@ class RandomWeightsWarning(UserWarning):
     """Images from a model with random (seeded) weights: noise, only good for timing."""
 
 
-def precision_dtype(precision: str) -> torch.dtype:
-    """The parameter dtype a model needs for `precision` ("autocast" runs a float32 model under autocast)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
-    return _DTYPES[precision]
-
-
 def _check_precision(model, precision: str) -> torch.device:
     weight = next(model.unet.parameters())
     wanted = precision_dtype(precision)
@@ -47,7 +37,7 @@ def _check_precision(model, precision: str) -> torch.device:
         have = str(weight.dtype).replace("torch.", "")
         raise ConfigError(
             f"precision {precision!r} needs a {str(wanted).replace('torch.', '')} model but this one is {have}: "
-            f"build it with sd.load_model(..., dtype=sd.precision_dtype({precision!r})) or pass the precision "
+            f"build it with sd.load_model(..., dtype=sd.precision.precision_dtype({precision!r})) or pass the precision "
             "that matches the model."
         )
     return weight.device
@@ -144,9 +134,7 @@ def txt2img(
     factor = 2 ** (len(model.config.vae.ch_mult) - 1)
     shape = (batch, model.config.channels, height // factor, width // factor)
     generator = torch.Generator().manual_seed(seed)
-    autocast = (
-        torch.autocast(device_type=device.type) if precision == "autocast" else contextlib.nullcontext()
-    )
+    autocast = autocast_context(precision, device)
     vae_dtype = next(model.vae.parameters()).dtype
 
     from tqdm import tqdm

@@ -21,10 +21,6 @@ from sd.model import StableDiffusion, load_model
 torch.set_num_threads(1)
 
 
-def has_sdpa() -> bool:
-    return hasattr(torch.nn.functional, "scaled_dot_product_attention")
-
-
 def micro_config(base: ModelConfig) -> ModelConfig:
     """The tiny config cut to two levels with one ResBlock each: attention at level 0, none at level 1."""
     unet = dataclasses.replace(base.unet, channel_mult=(1, 2), attention_resolutions=(1,), num_res_blocks=1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import has_sdpa
 
 from sd import attention, capabilities
 from sd.attention import (
@@ -52,7 +51,7 @@ def test_cpu_availability_is_probed():
     table = available_attention("cpu")
     assert set(table) == set(ATTENTION_BACKENDS)
     assert table["original"] is None
-    expected = ["sdpa", "sdpa-math", "sdpa-flash"] if has_sdpa() else []
+    expected = ["sdpa", "sdpa-math", "sdpa-flash"] if capabilities.has_sdpa() else []
     for name in expected:
         assert table[name] is None, table[name]
     # No CUDA kernels on a CPU: the reasons are the kernels' own refusals of a real call.

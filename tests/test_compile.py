@@ -11,8 +11,9 @@ from sd.errors import CompileUnavailable
 from sd.model import load_model
 
 
-def test_modes():
-    assert COMPILE_MODES == ("default", "reduce-overhead", "max-autotune")
+def test_modes_have_one_spelling():
+    # The same names are the CLI values, the case ids and the baseline keys; torch's names stay inside.
+    assert COMPILE_MODES == ("eager", "compile", "compile-max-autotune", "compile-reduce-overhead")
 
 
 def test_no_torch_compile_is_a_clear_error(monkeypatch, tiny_config):
@@ -27,15 +28,17 @@ def test_no_torch_compile_is_a_clear_error(monkeypatch, tiny_config):
 def test_unknown_mode_is_refused(tiny_config):
     with pytest.raises(CompileUnavailable) as exc:
         compile_model(load_model(tiny_config, device="meta"), "fast")
-    assert "default, reduce-overhead, max-autotune" in str(exc.value)
+    assert "compile, compile-max-autotune, compile-reduce-overhead" in str(exc.value)
+    with pytest.raises(CompileUnavailable):  # torch's own spelling is not ours
+        compile_model(load_model(tiny_config, device="meta"), "default")
 
 
 @pytest.mark.skipif(not capabilities.has_compile(), reason="torch.compile needs PyTorch 2")
 def test_compile_model_wraps_without_renaming_weights(tiny_config):
     model = load_model(tiny_config, device="meta")
     keys = list(model.state_dict())
-    assert compile_model(model, "reduce-overhead", vae=True) is model  # compiling itself is lazy
-    assert model.compile_mode == "reduce-overhead" and model.unet.clone_outputs
+    assert compile_model(model, "compile-reduce-overhead", vae=True) is model  # compiling itself is lazy
+    assert model.compile_mode == "compile-reduce-overhead" and model.unet.clone_outputs
     assert "denoise" in vars(model.unet) and "forward" in vars(model.vae.decoder)
     assert "forward" not in vars(model.vae.encoder)
     assert list(model.state_dict()) == keys
@@ -67,6 +70,6 @@ def test_unet_compiles_fullgraph_once_for_all_timesteps(tiny_config, attention):
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled = [model.unet(x, t, c) for t in steps]
     assert counters["stats"]["unique_graphs"] == 1
-    assert list(model.state_dict()) == keys and model.compile_mode == "default"
+    assert list(model.state_dict()) == keys and model.compile_mode == "compile"
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

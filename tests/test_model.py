@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import has_sdpa, micro_config
+from conftest import micro_config
 
-from sd import attention
+from sd import attention, capabilities
 from sd.config import load_config
 from sd.errors import AttentionUnavailable, CheckpointError, ConfigError
 from sd.model import StableDiffusion, load_model
@@ -119,7 +119,7 @@ def test_unavailable_attention_raises_before_building():
         load_model("no-such-preset")
 
 
-@pytest.mark.skipif(not has_sdpa(), reason="needs F.scaled_dot_product_attention (PyTorch 2)")
+@pytest.mark.skipif(not capabilities.has_sdpa(), reason="needs F.scaled_dot_product_attention (PyTorch 2)")
 def test_set_attention_switches_every_attention(tiny_config):
     model = load_model(micro_config(tiny_config))
     x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 256)

@@ -9,23 +9,24 @@ import pytest
 
 from perf_tests import cases as C
 from perf_tests.suite import Options
+from sd.capabilities import DeviceCapabilities
 
 ALL_AVAILABLE = dict.fromkeys(C.ATTENTION_BACKENDS)
-CPU_TORCH2 = C.Capabilities(
+CPU_TORCH2 = DeviceCapabilities(
     device_type="cpu",
     attention={**ALL_AVAILABLE, "sdpa-mem-efficient": "a test call on cpu failed (no kernel)",
                "sdpa-cudnn": "a test call on cpu failed (no kernel)", "xformers": "xformers is not importable"},
     has_compile=True,
     torch_version="2.14.1",
 )
-CPU_TORCH1 = C.Capabilities(
+CPU_TORCH1 = DeviceCapabilities(
     device_type="cpu",
     attention={**dict.fromkeys(C.ATTENTION_BACKENDS, "this PyTorch has no F.scaled_dot_product_attention"),
                "original": None},
     has_compile=False,
     torch_version="1.12.1",
 )
-CUDA = C.Capabilities(device_type="cuda", attention=ALL_AVAILABLE, has_compile=True, torch_version="2.5.0",
+CUDA = DeviceCapabilities(device_type="cuda", attention=ALL_AVAILABLE, has_compile=True, torch_version="2.5.0",
                       cuda_capability=(8, 0))
 
 
@@ -57,14 +58,13 @@ def test_parse_name_rejects_foreign_names():
         C.parse_name("test_txt2img[tiny-original-bs1]")
 
 
-def test_compile_spellings():
-    assert C.normalize_compile(["eager", "default", "max-autotune", "reduce-overhead"]) == (
-        "eager", "compile", "compile-max-autotune", "compile-reduce-overhead")
-    assert C.normalize_compile(["off", "compile", "default"]) == ("eager", "compile")
-    with pytest.raises(ValueError, match="unknown compile mode"):
-        C.normalize_compile(["fast"])
-    assert case(compile="compile-max-autotune").compile_mode == "max-autotune"
-    assert case().compile_mode is None
+def test_compile_modes_have_one_spelling():
+    assert C.check_compile(["eager", "compile", "compile", "compile-max-autotune"]) == (
+        "eager", "compile", "compile-max-autotune")
+    for other in ("fast", "default", "off", "max-autotune"):  # torch's names and old aliases are refused
+        with pytest.raises(ValueError, match="unknown compile mode"):
+            C.check_compile([other])
+    assert case(compile="compile-max-autotune").compiled and not case(compile="eager").compiled
 
 
 def test_kind_family_and_unknown_kind():
@@ -202,7 +202,7 @@ def _getter(**given):
 def test_options_defaults_and_overrides():
     o = Options.parse(_getter(), cuda_available=False)
     assert o.device == "cpu" and o.grid.profile == "tiny" and o.grid.compile == ("eager", "compile")
-    o = Options.parse(_getter(perf_attention="original,sdpa", perf_compile="eager,max-autotune",
+    o = Options.parse(_getter(perf_attention="original,sdpa", perf_compile="eager,compile-max-autotune",
                               perf_batch_size="4", perf_case_kind="attention,txt2img", perf_steps=3),
                       cuda_available=False)
     assert o.grid.attention == ("original", "sdpa")

@@ -7,8 +7,9 @@ import torch
 
 from perf_tests import cases as C
 from perf_tests.suite import Options, PerfSession
+from sd.capabilities import DeviceCapabilities
 
-CAPS = C.Capabilities(device_type="cpu", attention={**dict.fromkeys(C.ATTENTION_BACKENDS),
+CAPS = DeviceCapabilities(device_type="cpu", attention={**dict.fromkeys(C.ATTENTION_BACKENDS),
                                                    "xformers": "xformers is not importable"},
                       has_compile=True, torch_version="2.14.1")
 
