@@ -426,8 +426,6 @@ class _TimeEstimate:
     paired: bool = False
     machine_var: float = 0.0
     reasons: list[str] = field(default_factory=list)  # shown on the verdict
-    unpaired_se: float | None = None  # the unpaired analysis of paired data, for the narrowing figure
-    unpaired_df: float = 0.0
     # The split model (see _split): d = common + contrast, each with its own per-run sd and df.
     common: float | None = None  # mean log change over all cases of the comparison
     common_sd: float = 0.0
@@ -502,7 +500,6 @@ def _estimates(baseline: Side, candidate: Side, names: Sequence[str], policy: Po
             if noise.sd is None or "prior" in noise.source:
                 e.reasons.append(noise.source)
             if n in diffs and pair_noise.sd is not None:
-                e.unpaired_se, e.unpaired_df = e.se, e.df
                 e.d, e.sd, e.df, e.paired = float(diffs[n].mean()), pair_noise.sd, pair_noise.df, True
             elif paired:
                 e.reasons.append("analysed unpaired: the sides hold different numbers of runs of this case")
@@ -526,29 +523,39 @@ def _split(baseline: Side, candidate: Side, est: Mapping[str, _TimeEstimate]) ->
     mean change of all cases ``D`` (a uniform slowdown) against the common variance, and the contrast
     ``c = d - D`` (this case moved unlike the others) against the case-specific one, Holm across cases.
     The interval of ``d`` uses both variances (Welch-Satterthwaite df). Needs >= 3 cases measured in
-    every run of both sides; otherwise the plain pooled model stands.
+    every run of both sides; otherwise the plain pooled model stands. Paired: the same on the per-pair
+    differences, as one sample.
     """
-    names = [n for n, e in est.items() if not e.paired and e.sd is not None
+    names = [n for n, e in est.items() if e.sd is not None
              and len(baseline.cases[n].runs) == baseline.n_runs and len(candidate.cases[n].runs) == candidate.n_runs]
+    paired = any(est[n].paired for n in names)
+    if paired:
+        names = [n for n in names if est[n].paired]
     m = len(names)
     if m < 3:
         return
     kinds = {n: candidate.cases[n].kind for n in names}
+
+    def matrix(side: Side) -> np.ndarray:
+        return np.stack([side.cases[n].log_run_medians() for n in names], axis=1)  # (runs, cases)
+
+    # Paired: the per-pair differences are the runs of a single sample.
+    samples = [matrix(candidate) - matrix(baseline)] if paired else [matrix(baseline), matrix(candidate)]
     ss_g = df_g = 0.0
     ss_e: dict[str, float] = {}
     df_e: dict[str, float] = {}
-    for side in (baseline, candidate):
-        if side.n_runs < 2:
+    for y in samples:
+        n_runs = y.shape[0]
+        if n_runs < 2:
             continue
-        y = np.stack([side.cases[n].log_run_medians() for n in names], axis=1)  # (runs, cases)
         r = y - y.mean(axis=0)
         g = r.mean(axis=1)
         ss_g += float(np.sum(g**2))
-        df_g += side.n_runs - 1
+        df_g += n_runs - 1
         resid = r - g[:, None]
         for j, n in enumerate(names):
             ss_e[kinds[n]] = ss_e.get(kinds[n], 0.0) + float(np.sum(resid[:, j] ** 2))
-            df_e[kinds[n]] = df_e.get(kinds[n], 0.0) + (side.n_runs - 1) * (m - 1) / m
+            df_e[kinds[n]] = df_e.get(kinds[n], 0.0) + (n_runs - 1) * (m - 1) / m
     if not df_g or min(df_e.values()) <= 0:
         return
     var_e = {k: ss_e[k] / df_e[k] for k in ss_e}
@@ -834,12 +841,18 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
 
     est = _estimates(baseline, candidate, judged, policy, paired)
     _split(baseline, candidate, est)
+    narrowing = []
+    if paired:  # the same data analysed unpaired, for the narrowing figure
+        unpaired = _estimates(baseline, candidate, judged, policy, False)
+        _split(baseline, candidate, unpaired)
+        q = 0.5 + policy.confidence_level / 2
+        narrowing = [_t(q, est[n].df_total) * est[n].se / (_t(q, unpaired[n].df_total) * unpaired[n].se)
+                     for n in judged if est[n].paired and unpaired[n].se]
     adj_reg, adj_imp = _pvalues([n for n in judged if est[n].se is not None], est, policy)
     alpha_one = policy.alpha / max(len(adj_reg), 1) if policy.correction != "none" else policy.alpha
 
     device_type = candidate.environment.get("device_type")
     judge_memory = device_type is None or device_type in policy.memory_device_types
-    narrowing = []
     for name in judged:
         b, c = baseline.cases[name], candidate.cases[name]
         blockers = [f"environment mismatch: {m}" for m in mismatch]
@@ -848,9 +861,6 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         e = est[name]
         metrics = {"time": _time_result(name, b, c, e, adj_reg.get(name), adj_imp.get(name), alpha_one, policy,
                                         blockers, disturbed)}
-        if e.paired and e.unpaired_se:
-            narrowing.append(_t(0.5 + policy.confidence_level / 2, e.df_total) * e.se
-                             / (_t(0.5 + policy.confidence_level / 2, e.unpaired_df) * e.unpaired_se))
         compile_res = _compile_result(b, c, policy, list(blockers))
         if compile_res is not None:
             metrics["compile_time"] = compile_res
@@ -868,8 +878,6 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     notes = []
     if not judge_memory:
         notes.append(f"peak memory is not judged on {device_type} (policy: {', '.join(policy.memory_device_types)})")
-    if not_selected:
-        notes.append(f"{len(not_selected)} baseline case(s) not selected in the candidate run (not judged)")
     if canary and canary.env_shift:
         notes.append(canary.env_shift + " (reported, not used to cancel the change)")
     order = [*candidate.cases, *candidate.failed, *baseline.cases]
