@@ -231,10 +231,16 @@ def test_pairing_narrows_the_interval_under_drift_shared_by_pair_members():
     assert hits >= 25
 
 
-def test_paired_needs_as_many_runs_on_both_sides():
+def test_paired_needs_alternated_runs_of_equal_number():
     rng = np.random.default_rng(17)
     with pytest.raises(ValueError, match="as many runs"):
         S.compare(make_side(rng, 3), make_side(rng, 2), paired=True)
+    base, cand = make_side(rng, 2), make_side(rng, 2)
+    base.run_order, cand.run_order = [0, 2], [1, 3]  # B, A, B, A: alternated
+    assert S.compare(base, cand, paired=True).paired
+    base.run_order, cand.run_order = [0, 1], [2, 3]  # all B first, then all A: nothing to pair
+    with pytest.raises(ValueError, match="alternated"):
+        S.compare(base, cand, paired=True)
 
 
 # --- canary -----------------------------------------------------------------------------------------------
