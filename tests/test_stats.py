@@ -126,6 +126,15 @@ def test_five_vs_three_runs_flag_ten_percent_and_rarely_call_it_no_change():
     assert r["cover"] >= 0.85
 
 
+def test_a_uniform_slowdown_of_every_case_is_caught_by_the_common_test():
+    """The contrast of each case to the mean sees nothing when all cases slow down alike; the common test does."""
+    rng = np.random.default_rng(31)
+    all_flagged = sum(
+        S.compare(make_side(rng, 5), make_side(rng, 3, factor=1.15, slow=range(N_CASES))).count(S.REGRESSION)
+        == N_CASES for _ in range(40))
+    assert all_flagged / 40 >= 0.8
+
+
 def test_one_run_per_side_is_never_a_regression_by_rounds_alone():
     """Without a prior for the device type, one run a side is inconclusive whatever the rounds say."""
     rng = np.random.default_rng(8)
