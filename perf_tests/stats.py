@@ -125,6 +125,8 @@ class CaseSamples:
     attention_used: str | None = None
     correct: bool | None = None  # False if any run reported a wrong output
     case: dict = field(default_factory=dict)  # extra_info["case"]: kind, profile, attention, ...
+    run_machines: list[str | None] = field(default_factory=list)  # machine_id per run
+    compile_cache: list[str | None] = field(default_factory=list)  # parallel to compile_time_s
 
     @property
     def samples(self) -> np.ndarray:
@@ -139,6 +141,12 @@ class Side:
     environment: dict
     cases: dict[str, CaseSamples]
     n_runs: int = 1
+    machines: list[str | None] = field(default_factory=list)  # machine_id per run
+    canary: list[list[float]] = field(default_factory=list)  # per-run canary per-call samples
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # name -> reason
+    selected: set[str] | None = None  # None: unknown (e.g. a baseline)
+    run_order: list[int] | None = None
 
 
 @dataclass(frozen=True)
