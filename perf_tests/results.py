@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from perf_tests.cases import parse_name
 from perf_tests.stats import DEFAULT_ENV_FIELDS, CaseSamples, Side, environment_mismatch
 
 SCHEMA = "sd-perf-baseline"
@@ -168,7 +169,8 @@ def _typed(path, where: str, value, types, what: str, fix: str = RERUN_HINT, opt
     else:
         ok = isinstance(value, types)
     if not ok:
-        raise _fail(path, where, f"expected {what}, found {type(value).__name__} {_short(value)}", fix)
+        found = "nothing" if value is None else f"{type(value).__name__} {_short(value)}"
+        raise _fail(path, where, f"expected {what}, found {found}", fix)
     return value
 
 
@@ -186,9 +188,9 @@ def _number(path, where: str, value, fix: str = RERUN_HINT) -> float | None:
     return float(value)
 
 
-def _samples(path, where: str, data, fix: str = RERUN_HINT) -> tuple[float, ...]:
+def _samples(path, where: str, data, fix: str = RERUN_HINT, missing_fix: str = SAVE_DATA_HINT) -> tuple[float, ...]:
     if data is None or data == []:
-        raise _fail(path, where, "no raw samples", SAVE_DATA_HINT)
+        raise _fail(path, where, "no raw samples", missing_fix)
     _typed(path, where, data, list, "a list of seconds", fix, optional=False)
     for x in data:
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
@@ -293,37 +295,41 @@ def case_result(path, bench, where: str = "benchmarks[]") -> CaseResult:
     name = _str(path, f"{where}.name", bench.get("name"), optional=False)
     where = f"benchmark {name!r}"
     stats = _dict(path, f"{where}: stats", bench.get("stats"), optional=False)
-    extra = _dict(path, f"{where}: extra_info", bench.get("extra_info"))
+    extra = dict(_dict(path, f"{where}: extra_info", bench.get("extra_info")))
+    extra.setdefault("iterations", stats.get("iterations"))
     samples = _samples(path, f"{where}: stats.data", stats.get("data"))
-    iterations = extra.get("iterations", stats.get("iterations"))
-    iterations = _typed(path, f"{where}: extra_info.iterations", iterations, int, "a whole number")
+    return _case_result(path, name, samples, extra, f"{where}: extra_info.")
+
+
+def _case_result(path, name: str, samples: tuple[float, ...], extra: dict, at: str,
+                 fix: str = RERUN_HINT) -> CaseResult:
+    """The fields a case result is made of, each checked; ``at`` prefixes a field's name in messages."""
+    iterations = _typed(path, f"{at}iterations", extra.get("iterations"), int, "a whole number", fix)
     iterations = 1 if iterations is None else iterations
     if iterations < 1:
-        raise _fail(path, f"{where}: extra_info.iterations", f"{iterations} calls per round")
-    cache = _str(path, f"{where}: extra_info.compile_cache", extra.get("compile_cache"))
+        raise _fail(path, f"{at}iterations", f"{iterations} calls per round", fix)
+    cache = _str(path, f"{at}compile_cache", extra.get("compile_cache"), fix)
     if cache is not None and cache not in COMPILE_CACHE_STATES:
-        raise _fail(path, f"{where}: extra_info.compile_cache", f"{cache!r} is not one of {COMPILE_CACHE_STATES}")
+        raise _fail(path, f"{at}compile_cache", f"{cache!r} is not one of {COMPILE_CACHE_STATES}", fix)
     for key in PER_RUN_FIELDS:
-        _number(path, f"{where}: extra_info.{key}", extra.get(key))
+        _number(path, f"{at}{key}", extra.get(key), fix)
     return CaseResult(
         name=name,
-        case=dict(_dict(path, f"{where}: extra_info.case", extra.get("case"))) or _case_from_name(name),
-        definition_hash=_str(path, f"{where}: extra_info.definition_hash", extra.get("definition_hash")),
+        case=dict(_dict(path, f"{at}case", extra.get("case"), fix)) or _case_from_name(name),
+        definition_hash=_str(path, f"{at}definition_hash", extra.get("definition_hash"), fix),
         samples=samples,
         iterations=iterations,
-        attention_used=_str(path, f"{where}: extra_info.attention_used", extra.get("attention_used")),
-        vae_attention_used=_str(path, f"{where}: extra_info.vae_attention_used", extra.get("vae_attention_used")),
-        correct=_typed(path, f"{where}: extra_info.correct", extra.get("correct"), bool, "true, false or null"),
-        compile_time_s=_number(path, f"{where}: extra_info.compile_time_s", extra.get("compile_time_s")),
+        attention_used=_str(path, f"{at}attention_used", extra.get("attention_used"), fix),
+        vae_attention_used=_str(path, f"{at}vae_attention_used", extra.get("vae_attention_used"), fix),
+        correct=_typed(path, f"{at}correct", extra.get("correct"), bool, "true, false or null", fix),
+        compile_time_s=_number(path, f"{at}compile_time_s", extra.get("compile_time_s"), fix),
         compile_cache=cache,
-        peak_memory_bytes=_number(path, f"{where}: extra_info.peak_memory_bytes", extra.get("peak_memory_bytes")),
-        extra=dict(extra),
+        peak_memory_bytes=_number(path, f"{at}peak_memory_bytes", extra.get("peak_memory_bytes"), fix),
+        extra=extra,
     )
 
 
 def _case_from_name(name: str) -> dict:
-    from perf_tests.cases import parse_name
-
     try:
         return parse_name(name).as_dict()
     except ValueError:
@@ -492,17 +498,11 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
             index = _typed(path, f"{at}.run", entry.get("run"), int, "an index into runs", fix, optional=False)
             if not 0 <= index < len(run_docs) or name in per_run[index]:
                 raise _fail(path, f"{at}.run", f"{index} is not a run of this file (or repeats one)", fix)
-            per_run[index][name] = case_result(path, {
-                "name": name, "stats": {"data": entry.get("samples")},
-                "extra_info": {
-                    **{k: entry.get(k) for k in PER_RUN_FIELDS},
-                    "case": case.get("case"), "definition_hash": case.get("definition_hash"),
-                    "attention_used": case.get("attention_used"),
-                    "vae_attention_used": case.get("vae_attention_used"),
-                    "iterations": entry.get("iterations"), "compile_cache": entry.get("compile_cache"),
-                    "correct": entry.get("correct"),
-                },
-            }, at)
+            per_run[index][name] = _case_result(
+                path, name, _samples(path, f"{at}.samples", entry.get("samples"), fix, missing_fix=fix),
+                {**{k: case.get(k) for k in ("case", "definition_hash", "attention_used", "vae_attention_used")},
+                 **{k: entry.get(k) for k in (*PER_RUN_FIELDS, "iterations", "compile_cache", "correct")}},
+                f"{where} (runs[{i}]): ", fix)
     runs = []
     for i, (entry, cases) in enumerate(zip(run_docs, per_run, strict=True)):
         at = f"runs[{i}]"
