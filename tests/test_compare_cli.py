@@ -124,6 +124,10 @@ def test_a_failed_case_fails_the_gate(capsys, runs, tmp_path, kind):
     failed = write_run(tmp_path / "f.json", 2, failed={CASES[1]: (kind, "something went wrong")})
     code, _, err = run_cli(capsys, "compare", runs["base"], failed)
     assert code == 1, err
+    # also where there is no baseline to compare with: a failure needs none
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "compare", tmp_path / "empty", failed)
+    assert code == 1 and "no baseline for this device" in err
 
 
 def test_a_killed_runs_journal_is_compared_on_what_it_finished(capsys, runs, tmp_path):
