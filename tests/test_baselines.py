@@ -216,7 +216,7 @@ def _stored_sources(target: Path) -> list[str]:
     return sorted(r.source for r in R.read_baseline(target).runs)
 
 
-TRIES = 4
+TRIES = 3
 
 
 @pytest.mark.parametrize("pause_s", [0.0, 0.3])
