@@ -1,16 +1,20 @@
 """``python -m perf_tests``: compare, update-baselines, report, ab.
 
-Exit codes: 0 no regression, 1 regression (or, with --fail-on-inconclusive, an inconclusive case),
-2 bad input or usage. Errors print ``error: <message>`` without a traceback.
+Exit codes: 0 pass; 1 a regression or a failed case (with --require-all also a missing case, with
+--fail-on-inconclusive an inconclusive one); 2 bad input, usage, or any error inside the gate, printed as one
+``error: ...`` paragraph without a traceback. A subcommand is one ``add_<name>(subparsers)`` function below,
+listed in SUBCOMMANDS.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from perf_tests.baselines import InputError
+from perf_tests.results import InputError
 from perf_tests.stats import DEFAULT_ENV_FIELDS, Policy
 
 EXIT_BAD_INPUT = 2
@@ -24,8 +28,11 @@ verdicts (per case; time, compile time and peak memory each judged):
   no-change     the whole CI within the threshold band, neither side noisy
   inconclusive  CI straddles the threshold, too few samples, noisy and within its noise, or an
                 environment mismatch; exit 0 unless --fail-on-inconclusive
-  new/missing   case only in the candidate / only in the baseline; a changed definition_hash is "new"
-a candidate case with wrong output (extra_info.correct false) always counts as a regression.
+  new           case only in the candidate; a changed definition_hash is "new"
+  failed        the candidate recorded the case as failed (wrong output, NaN, error, OOM); exit 1
+  skipped       in the baseline, skipped in the candidate with a reason; passes
+  missing       selected in the candidate run but neither produced, skipped nor failed; exit 1 with
+                --require-all. Baseline cases the candidate did not select are counted, not judged.
 """
 
 
@@ -70,8 +77,15 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plot-dir", type=Path, help="write a PNG per flagged case (baseline vs candidate) here")
     g.add_argument("--step-summary", action="store_true",
                    help="also append the Markdown report to $GITHUB_STEP_SUMMARY when that is set")
+    g.add_argument("--report-dir", type=Path,
+                   help="also write the report in every format here, once each: STEM.txt, STEM.md, STEM.json "
+                        "and plots-STEM/ (a PNG per flagged case)")
+    g.add_argument("--stem", default="verdict", help="file name stem for --report-dir (default %(default)s)")
     g.add_argument("--fail-on-inconclusive", action="store_true",
                    help="exit 1 when any case is inconclusive, not only on a regression")
+    g.add_argument("--require-all", action="store_true",
+                   help="exit 1 when a case selected in the candidate run is missing (neither measured, "
+                        "skipped nor failed), e.g. a run that was killed")
 
 
 def build_policy(args: argparse.Namespace) -> Policy:
@@ -90,39 +104,62 @@ def build_policy(args: argparse.Namespace) -> Policy:
         raise InputError(str(exc)) from None
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from perf_tests.compare import emit, exit_code, load_and_compare
+def _emit(outcome, args: argparse.Namespace) -> int:
+    """Warnings to stderr, the report in --format to stdout or --output, every format to --report-dir."""
+    from perf_tests.compare import exit_code, render, write_reports
+    from perf_tests.report import plot_flagged
 
-    outcome = load_and_compare(args.baseline, args.candidate, build_policy(args), args.require_baseline)
-    for path in emit(outcome, args.format, args.output, args.plot_dir, args.step_summary):
-        print(f"plot: {path}", file=sys.stderr)
-    return exit_code(outcome.comparison, args.fail_on_inconclusive)
+    for w in outcome.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    text = render(outcome, args.format)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
+    elif outcome.comparison is not None:  # else the warnings above said it all
+        sys.stdout.write(text)
+    if args.step_summary and os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
+            f.write(render(outcome, "markdown") + "\n")
+    if args.report_dir:
+        for kind, path in write_reports(outcome, args.report_dir, args.stem).items():
+            print(f"{'plot' if kind.startswith('plot:') else 'report'}: {path}", file=sys.stderr)
+    elif args.plot_dir and outcome.comparison is not None:
+        for path in plot_flagged(outcome.comparison, outcome.baseline, outcome.candidate, args.plot_dir):
+            print(f"plot: {path}", file=sys.stderr)
+    return exit_code(outcome, fail_on_inconclusive=args.fail_on_inconclusive, require_all=args.require_all)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from perf_tests.compare import load_and_compare
+
+    outcome = load_and_compare(args.baseline, args.candidate, build_policy(args),
+                               require_baseline=args.require_baseline)
+    return _emit(outcome, args)
 
 
 def cmd_update(args: argparse.Namespace) -> int:
     from perf_tests.baselines import update_baselines
 
-    for path, doc, notes in update_baselines(args.runs, args.baseline_dir, args.replace):
-        n_cases = len(doc["cases"])
-        print(f"wrote {path}: {n_cases} cases, {len(doc['runs'])} run(s) merged")
-        for note in notes:
+    for u in update_baselines(args.runs, args.baseline_dir, args.replace):
+        if u.removed_temp_files:
+            print(f"{u.path}: removed {len(u.removed_temp_files)} temporary file(s) of an interrupted update")
+        if u.added:
+            print(f"wrote {u.path}: {len(u.added)} run(s) added, {len(u.baseline.runs)} in all, "
+                  f"{len({n for r in u.baseline.runs for n in r.cases})} cases")
+        else:
+            print(f"{u.path}: unchanged, no new run")
+        if u.duplicates:
+            print(f"  already there (same content hash), not added again: {', '.join(u.duplicates)}")
+        for note in u.notes:
             print(f"  note: {note}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from perf_tests.baselines import kind_of, load_json
+    from perf_tests.results import read_run
+    from perf_tests.table import available_kinds, build_study_table, plot_study
 
-    try:  # the study table is the perf suite's (perf_tests/table.py); imported only when asked for
-        from perf_tests.table import available_kinds, build_study_table, plot_study
-    except ImportError as exc:
-        raise InputError(f"the study table needs perf_tests/table.py, which cannot be imported here ({exc}).") from None
-    runs = []
-    for p in args.runs:
-        doc = load_json(p)
-        if kind_of(doc, p) != "run":
-            raise InputError(f"{p}: report takes pytest-benchmark JSON runs, not a baseline file.")
-        runs.append(doc)
+    runs = [read_run(p) for p in args.runs]
     kinds = [args.kind] if args.kind else available_kinds(runs)
     tables = [build_study_table(runs, args.reference, kind) for kind in kinds]
     text = "\n".join(t.to_markdown() if args.format == "markdown" else t.to_text() for t in tables)
@@ -140,52 +177,43 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ab(args: argparse.Namespace) -> int:
     from perf_tests.ab import compare_ab, run_interleaved
-    from perf_tests.compare import emit, exit_code
+    from perf_tests.compare import write_reports
 
     policy = build_policy(args)
     runs = run_interleaved(args.ref, args.rounds_per_side, args.output_dir, args.pytest_args,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     outcome = compare_ab(runs, policy)
-    emit(outcome, "json", args.output_dir / "ab-comparison.json")
-    (args.output_dir / "ab-comparison.md").write_text(_render("markdown", outcome), encoding="utf-8")
-    for path in emit(outcome, args.format, args.output, args.plot_dir, args.step_summary):
-        print(f"plot: {path}", file=sys.stderr)
-    return exit_code(outcome.comparison, args.fail_on_inconclusive)
+    write_reports(outcome, args.output_dir, "ab-comparison")
+    return _emit(outcome, args)
 
 
-def _render(fmt: str, outcome) -> str:
-    from perf_tests.report import RENDERERS
-
-    return RENDERERS[fmt](outcome.comparison)
+# --- the parser: one function per subcommand ------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m perf_tests",
-        description="Regression gate for the perf_tests benchmark suite.",
-        epilog=VERDICT_RULES + "exit codes: 0 no regression, 1 regression, 2 bad input or usage.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_compare(sub) -> None:
     p = sub.add_parser("compare", help="compare a candidate run with a baseline", epilog=VERDICT_RULES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("baseline", help="baseline file, pytest-benchmark JSON, or baseline folder (e.g. baselines)")
-    p.add_argument("candidate", nargs="+", help="pytest-benchmark JSON run(s); several are merged")
+    p.add_argument("baseline", help="baseline file, result JSON, or baseline folder (e.g. baselines)")
+    p.add_argument("candidate", nargs="+",
+                   help="result JSON run(s) or their .journal.jsonl (a killed run's journal); several are merged")
     p.add_argument("--require-baseline", action="store_true",
                    help="exit 2 instead of warning when the folder has no baseline for this device")
     _policy_options(p)
     _output_options(p)
     p.set_defaults(func=cmd_compare)
 
+
+def add_update_baselines(sub) -> None:
     p = sub.add_parser("update-baselines", help="merge runs into baselines/<device>/<env>-<profile>.json")
-    p.add_argument("runs", nargs="+", help="pytest-benchmark JSON runs (each from its own process)")
+    p.add_argument("runs", nargs="+", help="result JSON runs (each from its own process)")
     p.add_argument("--baseline-dir", type=Path, default=Path("baselines"))
     p.add_argument("--replace", action="store_true", help="start the baseline anew instead of adding runs to it")
     p.set_defaults(func=cmd_update)
 
+
+def add_report(sub) -> None:
     p = sub.add_parser("report", help="the study table (median time, %% improvement per batch size)")
-    p.add_argument("runs", nargs="+", help="pytest-benchmark JSON runs (torch1 and torch2 may be mixed)")
+    p.add_argument("runs", nargs="+", help="result JSON runs (torch1 and torch2 may be mixed)")
     p.add_argument("--reference", default="original", help="reference row (default %(default)s)")
     p.add_argument("--kind", help="one case kind (txt2img, unet-step, ...); default: a table per kind present")
     p.add_argument("--format", choices=("markdown", "text"), default="markdown")
@@ -193,16 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="write the bar chart PNG here")
     p.set_defaults(func=cmd_report)
 
+
+def add_ab(sub) -> None:
     p = sub.add_parser("ab", help="current tree vs a git ref, interleaved A,B,A,B on this machine",
                        epilog="arguments after -- go to pytest, e.g. -- --profile tiny --rounds 20")
     p.add_argument("ref", help="git ref to compare against (checked out into a temporary worktree)")
     p.add_argument("--rounds-per-side", "--runs-per-side", dest="rounds_per_side", type=int, default=3,
                    help="suite runs (processes) per side, interleaved (default %(default)s)")
     p.add_argument("--output-dir", type=Path, default=Path("results/ab"),
-                   help="per-run JSON files and the comparison go here (default %(default)s)")
+                   help="per-run JSON files and the comparison (ab-comparison.*) go here (default %(default)s)")
     _policy_options(p)
     _output_options(p)
     p.set_defaults(func=cmd_ab)
+
+
+SUBCOMMANDS = (add_compare, add_update_baselines, add_report, add_ab)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m perf_tests",
+        description="Regression gate for the perf_tests benchmark suite.",
+        epilog=VERDICT_RULES + "exit codes: 0 pass, 1 regression or failed case, 2 bad input or an error in the gate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
@@ -220,7 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as exc:  # a crash inside the gate must never read as a regression (exit 1)
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        print(
+            f"error: internal error in `python -m perf_tests {args.command}`: {type(exc).__name__}: {exc} "
+            f"(at {Path(where.filename).name}:{where.lineno}). This is a bug in the gate, not a verdict on the "
+            f"code measured; the inputs may be unusual. Please report it with the command line and input files.",
+            file=sys.stderr,
+        )
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

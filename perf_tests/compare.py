@@ -1,59 +1,90 @@
-"""The layer between the CLI and the comparator: pick and load the inputs, run ``stats.compare``, write the
-rendered report and plots, and turn verdicts into an exit code.
+"""The layer between the CLI and the comparator: pick and read the inputs (through ``results.py``), run
+``stats.compare``, write the rendered reports and plots, and turn verdicts into an exit code.
 
-BASELINE may be a baseline file, a pytest-benchmark JSON, or a baseline folder (``baselines``), from which
-``<device_slug>/<env>-<profile>.json`` is picked using the candidate's machine_info and case profiles.
+BASELINE may be a baseline file, a run (result JSON or journal), or a baseline folder (``baselines``), from
+which ``<device_slug>/<env>-<profile>.json`` is picked using the candidate's machine_info and case profiles.
+
+Exit codes: 0 pass; 1 a regression or a failed case (also a missing case under ``require_all``, an
+inconclusive one under ``fail_on_inconclusive``); 2 bad input or any error inside the gate (the CLI's job).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.baselines import (
+from perf_tests import stats
+from perf_tests.baselines import locate_baselines
+from perf_tests.report import RENDERERS, plot_flagged
+from perf_tests.results import (
+    Baseline,
     InputError,
     MissingBaseline,
-    locate_baselines,
     profiles_of,
+    read_any,
+    read_baseline,
+    side_from_baseline,
+    side_from_runs,
 )
-from perf_tests.baselines import (
-    load_side as _load_side,
-)
-from perf_tests.report import RENDERERS, plot_flagged, render_markdown
-from perf_tests.stats import Comparison, Policy, Side, compare
+from perf_tests.stats import Comparison, Policy, Side
 
-EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+FAILED = "failed"  # the comparator's verdict for a case the candidate recorded as failed
+REPORT_SUFFIXES = {"text": ".txt", "markdown": ".md", "json": ".json"}
 
 
 @dataclass
 class Outcome:
-    comparison: Comparison | None
+    comparison: Comparison | None  # None: no baseline for this device (and not required)
     baseline: Side | None
     candidate: Side
     warnings: list[str] = field(default_factory=list)
 
 
-def _merge_baseline_files(paths: list[Path]) -> Side:
+def read_side(paths: list[str | os.PathLike], label: str | None = None) -> tuple[Side, list[str]]:
+    """One side from one baseline or from runs (merged), and warnings about runs that did not finish."""
+    if not paths:
+        raise InputError("no input files given.")
+    label = label or ", ".join(Path(p).name for p in paths)
+    records = [read_any(p) for p in paths]
+    if any(isinstance(r, Baseline) for r in records):
+        if len(records) > 1:
+            raise InputError("a baseline file cannot be merged with other files on one side; pass it alone.")
+        return side_from_baseline(records[0], label), []
+    warnings = []
+    for run in records:
+        if not run.complete:
+            lacking = run.lacking
+            shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+            warnings.append(
+                f"{run.source}: the run did not finish (no 'end' line in its journal); it lacks "
+                f"{len(lacking)} selected case(s)" + (f": {shown}" if lacking else "")
+                + ". They count as missing."
+            )
+    return side_from_runs(records, label), warnings
+
+
+def _baseline_side(paths: list[Path]) -> Side:
     """Several profiles' baseline files of one device and env -> one side."""
-    sides = []
-    for p in paths:
-        side = _load_side([p], label=str(p))
-        sides.append(side)
-    merged = sides[0]
-    for s in sides[1:]:
-        merged.cases.update(s.cases)
-        merged.label += f", {s.label}"
+    sides = [side_from_baseline(read_baseline(p), str(p)) for p in paths]
+    merged = max(sides, key=lambda s: s.n_runs)  # the profiles' files hold parts of the same runs
+    cases = {}
+    for s in sides:
+        cases.update(s.cases)
+    merged.cases = cases
+    merged.label = ", ".join(s.label for s in sides)
     return merged
 
 
 def load_and_compare(
-    baseline: str | os.PathLike, candidates: list[str | os.PathLike], policy: Policy,
-    require_baseline: bool = False,
+    baseline: str | os.PathLike, candidates: list[str | os.PathLike], policy: Policy, *,
+    require_baseline: bool = False, paired: bool = False,
 ) -> Outcome:
-    candidate = _load_side(candidates)
+    """Read both sides and compare them. A baseline folder without this device's file is a warning (no
+    comparison), or :class:`MissingBaseline` with ``require_baseline``."""
+    candidate, warnings = read_side(candidates)
     if Path(baseline).is_dir():
         profiles = profiles_of(candidate)
         if not profiles:
@@ -62,54 +93,60 @@ def load_and_compare(
                 f"the folder {baseline}; pass a baseline file instead."
             )
         try:
-            paths = locate_baselines(baseline, candidate, profiles)
+            base = _baseline_side(locate_baselines(baseline, candidate, profiles))
         except MissingBaseline as exc:
             if require_baseline:
                 raise
-            return Outcome(None, None, candidate, [str(exc)])
-        base = _merge_baseline_files(paths)
+            return Outcome(None, None, candidate, [*warnings, str(exc)])
     else:
-        base = _load_side([baseline])
-    return Outcome(compare(base, candidate, policy), base, candidate)
+        base, base_warnings = read_side([baseline])
+        warnings += base_warnings
+    extra = {"paired": True} if paired else {}  # only A/B runs can be paired
+    return Outcome(stats.compare(base, candidate, policy, **extra), base, candidate, warnings)
 
 
-def exit_code(cmp: Comparison | None, fail_on_inconclusive: bool = False) -> int:
+def exit_code(outcome: Outcome, *, fail_on_inconclusive: bool = False, require_all: bool = False) -> int:
+    """1 for a regression or a failed case, whatever the comparison says about the rest; with
+    ``require_all`` also for a missing case: one the candidate run selected (or, selection unknown, one in
+    the baseline) but neither produced, skipped nor failed; with ``fail_on_inconclusive`` for an
+    inconclusive one. 0 otherwise, also when there was no baseline to compare with."""
+    cand = outcome.candidate
+    if cand.failed:
+        return EXIT_FAIL
+    cmp = outcome.comparison
     if cmp is None:
         return EXIT_OK
-    if cmp.has_regression or (fail_on_inconclusive and cmp.has_inconclusive):
-        return EXIT_REGRESSION
+    for c in cmp.cases:
+        if c.verdict in (stats.REGRESSION, FAILED):
+            return EXIT_FAIL
+        if require_all and c.verdict == stats.MISSING and (cand.selected is None or c.name in cand.selected):
+            return EXIT_FAIL
+        if fail_on_inconclusive and c.verdict == stats.INCONCLUSIVE:
+            return EXIT_FAIL
     return EXIT_OK
 
 
-def emit(
-    outcome: Outcome, fmt: str = "text", output: str | os.PathLike | None = None,
-    plot_dir: str | os.PathLike | None = None, step_summary: bool = False,
-) -> list[Path]:
-    """Print / write the report, warnings to stderr; returns the plots written."""
-    for w in outcome.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    cmp = outcome.comparison
-    if cmp is None:  # no baseline: the report still says so, e.g. in the pull request's summary
-        if fmt == "json":
-            text = json.dumps({"baseline_missing": True, "warnings": outcome.warnings}, indent=2) + "\n"
-        else:
-            prefix = "**No comparison:** " if fmt == "markdown" else ""
-            text = "".join(f"{prefix}{w}\n" for w in outcome.warnings)
-        if output:
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
-            Path(output).write_text(text, encoding="utf-8")
-        return []
-    text = RENDERERS[fmt](cmp)
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
-    if step_summary and os.environ.get("GITHUB_STEP_SUMMARY"):
-        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
-            f.write(render_markdown(cmp) + "\n")
-    plots = []
-    if plot_dir:
-        plots = plot_flagged(cmp, outcome.baseline, outcome.candidate, plot_dir)
-    return plots
+def render(outcome: Outcome, fmt: str) -> str:
+    """The report in one format; without a comparison, the reason why (e.g. for the pull request's summary)."""
+    if outcome.comparison is not None:
+        return RENDERERS[fmt](outcome.comparison)
+    if fmt == "json":
+        return json.dumps({"baseline_missing": True, "warnings": outcome.warnings}, indent=2) + "\n"
+    prefix = "**No comparison:** " if fmt == "markdown" else ""
+    return "".join(f"{prefix}{w}\n" for w in outcome.warnings)
 
+
+def write_reports(outcome: Outcome, out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
+    """Render text, Markdown and JSON once each into ``out_dir/<stem>.{txt,md,json}``, and a PNG per flagged
+    case into ``out_dir/plots-<stem>/``. Returns {"text": path, "markdown": ..., "json": ..., "plot:<case>": ...}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for fmt, suffix in REPORT_SUFFIXES.items():
+        path = out / f"{stem}{suffix}"
+        path.write_text(render(outcome, fmt), encoding="utf-8")
+        written[fmt] = path
+    if outcome.comparison is not None:
+        for plot in plot_flagged(outcome.comparison, outcome.baseline, outcome.candidate, out / f"plots-{stem}"):
+            written[f"plot:{plot.stem}"] = plot
+    return written

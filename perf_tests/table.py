@@ -6,21 +6,21 @@ ran — columns are batch sizes, and a cell is the median time with the % improv
 row, ``(t_ref - t) / t_ref``, as in the study. Runs from several environments (torch1/torch2), precisions,
 devices or profiles can be mixed: whatever differs between benchmarks is added to the row label in
 brackets (``original [torch1]``). Samples of the same benchmark from several runs are pooled. Nothing is
-rerun: only the JSON is read.
+rerun: only the result files are read, through ``results.read_run`` (each cell from the raw samples).
 
-    table = build_study_table(runs, reference="original")   # runs: list of loaded JSON dicts
+    table = build_study_table(load_runs(paths), reference="original")
     print(table.to_markdown()); plot_study(table, "study.png")
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.cases import ATTENTION_BACKENDS, COMPILE_MODES, KINDS, PRECISIONS, Case, parse_name
+from perf_tests.cases import ATTENTION_BACKENDS, COMPILE_MODES, KINDS, PRECISIONS, Case
+from perf_tests.results import Run, format_seconds, read_run, run_from_doc
 
 STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient", "sdpa-mem-efficient+compile")
 _COMPILE_ORDER = ("eager", *COMPILE_MODES)
@@ -94,24 +94,12 @@ class StudyTable:
         lines += [f"  * {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
-    def to_dict(self) -> dict:
-        return {
-            "kind": self.kind, "title": self.title, "reference": self.reference, "batch_sizes": self.batch_sizes,
-            "notes": self.notes,
-            "rows": [{"label": r.label, "config": r.config, **r.qualifiers,
-                      "cells": {str(b): vars(c) for b, c in r.cells.items()}} for r in self.rows],
-        }
-
-
-def format_seconds(s: float) -> str:
-    return f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms"
-
 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[dict]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+def load_runs(paths: Iterable[str | Path]) -> list[Run]:
+    return [read_run(p) for p in paths]
 
 
 @dataclass
@@ -122,28 +110,25 @@ class _Entry:
     samples: list
 
 
-def _entries(runs: Iterable[dict]) -> list[_Entry]:
-    """One entry per (benchmark name, env, device), samples pooled over runs."""
+def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
+    """One entry per (benchmark name, env, device), samples pooled over runs; foreign benchmarks left out.
+    A run may also be a pytest-benchmark document in memory (the suite's own summary); it is read as a file
+    would be."""
     pooled: dict[tuple, _Entry] = {}
     for run in runs:
-        machine = run.get("machine_info", {})
-        for b in run.get("benchmarks", []):
-            extra = b.get("extra_info") or {}
+        run = run if isinstance(run, Run) else run_from_doc(run, "this run")
+        for name, result in run.cases.items():
             try:
-                case = Case(**extra["case"]) if "case" in extra else parse_name(b["name"])
-            except (TypeError, ValueError):
-                continue  # not a perf_tests benchmark
-            stats = b.get("stats", {})
-            samples = list(stats.get("data") or ([stats["median"]] if "median" in stats else []))
-            if not samples:
-                continue
-            env = extra.get("env") or machine.get("env") or "?"
-            device = machine.get("device_slug") or "?"
-            key = (b["name"], env, device)
+                case = Case(**result.case)
+            except TypeError:
+                continue  # not a perf_tests benchmark: its case fields are unknown
+            env = result.extra.get("env") or run.machine.get("env") or "?"
+            device = run.machine.get("device_slug") or "?"
+            key = (name, env, device)
             if key in pooled:
-                pooled[key].samples.extend(samples)
+                pooled[key].samples.extend(result.samples)
             else:
-                pooled[key] = _Entry(case, env, device, samples)
+                pooled[key] = _Entry(case, env, device, list(result.samples))
     return list(pooled.values())
 
 
@@ -158,12 +143,12 @@ def _sort_key(config_attention: str, compile: str, qualifiers: dict, label: str)
     return (study, a, c, env, p, qualifiers.get("device", ""), qualifiers.get("profile", ""), label)
 
 
-def available_kinds(runs: list[dict]) -> list[str]:
+def available_kinds(runs: list[Run]) -> list[str]:
     kinds = {e.case.kind for e in _entries(runs)}
     return [k for k in KINDS if k in kinds] + sorted(kinds - set(KINDS))
 
 
-def build_study_table(runs: list[dict], reference: str = "original", kind: str | None = None) -> StudyTable:
+def build_study_table(runs: list[Run], reference: str = "original", kind: str | None = None) -> StudyTable:
     """The study table of one case kind (default: txt2img if present, else the first kind that ran)."""
     entries = _entries(runs)
     if kind is None:
@@ -218,7 +203,7 @@ def build_study_table(runs: list[dict], reference: str = "original", kind: str |
     return StudyTable(kind, title, batch_sizes, ordered, ref_row.label if ref_row else None, notes)
 
 
-def build_study_tables(runs: list[dict], reference: str = "original") -> list[StudyTable]:
+def build_study_tables(runs: list[Run], reference: str = "original") -> list[StudyTable]:
     """One table per case kind present in the runs."""
     return [build_study_table(runs, reference, kind) for kind in available_kinds(runs)]
 
@@ -239,16 +224,17 @@ def _find_reference(rows: list[Row], reference: str) -> Row | None:
 def plot_study(table: StudyTable, path: str | Path) -> Path:
     """Grouped bar chart like the study's figures: one group per batch size, one bar per configuration,
     the % improvement against the reference written above each bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     path = Path(path)
     n_rows, n_bs = len(table.rows), len(table.batch_sizes)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + n_bs * (0.45 * n_rows + 0.6)), 4.8))
+    fig = Figure(figsize=(max(6.0, 1.2 + n_bs * (0.45 * n_rows + 0.6)), 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     width = 0.8 / max(n_rows, 1)
-    colors = plt.get_cmap("tab20").colors
+    colors = colormaps["tab20"].colors
     for i, row in enumerate(table.rows):
         xs, ys, notes = [], [], []
         for j, b in enumerate(table.batch_sizes):
@@ -275,11 +261,10 @@ def plot_study(table: StudyTable, path: str | Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
-def write_study(runs: list[dict], out_dir: str | Path, reference: str = "original") -> list[Path]:
+def write_study(runs: list[Run], out_dir: str | Path, reference: str = "original") -> list[Path]:
     """Write study.md, study.txt and one study-<kind>.png per kind into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from perf_json import CASES, run_doc, write_run
+from perf_json import CASES, journal_lines, run_doc, write_run
 
+from perf_tests import results as R
+from perf_tests import stats
 from perf_tests.__main__ import main
+from perf_tests.compare import exit_code, load_and_compare, write_reports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +67,7 @@ def test_regression_exits_1_with_effect_table_markdown_json_and_plot(capsys, run
 
 def test_baseline_folder_is_picked_by_device_env_and_profile(capsys, runs, tmp_path):
     code, out, _ = run_cli(capsys, "update-baselines", runs["base"], runs["same"], "--baseline-dir", tmp_path / "bl")
-    assert code == 0 and "2 run(s) merged" in out
+    assert code == 0 and "2 run(s) added" in out
     code, out, _ = run_cli(capsys, "compare", tmp_path / "bl", runs["slow"])
     assert code == 1 and "cpu-intel-xeon-processor/torch2-tiny.json" in out
 
@@ -111,6 +114,68 @@ def test_step_summary_is_appended(capsys, runs, tmp_path, monkeypatch):
     run_cli(capsys, "compare", runs["base"], runs["slow"], "--step-summary")
     text = summary.read_text()
     assert text.startswith("earlier step\n") and "Performance gate" in text
+
+
+# --- failures fail, missing cases under --require-all, a killed run's journal ---------------------------------
+
+
+@pytest.mark.parametrize("kind", ["wrong-output", "non-finite", "error", "oom"])
+def test_a_failed_case_fails_the_gate(capsys, runs, tmp_path, kind):
+    failed = write_run(tmp_path / "f.json", 2, failed={CASES[1]: (kind, "something went wrong")})
+    code, _, err = run_cli(capsys, "compare", runs["base"], failed)
+    assert code == 1, err
+    # also where there is no baseline to compare with: a failure needs none
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "compare", tmp_path / "empty", failed)
+    assert code == 1 and "no baseline for this device" in err
+
+
+def test_a_killed_runs_journal_is_compared_on_what_it_finished(capsys, runs, tmp_path):
+    journal = tmp_path / "killed.journal.jsonl"
+    journal.write_text("".join(journal_lines(run_doc(2), end=False)[:3]))  # start + 2 of 4 cases
+    code, out, err = run_cli(capsys, "compare", runs["base"], journal)
+    assert code == 0
+    assert "killed.journal.jsonl: the run did not finish" in err and f"lacks 2 selected case(s): {CASES[2]}" in err
+    code, _, _ = run_cli(capsys, "compare", runs["base"], journal, "--require-all")
+    assert code == 1
+
+
+def test_a_partial_selection_is_judged_on_what_it_selected(runs, tmp_path):
+    """A run that selected two cases (e.g. one kind) does not fail --require-all for the cases it left out."""
+    part = R.read_run(write_run(tmp_path / "part.json", 2, cases=CASES[:2]))
+    outcome = load_and_compare(runs["base"], [tmp_path / "part.json"], stats.Policy())
+    assert outcome.candidate.selected == set(CASES[:2]) == set(part.cases)
+    assert exit_code(outcome, require_all=True) == 0
+    killed = write_run(tmp_path / "killed.json", 2, cases=CASES[:2])
+    doc = json.loads(killed.read_text())
+    doc["perf_tests"]["selected"] = list(CASES[:3])  # selected three, produced two
+    killed.write_text(json.dumps(doc))
+    assert exit_code(load_and_compare(runs["base"], [killed], stats.Policy()), require_all=True) == 1
+
+
+def test_a_crash_inside_the_gate_exits_2_never_1(capsys, runs, monkeypatch):
+    def broken(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(stats, "compare", broken)
+    code, _, err = run_cli(capsys, "compare", runs["base"], runs["slow"])
+    assert code == 2 and err.startswith("error: internal error") and "ZeroDivisionError" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_every_format_is_rendered_once_into_the_report_dir(capsys, runs, tmp_path):
+    code, out, err = run_cli(capsys, "compare", runs["base"], runs["slow"], "--report-dir", tmp_path / "rep",
+                             "--stem", "verdict-torch2-tiny")
+    assert code == 1
+    names = sorted(p.name for p in (tmp_path / "rep").iterdir())
+    assert names == ["plots-verdict-torch2-tiny", "verdict-torch2-tiny.json", "verdict-torch2-tiny.md",
+                     "verdict-torch2-tiny.txt"]
+    assert (tmp_path / "rep" / "verdict-torch2-tiny.txt").read_text() == out
+    assert json.loads((tmp_path / "rep" / "verdict-torch2-tiny.json").read_text())["has_regression"]
+    assert len(list((tmp_path / "rep" / "plots-verdict-torch2-tiny").glob("*.png"))) == 1
+    outcome = load_and_compare(runs["base"], [runs["same"]], stats.Policy())
+    written = write_reports(outcome, tmp_path / "aa", "v")
+    assert sorted(written) == ["json", "markdown", "text"]  # no flagged case, no plot
 
 
 # --- bad input: message and exit code 2 ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from perf_tests.cases import Case
+from perf_tests.results import InputError, run_from_doc
 from perf_tests.table import build_study_table, build_study_tables, load_runs, plot_study, write_study
 
 
@@ -19,8 +20,12 @@ def bench(kind, attention, compile, bs, samples, env="torch2", precision="fp32",
     }
 
 
-def run(benchmarks, env="torch2", slug="nvidia-a100-sxm4-80gb"):
+def run_doc(benchmarks, env="torch2", slug="nvidia-a100-sxm4-80gb"):
     return {"machine_info": {"env": env, "device_slug": slug}, "benchmarks": benchmarks}
+
+
+def run(benchmarks, **kw):
+    return run_from_doc(run_doc(benchmarks, **kw))
 
 
 # The A100 column of the PyTorch blog study (sd21-facts §9), as single-sample runs.
@@ -33,20 +38,23 @@ A100 = {
 }
 
 
-def study_runs():
+def study_docs():
     torch1 = [bench("txt2img", a, c, bs, [t], env="torch1", precision="autocast")
               for (a, c), times in A100.items() if a in ("original", "xformers")
               for bs, t in zip((1, 2, 4), times, strict=True)]
     torch2 = [bench("txt2img", a, c, bs, [t], precision="autocast")
               for (a, c), times in A100.items() if a.startswith("sdpa")
               for bs, t in zip((1, 2, 4), times, strict=True)]
-    return [run(torch1, env="torch1"), run(torch2)]
+    return [run_doc(torch1, env="torch1"), run_doc(torch2)]
+
+
+def study_runs():
+    return [run_from_doc(d) for d in study_docs()]
 
 
 def test_study_rows_order_and_improvements(tmp_path):
     path = tmp_path / "runs.json"
-    runs = study_runs()
-    for i, r in enumerate(runs):  # through saved files, as `python -m perf_tests report` does
+    for i, r in enumerate(study_docs()):  # through saved files, as `python -m perf_tests report` does
         (tmp_path / f"run{i}.json").write_text(json.dumps(r))
     runs = load_runs([tmp_path / "run0.json", tmp_path / "run1.json"])
     t = build_study_table(runs, reference="original")
@@ -60,8 +68,8 @@ def test_study_rows_order_and_improvements(tmp_path):
     assert best.cells[1].improvement == pytest.approx(0.4875)
     assert best.cells[4].median_s == pytest.approx(11.2)
     md = t.to_markdown()
-    assert "| original [torch1] | 8 s (ref) | 12 s (ref) | 22.8 s (ref) |" in md
-    assert "| sdpa-mem-efficient+compile [torch2] | 4.1 s (+48.8%) |" in md
+    assert "| original [torch1] | 8.000 s (ref) | 12.000 s (ref) | 22.800 s (ref) |" in md
+    assert "| sdpa-mem-efficient+compile [torch2] | 4.100 s (+48.8%) |" in md
     assert "sdpa-math [torch2]" in t.to_text()
     path.write_text(md)
 
@@ -106,7 +114,7 @@ def test_kind_defaults_to_txt2img_and_tables_per_kind():
              bench("attention-self-4096", "sdpa", "eager", 2, [0.01])])
     assert build_study_table([r]).kind == "txt2img"
     assert [t.kind for t in build_study_tables([r])] == ["txt2img", "unet-step", "attention-self-4096"]
-    assert "10 ms" in build_study_table([r], kind="attention-self-4096").to_text()
+    assert "10.00 ms" in build_study_table([r], kind="attention-self-4096").to_text()
 
 
 def test_foreign_benchmarks_are_ignored():
@@ -121,3 +129,21 @@ def test_plot_and_write_study(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     written = write_study(study_runs(), tmp_path / "out")
     assert sorted(p.name for p in written) == ["study-txt2img.png", "study.md", "study.txt"]
+
+
+def test_a_cell_is_never_made_of_a_median_alone():
+    """Without raw samples there is no table cell: the reader refuses the file instead of falling back."""
+    b = bench("txt2img", "original", "eager", 1, [5.0])
+    del b["stats"]["data"]
+    with pytest.raises(InputError, match=r"stats.data: no raw samples"):
+        run([b])
+
+
+def test_a_killed_runs_journal_gives_its_finished_cases(tmp_path):
+    lines = [{"type": "start", "machine_info": {"env": "torch2", "device_slug": "cpu-x"},
+              "perf_tests": {"selected": [bench("txt2img", "original", "eager", bs, [1.0])["name"] for bs in (1, 2)]}},
+             {"type": "case", "benchmark": bench("txt2img", "original", "eager", 1, [4.0, 5.0])}]
+    path = tmp_path / "run.journal.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (t,) = [build_study_table(load_runs([path]))]
+    assert t.batch_sizes == [1] and t.row("original").cells[1].median_s == pytest.approx(4.5)
