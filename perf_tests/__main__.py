@@ -20,14 +20,16 @@ from perf_tests.stats import DEFAULT_ENV_FIELDS, Policy
 EXIT_BAD_INPUT = 2
 
 VERDICT_RULES = """\
-verdicts (per case; time, compile time and peak memory each judged):
-  regression    slower: significant after multiple-comparison correction AND the CI's lower bound above
-                +min-effect (widened to the run-to-run noise stored in merged runs, and to the dispersion
-                of a noisy side); exit 1
+verdicts (per case; time, compile time and peak memory each judged). Time is judged on runs (each run's
+median), not rounds: the run-to-run variance is part of the interval.
+  regression    slower: a one-sided t test on the runs' log medians significant after Holm (or BH) across
+                cases, AND the estimated slowdown above +min-effect; exit 1
   improvement   the mirror image
-  no-change     the whole CI within the threshold band, neither side noisy
-  inconclusive  CI straddles the threshold, too few samples, noisy and within its noise, or an
-                environment mismatch; exit 0 unless --fail-on-inconclusive
+  no-change     the whole 90% interval within +-min-effect
+  inconclusive  anything else: the interval straddles the band, too few runs (the reason says how many
+                would settle it), a disturbed machine (the canary moved), or another device type;
+                exit 0 unless --fail-on-inconclusive
+every time verdict states its MDE: the smallest slowdown this comparison catches with 80% power.
   new           case only in the candidate; a changed definition_hash is "new"
   failed        the candidate recorded the case as failed (wrong output, NaN, error, OOM); exit 1
   skipped       in the baseline, skipped in the candidate with a reason; passes
@@ -57,17 +59,19 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
                         "(repeatable; last match wins)")
     g.add_argument("--correction", choices=("holm", "bh", "none"), default=d.correction,
                    help="multiple-comparison correction across cases (default %(default)s)")
-    g.add_argument("--max-dispersion", type=float, default=d.max_dispersion,
-                   help="robust CV above which a case is 'noisy': its threshold widens to that CV and it "
-                        "is never 'no change' (default %(default)s)")
-    g.add_argument("--min-samples", type=int, default=d.min_samples, help="per side (default %(default)s)")
+    g.add_argument("--power", type=float, default=d.power,
+                   help="power at which the minimum detectable effect (MDE) is stated (default %(default)s)")
+    g.add_argument("--machine-sd", type=float, default=d.machine_sd,
+                   help="machine-to-machine sd of a case's log time, added when the candidate ran on a machine "
+                        "none of the baseline's runs came from and the baseline cannot estimate it "
+                        "(default %(default)s)")
     g.add_argument("--compile-threshold", type=float, default=d.compile_threshold,
                    help="relative compile-time change that counts (default %(default)s)")
     g.add_argument("--memory-threshold", type=float, default=d.memory_threshold,
                    help="relative peak-memory change that counts (default %(default)s)")
-    g.add_argument("--resamples", type=int, default=d.n_resamples, help="bootstrap resamples (default %(default)s)")
     g.add_argument("--ignore-env", action="append", default=[], metavar="FIELD",
-                   help=f"do not judge this environment field (repeatable); judged: {', '.join(DEFAULT_ENV_FIELDS)}")
+                   help="do not label verdicts with a change of this environment field (repeatable); labelled: "
+                        f"{', '.join(DEFAULT_ENV_FIELDS)}. A different device type is never comparable.")
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
@@ -95,9 +99,8 @@ def build_policy(args: argparse.Namespace) -> Policy:
     try:
         return Policy(
             alpha=args.alpha, min_effect=args.min_effect, min_effect_overrides=tuple(args.min_effect_for),
-            correction=args.correction, max_dispersion=args.max_dispersion, min_samples=args.min_samples,
+            correction=args.correction, power=args.power, machine_sd=args.machine_sd,
             compile_threshold=args.compile_threshold, memory_threshold=args.memory_threshold,
-            n_resamples=args.resamples,
             env_fields=tuple(f for f in DEFAULT_ENV_FIELDS if f not in args.ignore_env),
         )
     except ValueError as exc:

@@ -31,7 +31,6 @@ from perf_tests.results import (
 from perf_tests.stats import Comparison, Policy, Side
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
-FAILED = "failed"  # the comparator's verdict for a case the candidate recorded as failed
 REPORT_SUFFIXES = {"text": ".txt", "markdown": ".md", "json": ".json"}
 
 
@@ -101,8 +100,7 @@ def load_and_compare(
     else:
         base, base_warnings = read_side([baseline])
         warnings += base_warnings
-    extra = {"paired": True} if paired else {}  # only A/B runs can be paired
-    return Outcome(stats.compare(base, candidate, policy, **extra), base, candidate, warnings)
+    return Outcome(stats.compare(base, candidate, policy, paired=paired), base, candidate, warnings)
 
 
 def exit_code(outcome: Outcome, *, fail_on_inconclusive: bool = False, require_all: bool = False) -> int:
@@ -117,7 +115,7 @@ def exit_code(outcome: Outcome, *, fail_on_inconclusive: bool = False, require_a
     if cmp is None:
         return EXIT_OK
     for c in cmp.cases:
-        if c.verdict in (stats.REGRESSION, FAILED):
+        if c.verdict in (stats.REGRESSION, stats.FAILED):
             return EXIT_FAIL
         if require_all and c.verdict == stats.MISSING and (cand.selected is None or c.name in cand.selected):
             return EXIT_FAIL
