@@ -1,4 +1,4 @@
-"""``python -m perf_tests``: compare, update-baselines, report, ab.
+"""``python -m perf_tests``: run, compare, update-baselines, report.
 
 Exit codes: 0 no regression, 1 regression (or, with --fail-on-inconclusive, an inconclusive case),
 2 bad input or usage. Errors print ``error: <message>`` without a traceback.
@@ -138,27 +138,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ab(args: argparse.Namespace) -> int:
-    from perf_tests.ab import compare_ab, run_interleaved
-    from perf_tests.compare import emit, exit_code
-
-    policy = build_policy(args)
-    runs = run_interleaved(args.ref, args.rounds_per_side, args.output_dir, args.pytest_args,
-                           log=lambda m: print(m, file=sys.stderr, flush=True))
-    outcome = compare_ab(runs, policy)
-    emit(outcome, "json", args.output_dir / "ab-comparison.json")
-    (args.output_dir / "ab-comparison.md").write_text(_render("markdown", outcome), encoding="utf-8")
-    for path in emit(outcome, args.format, args.output, args.plot_dir, args.step_summary):
-        print(f"plot: {path}", file=sys.stderr)
-    return exit_code(outcome.comparison, args.fail_on_inconclusive)
-
-
-def _render(fmt: str, outcome) -> str:
-    from perf_tests.report import RENDERERS
-
-    return RENDERERS[fmt](outcome.comparison)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m perf_tests",
@@ -193,29 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="write the bar chart PNG here")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("ab", help="current tree vs a git ref, interleaved A,B,A,B on this machine",
-                       epilog="arguments after -- go to pytest, e.g. -- --profile tiny --rounds 20")
-    p.add_argument("ref", help="git ref to compare against (checked out into a temporary worktree)")
-    p.add_argument("--rounds-per-side", "--runs-per-side", dest="rounds_per_side", type=int, default=3,
-                   help="suite runs (processes) per side, interleaved (default %(default)s)")
-    p.add_argument("--output-dir", type=Path, default=Path("results/ab"),
-                   help="per-run JSON files and the comparison go here (default %(default)s)")
-    _policy_options(p)
-    _output_options(p)
-    p.set_defaults(func=cmd_ab)
+    sub.add_parser("run", help="one perf run end to end: suite processes, study table, verdict (run --help)")
+
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after the first "--" goes to pytest (ab only); split by hand, argparse's REMAINDER is fragile.
-    pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.pytest_args = pytest_args
-    if pytest_args and args.command != "ab":
-        parser.error("arguments after -- are only for `ab` (they go to pytest)")
+    if argv[:1] == ["run"]:  # its own parser (perf_tests/run.py): options, then pytest's after --
+        from perf_tests.run import main as run
+
+        return run(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except InputError as exc:
