@@ -252,10 +252,15 @@ def _main(argv: Sequence[str]) -> int:
     failed = sum(r.returncode == 1 or bool(_recorded_failures(r.path)) for r in runs)  # processes with a failed case
 
     if opts.update_baselines:
+        unfinished = _unfinished([r.path for r in runs]) if opts.require_all else []
+        if failed or unfinished:  # a failed or half-measured run never becomes a baseline
+            print(f"error: not recorded: {failed} run(s) with a failed case, {len(unfinished)} selected case(s) "
+                  f"without a result {unfinished[:5]}", file=sys.stderr)
+            return EXIT_FAIL
         for line in _record(sorted(r.path for r in runs), opts.baseline_dir, opts.replace):
             print(line)
         _summary([p for p in (study,) if p])
-        return EXIT_FAIL if failed else EXIT_OK
+        return EXIT_OK
 
     if opts.ab:
         a = [r.path for r in runs if r.tree.side == "A"]
@@ -267,7 +272,7 @@ def _main(argv: Sequence[str]) -> int:
     reports = _write_reports(outcome, out, f"verdict-{label}")
     print(reports["text"].read_text(encoding="utf-8"))
     gate_code = _exit_code(outcome, fail_on_inconclusive=opts.fail_on_inconclusive, require_all=opts.require_all)
-    failed += _count(outcome, "failed") + (_count(outcome, "missing") if opts.require_all else 0)
+    failed += _hard_verdicts(outcome, require_all=opts.require_all)
     code = final_exit(gate_code, failed=failed, gate=opts.gate)
     if gate_code == EXIT_FAIL and code == EXIT_OK:
         print("warning: timing regression(s) above; not failing the run (--gate warn)", file=sys.stderr)
@@ -315,8 +320,15 @@ def _write_reports(outcome, out: Path, stem: str) -> dict[str, Path]:
     return paths
 
 
-def _count(outcome, verdict: str) -> int:
-    return outcome.comparison.count(verdict) if outcome.comparison is not None else 0
+def _hard_verdicts(outcome, *, require_all: bool) -> int:
+    """Failed cases, and missing ones under --require-all: what --gate warn never softens."""
+    from perf_tests import compare as gate
+
+    if outcome.comparison is None:
+        return 0
+    # before the rewrite "missing" meant "in the baseline, not in this run": not selected, never a failure
+    missing = require_all and "require_all" in inspect.signature(gate.exit_code).parameters
+    return outcome.comparison.count("failed") + (outcome.comparison.count("missing") if missing else 0)
 
 
 def _recorded_failures(path: Path) -> list[str]:
@@ -325,6 +337,19 @@ def _recorded_failures(path: Path) -> list[str]:
     except ImportError:
         return [f["name"] for f in json.loads(path.read_text()).get("perf_tests", {}).get("failed", [])]
     return list(read_run(path).failed)
+
+
+def _unfinished(files: list[Path]) -> list[str]:
+    """Cases selected in a run that left neither a result, a skip nor a failure (the reader knows)."""
+    try:
+        from perf_tests.results import read_run
+    except ImportError:  # older result files do not list the selection
+        return []
+    names: list[str] = []
+    for path in files:
+        run = read_run(path)
+        names += sorted(set(run.selected) - set(run.cases) - set(run.skipped) - set(run.failed))
+    return names
 
 
 def _record(files: list[Path], baseline_dir: Path, replace: bool) -> list[str]:

@@ -207,21 +207,30 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 """
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="A/B mode needs git")
-def test_ab_end_to_end_on_a_fake_suite(tmp_path, monkeypatch, capsys):
-    """`run --ab HEAD` in a repository whose suite is one fake case, 2x slower in the working tree."""
-    repo = tmp_path / "repo"
+def _fake_repo(root: Path, failing: bool = False) -> Path:
+    """A git repository whose suite is one fake case (plus one failing test when asked)."""
+    repo = root / "repo"
     (repo / "perf_tests").mkdir(parents=True)
     extra = {"case": {"kind": "fake", "profile": "tiny", "attention": "original", "compile": "eager",
                       "batch_size": 1, "precision": "fp32"}, "definition_hash": "abc", "env": "torch2",
              "correct": True, "attention_used": "original"}
     machine = {"device_slug": "cpu-test", "env": "torch2", "torch_version": "x", "device_type": "cpu"}
-    (repo / "perf_tests" / "test_fake.py").write_text(textwrap.dedent(FAKE_SUITE.format(extra=extra)))
+    suite = textwrap.dedent(FAKE_SUITE.format(extra=extra))
+    if failing:
+        suite += "\ndef test_wrong_output():\n    assert False, 'wrong output'\n"
+    (repo / "perf_tests" / "test_fake.py").write_text(suite)
     (repo / "perf_tests" / "conftest.py").write_text(FAKE_CONFTEST.format(machine=machine))
     (repo / "perf_tests" / "factor.txt").write_text("1.0")
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "reference")
+    return repo
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="A/B mode needs git")
+def test_ab_end_to_end_on_a_fake_suite(tmp_path, monkeypatch, capsys):
+    """`run --ab HEAD` in a repository whose suite is one fake case, 2x slower in the working tree."""
+    repo = _fake_repo(tmp_path)
     (repo / "perf_tests" / "factor.txt").write_text("2.0")  # the working tree is 2x slower
 
     monkeypatch.chdir(repo)
@@ -245,6 +254,34 @@ def test_ab_end_to_end_on_a_fake_suite(tmp_path, monkeypatch, capsys):
     listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
     assert len(listed.strip().splitlines()) == 1  # the temporary worktree is gone
     assert (repo / "perf_tests" / "factor.txt").read_text() == "2.0"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="the fake suite is a git repository")
+def test_update_baselines_records_the_runs_of_a_fake_suite(tmp_path, monkeypatch, capsys):
+    repo = _fake_repo(tmp_path)
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    code = R.main(["--update-baselines", "--runs", "2", "--results", str(tmp_path / "out"),
+                   "--baseline-dir", str(tmp_path / "bl"), "--label", "torch2"])
+    assert code == 0, capsys.readouterr().err
+    written = list((tmp_path / "bl").rglob("*.json"))
+    assert len(written) == 1 and len(json.loads(written[0].read_text())["runs"]) == 2
+    assert not (tmp_path / "out" / "verdict-torch2.txt").exists()  # recording, not judging
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="the fake suite is a git repository")
+def test_a_run_with_a_failed_case_is_never_recorded_and_fails_even_with_gate_warn(tmp_path, monkeypatch, capsys):
+    repo = _fake_repo(tmp_path, failing=True)
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    code = R.main(["--update-baselines", "--results", str(tmp_path / "out"), "--baseline-dir", str(tmp_path / "bl"),
+                   "--label", "torch2"])
+    assert code == 1 and "not recorded" in capsys.readouterr().err
+    assert not (tmp_path / "bl").exists()
+    (tmp_path / "bl").mkdir()  # no baseline for this device: the failed case alone fails the run
+    code = R.main(["--gate", "warn", "--results", str(tmp_path / "out2"), "--baseline-dir", str(tmp_path / "bl"),
+                   "--label", "torch2"])
+    assert code == 1
 
 
 @pytest.mark.slow
