@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ab", metavar="REF", help="A/B: the current tree against git REF, alternating A,B,A,B")
     p.add_argument("--results", type=Path, help="output folder (default results/<UTC timestamp>)")
     p.add_argument("--label", help="file name prefix (default: torch1 or torch2, from the installed torch)")
-    p.add_argument("--baseline-dir", type=Path, default=Path("baselines"))
+    p.add_argument("--baseline-dir", type=Path, default=Path("baselines"), help="baseline store (default baselines)")
     p.add_argument("--gate", choices=("fail", "warn"), default="fail",
                    help="warn: report timing regressions without failing (failed cases still fail)")
     p.add_argument("--require-all", action="store_true", help="a selected case that left no result fails")
@@ -170,7 +170,8 @@ def run_all(
         start = clock()
         for tree in trees:
             path = (out / _result_name(label, tree, index)).resolve()
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree.root), os.environ.get("PYTHONPATH", "")]),
+            pythonpath = [str(tree.root), *filter(None, [os.environ.get("PYTHONPATH")])]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath),
                    # one cache per side, so that both sides' first runs compile cold
                    "TORCHINDUCTOR_CACHE_DIR": str(cache / tree.side if tree.side else cache)}
             cmd = suite_command(path, opts.grid, pytest_args)
