@@ -243,3 +243,40 @@ def test_nox_lists_the_sessions_without_starting_an_interpreter(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     listed = {line.split()[1] for line in res.stdout.splitlines() if line[:2] in ("* ", "- ")}
     assert SESSIONS <= listed
+
+
+class GpuSession(FakeSession):
+    def __init__(self, *posargs: str, torch: str = "2.5.1+cu124"):
+        super().__init__(*posargs)
+        self.torch, self.installed = torch, []
+
+    def install(self, *args):
+        self.installed.append(list(args))
+
+    def run(self, *args, silent=False, **kwargs):
+        super().run(*args)
+        return f"some warning\n{self.torch}\n" if silent else True
+
+    def log(self, message):
+        pass
+
+
+def test_gpu_check_installs_offline_with_the_matching_xformers_then_tests_and_runs_the_gate_grid(noxfile, tmp_path):
+    wheel = _wheel(tmp_path, "0.0.28.post3", "2.5.1")
+    session = GpuSession("--wheelhouse", str(tmp_path), "--out", "gpu-out", "--update-baselines", "--",
+                         "--batch-size", "1")
+    noxfile.module.gpu_check(session)
+    offline = ["--no-index", "--find-links", str(tmp_path)]
+    assert session.installed == [[*offline, "-r", str(tmp_path / "requirements.txt")],
+                                 [*offline, "--no-deps", str(wheel)]]
+    assert session.runs[1] == ["python", "-m", "pytest", "tests", "-m", "gpu", "-rs"]
+    assert session.runs[2] == ["python", "-m", "perf_tests", "run", "--grid", "gate", "--runs", "1", "--require-all",
+                               "--results", "gpu-out", "--update-baselines", "--", "--profile", "sd21-base",
+                               "--batch-size", "1"]
+
+
+def test_gpu_check_without_a_matching_xformers_wheel_installs_none(noxfile, tmp_path):
+    _wheel(tmp_path, "0.0.28.post3", "2.5.1")
+    session = GpuSession("--wheelhouse", str(tmp_path), "--out", "o", torch="2.6.0+cu126")
+    noxfile.module.gpu_check(session)
+    assert len(session.installed) == 1
