@@ -190,6 +190,8 @@ def report(session: nox.Session) -> None:
         options += ["--output", os.path.join(folders[0], "study.md"), "--plot", os.path.join(folders[0], "study.png")]
     _install_analysis(session)
     session.run("python", "-m", "perf_tests", "report", *files, *options)
+    if "--output" in options and os.path.isfile(output := options[options.index("--output") + 1]):
+        print(Path(output).read_text(encoding="utf-8"))
 
 
 @env_session(TORCH2, "tests")
