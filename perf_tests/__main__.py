@@ -1,4 +1,4 @@
-"""``python -m perf_tests``: compare, update-baselines, report, ab.
+"""``python -m perf_tests``: run, compare, update-baselines, report.
 
 Exit codes: 0 pass; 1 a regression or a failed case (with --require-all also a missing case, with
 --fail-on-inconclusive an inconclusive one); 2 bad input, usage, or any error inside the gate, printed as one
@@ -178,18 +178,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ab(args: argparse.Namespace) -> int:
-    from perf_tests.ab import compare_ab, run_interleaved
-    from perf_tests.compare import write_reports
-
-    policy = build_policy(args)
-    runs = run_interleaved(args.ref, args.rounds_per_side, args.output_dir, args.pytest_args,
-                           log=lambda m: print(m, file=sys.stderr, flush=True))
-    outcome = compare_ab(runs, policy)
-    write_reports(outcome, args.output_dir, "ab-comparison")
-    return _emit(outcome, args)
-
-
 # --- the parser: one function per subcommand ------------------------------------------------------------
 
 
@@ -225,20 +213,13 @@ def add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def add_ab(sub) -> None:
-    p = sub.add_parser("ab", help="current tree vs a git ref, interleaved A,B,A,B on this machine",
-                       epilog="arguments after -- go to pytest, e.g. -- --profile tiny --rounds 20")
-    p.add_argument("ref", help="git ref to compare against (checked out into a temporary worktree)")
-    p.add_argument("--rounds-per-side", "--runs-per-side", dest="rounds_per_side", type=int, default=3,
-                   help="suite runs (processes) per side, interleaved (default %(default)s)")
-    p.add_argument("--output-dir", type=Path, default=Path("results/ab"),
-                   help="per-run JSON files and the comparison (ab-comparison.*) go here (default %(default)s)")
-    _policy_options(p)
-    _output_options(p)
-    p.set_defaults(func=cmd_ab)
+
+def add_run(sub) -> None:
+    # `run` parses its own options (perf_tests/run.py); main() hands it the arguments before argparse sees them
+    sub.add_parser("run", help="one perf run end to end: suite processes, study table, verdict (run --help)")
 
 
-SUBCOMMANDS = (add_compare, add_update_baselines, add_report, add_ab)
+SUBCOMMANDS = (add_run, add_compare, add_update_baselines, add_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,14 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after the first "--" goes to pytest (ab only); split by hand, argparse's REMAINDER is fragile.
-    pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.pytest_args = pytest_args
-    if pytest_args and args.command != "ab":
-        parser.error("arguments after -- are only for `ab` (they go to pytest)")
+    if argv[:1] == ["run"]:  # its own parser (perf_tests/run.py): options, then pytest's after --
+        from perf_tests.run import main as run
+
+        return run(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except InputError as exc:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -244,65 +241,3 @@ def test_report_writes_study_table_and_plot(capsys, runs, tmp_path):
     assert code == 0, err
     assert "original" in (tmp_path / "study.md").read_text()
     assert list(tmp_path.glob("study*.png"))
-
-
-# --- A/B: current tree vs a git ref, interleaved, on a throw-away repository -------------------------------
-
-FAKE_SUITE = '''
-from pathlib import Path
-
-FACTOR = float(Path(__file__).with_name("factor.txt").read_text())
-
-
-def work():
-    return sum(range(int(200000 * FACTOR)))
-
-
-def test_fake(benchmark, request):
-    benchmark.extra_info.update({extra!r})
-    benchmark.pedantic(work, rounds=15, warmup_rounds=1)
-'''
-FAKE_CONFTEST = '''
-def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info.update({machine!r})
-'''
-
-
-def _git(repo, *args):
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
-                   capture_output=True)
-
-
-@pytest.mark.skipif(shutil.which("git") is None, reason="A/B mode needs git")
-def test_ab_flags_a_slower_working_tree_against_its_ref(capsys, tmp_path, monkeypatch):
-    repo = tmp_path / "repo"
-    (repo / "perf_tests").mkdir(parents=True)
-    extra = {"case": {"kind": "fake", "profile": "tiny", "attention": "original", "compile": "eager",
-                      "batch_size": 1, "precision": "fp32"}, "definition_hash": "abc", "env": "torch2",
-             "correct": True, "attention_used": "original"}
-    machine = {"device_slug": "cpu-test", "env": "torch2", "torch_version": "x"}
-    (repo / "perf_tests" / "test_fake.py").write_text(textwrap.dedent(FAKE_SUITE.format(extra=extra)))
-    (repo / "perf_tests" / "conftest.py").write_text(FAKE_CONFTEST.format(machine=machine))
-    (repo / "perf_tests" / "factor.txt").write_text("1.0")
-    _git(repo, "init", "-q")
-    _git(repo, "add", ".")
-    _git(repo, "commit", "-q", "-m", "reference")
-    (repo / "perf_tests" / "factor.txt").write_text("2.0")  # the working tree is 2x slower
-
-    monkeypatch.chdir(repo)
-    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
-    out_dir = tmp_path / "ab"
-    code, out, err = run_cli(capsys, "ab", "HEAD", "--rounds-per-side", "2", "--output-dir", out_dir,
-                             "--format", "json", "--", "--benchmark-timer=time.process_time")
-    assert code == 1, out + err  # CPU time: the shared test machine's load does not blur the 2x
-    assert sorted(p.name for p in out_dir.glob("?-*.json")) == ["A-1.json", "A-2.json", "B-1.json", "B-2.json"]
-    order = [line.split("side ")[1][0] for line in err.splitlines() if line.startswith("[ab] run")]
-    assert order == ["A", "B", "A", "B"]
-    case = json.loads(out)["cases"][0]
-    assert case["verdict"] == "regression"
-    assert 1.6 < case["metrics"]["time"]["ratio"] < 2.5
-    assert (out_dir / "ab-comparison.md").is_file()
-    # the temporary worktree is gone again
-    listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
-    assert len(listed.strip().splitlines()) == 1
-    assert os.listdir(repo / "perf_tests") and (repo / "perf_tests" / "factor.txt").read_text() == "2.0"

@@ -1,0 +1,359 @@
+"""``python -m perf_tests run``: one perf run end to end.
+
+    python -m perf_tests run [--grid gate|full] [--runs N | --budget MINUTES] [--ab REF] [...] [-- PYTEST ARGS]
+
+1. The suite, N times, each a separate process (``python -m pytest perf_tests ... --benchmark-json
+   <results>/<label>-run<i>.json``): processes, not rounds, are the unit of evidence. With ``--budget`` the
+   runs go on until the next one would overrun the budget (at least one run). The Inductor cache is shared
+   by the runs of one side, so only the first compiles cold.
+2. The study table over all runs (``study-<label>.md``).
+3. The verdict against the baseline store (or, with ``--ab REF``, against REF run alternately on this
+   machine and analysed in pairs), written once per format: ``verdict-<label>.txt|.md|.json``.
+4. The study table and the verdict appended once to ``$GITHUB_STEP_SUMMARY`` when that is set.
+
+Exit codes: 0 pass; 1 regression or failed case (or missing under --require-all, inconclusive under
+--fail-on-inconclusive); 2 bad input or error, e.g. a suite process that ended without a result.
+``--gate warn`` turns exit 1 from time verdicts into 0, never a failed or missing case, never exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from perf_tests.ab import ABError, Tree, ab_trees
+from perf_tests.machine import env_label
+
+try:  # the reader's error type; perf_tests.baselines held it before the reader rewrite
+    from perf_tests.results import InputError
+except ImportError:
+    from perf_tests.baselines import InputError
+
+EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+PYTEST_NO_TESTS = 5
+
+
+class RunError(Exception):
+    """A bad option or a suite process without a result: exit 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m perf_tests run",
+        description="One perf run end to end: suite processes, study table, verdict, job summary.",
+        epilog="arguments after -- go to pytest, e.g. -- --case-kind unet-step --batch-size 1",
+    )
+    p.add_argument("--grid", choices=("gate", "full"), help="the suite's grid (default: the suite's, gate)")
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument("--runs", type=int, help="suite processes (per side with --ab); default 1")
+    runs.add_argument("--budget", type=float, metavar="MINUTES",
+                      help="run the suite again while the next run fits in MINUTES of suite time (at least once)")
+    p.add_argument("--ab", metavar="REF", help="A/B: the current tree against git REF, alternating A,B,A,B")
+    p.add_argument("--results", type=Path, help="output folder (default results/<UTC timestamp>)")
+    p.add_argument("--label", help="file name prefix (default: torch1 or torch2, from the installed torch)")
+    p.add_argument("--baseline-dir", type=Path, default=Path("baselines"), help="baseline store (default baselines)")
+    p.add_argument("--gate", choices=("fail", "warn"), default="fail",
+                   help="warn: report timing regressions without failing (failed cases still fail)")
+    p.add_argument("--require-all", action="store_true", help="a selected case that left no result fails")
+    p.add_argument("--require-baseline", action="store_true", help="no baseline for this device is an error")
+    p.add_argument("--fail-on-inconclusive", action="store_true", help="an inconclusive case fails")
+    p.add_argument("--update-baselines", action="store_true", help="record the runs into --baseline-dir")
+    p.add_argument("--replace", action="store_true", help="with --update-baselines: start the baseline anew")
+    return p
+
+
+def split_pytest_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(run's own arguments, pytest's): everything after the first ``--`` goes to pytest."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    own, pytest_args = split_pytest_args(argv)
+    parser = build_parser()
+    opts = parser.parse_args(own)
+    if opts.runs is not None and opts.runs < 1:
+        parser.error("--runs must be at least 1")
+    if opts.budget is not None and opts.budget <= 0:
+        parser.error("--budget must be a positive number of minutes")
+    if opts.replace and not opts.update_baselines:
+        parser.error("--replace only goes with --update-baselines")
+    if opts.ab and opts.update_baselines:
+        parser.error("--update-baselines records this tree's runs; it does not go with --ab")
+    if "--benchmark-json" in pytest_args or any(a.startswith("--benchmark-json=") for a in pytest_args):
+        parser.error("--benchmark-json is set by run (one file per process, in --results)")
+    return opts, pytest_args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------------------
+def another_run(durations: Sequence[float], budget_s: float) -> bool:
+    """Whether one more run (or A/B pair) fits in the budget, given the durations of those done.
+
+    The first always runs. Its duration is the estimate until a second one has run; from then on the
+    longest of the later ones is, since the first compiled with a cold Inductor cache and the later ones
+    reuse it. A run that would end past the budget is never started.
+    """
+    if not durations:
+        return True
+    estimate = max(durations[1:]) if len(durations) > 1 else durations[0]
+    return sum(durations) + estimate <= budget_s
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    tree: Tree
+    index: int
+    path: Path  # the result JSON; <path stem>.journal.jsonl beside it
+    seconds: float
+    returncode: int
+
+
+def suite_command(out_json: Path, grid: str | None, pytest_args: Sequence[str]) -> list[str]:
+    grid_args = ["--grid", grid] if grid else []
+    return [sys.executable, "-m", "pytest", "perf_tests", "-p", "no:cacheprovider", *grid_args, *pytest_args,
+            "--benchmark-json", str(out_json)]
+
+
+def run_process(cmd: list[str], cwd: Path, env: dict[str, str]) -> int:
+    return subprocess.run(cmd, cwd=cwd, env=env, check=False).returncode
+
+
+def _result_name(label: str, tree: Tree, index: int) -> str:
+    return f"{label}-{tree.side}-run{index}.json" if tree.side else f"{label}-run{index}.json"
+
+
+def check_run(run: SuiteRun) -> None:
+    """pytest exit 0 or 1 (1: a case failed, recorded in the result) with a result file, or RunError."""
+    where = f"suite process {run.index}{f' (side {run.tree.side}, {run.tree.label})' if run.tree.side else ''}"
+    if run.returncode == PYTEST_NO_TESTS:
+        raise RunError(f"the {where} collected no test: check the selection after `--`.")
+    if run.returncode not in (0, 1) or not run.path.is_file():
+        journal = run.path.with_suffix(".journal.jsonl")
+        kept = f"; the cases it finished are in {journal}" if journal.is_file() else ""
+        raise RunError(f"the {where} ended with exit {run.returncode} and no result ({run.path}){kept}. "
+                       "Its output above says why.")
+
+
+def run_all(
+    trees: Sequence[Tree], opts: argparse.Namespace, pytest_args: Sequence[str], out: Path, label: str,
+    launch: Callable[[list[str], Path, dict[str, str]], int] = run_process,
+    clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = print,
+) -> list[SuiteRun]:
+    """Run the suite in each tree in turn (A, B, A, B, ... with two trees) until --runs or --budget is spent."""
+    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or out / "inductor-cache").resolve()
+    budget_s = opts.budget * 60 if opts.budget is not None else None
+    runs: list[SuiteRun] = []
+    durations: list[float] = []
+    while (len(durations) < (opts.runs or 1)) if budget_s is None else another_run(durations, budget_s):
+        index = len(durations) + 1
+        if budget_s is not None:
+            log(f"[run] {label} run {index}: {sum(durations) / 60:.1f} of {opts.budget:g} min spent")
+        start = clock()
+        for tree in trees:
+            path = (out / _result_name(label, tree, index)).resolve()
+            pythonpath = [str(tree.root), *filter(None, [os.environ.get("PYTHONPATH")])]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath),
+                   # one cache per side, so that both sides' first runs compile cold
+                   "TORCHINDUCTOR_CACHE_DIR": str(cache / tree.side if tree.side else cache)}
+            cmd = suite_command(path, opts.grid, pytest_args)
+            log(f"[run] {label} run {index}{f' side {tree.side} ({tree.label})' if tree.side else ''}: "
+                f"{' '.join(cmd[1:])}")
+            t0 = clock()
+            returncode = launch(cmd, tree.root, env)
+            run = SuiteRun(tree, index, path, clock() - t0, returncode)
+            check_run(run)
+            runs.append(run)
+        durations.append(clock() - start)
+    log(f"[run] {len(durations)} run(s){' per side' if len(trees) > 1 else ''} in {sum(durations) / 60:.1f} min")
+    return runs
+
+
+@contextmanager
+def source_trees(root: Path, ab_ref: str | None) -> Iterator[tuple[Tree, ...]]:
+    """The tree(s) the suite runs in: ``root``, and REF beside it with --ab."""
+    if not (root / "perf_tests").is_dir():
+        raise RunError(f"{root} has no perf_tests/ folder: run from the repository root.")
+    if ab_ref is None:
+        yield (Tree("", root, "current tree"),)
+        return
+    with ab_trees(ab_ref, root) as pair:
+        yield pair
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verdict and exit code
+# ---------------------------------------------------------------------------------------------------------
+def final_exit(gate_code: int, *, failed: int, gate: str) -> int:
+    """The run's exit code from the gate's (0/1), the failed or missing cases counted apart, and --gate."""
+    if failed:
+        return EXIT_FAIL  # a failed (or, under --require-all, missing) case: never softened
+    if gate_code == EXIT_FAIL and gate == "warn":
+        return EXIT_OK
+    return gate_code
+
+
+def _summary(paths: Sequence[Path]) -> None:
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return
+    with open(target, "a", encoding="utf-8") as fh:
+        for path in paths:
+            if path.is_file():
+                fh.write(path.read_text(encoding="utf-8").rstrip("\n") + "\n\n")
+
+
+def write_study(files: Sequence[Path], out: Path, label: str) -> Path | None:
+    """The study table over all runs, through the report command (study-<label>.md and .png)."""
+    from perf_tests.__main__ import main as cli
+
+    md = out / f"study-{label}.md"
+    code = cli(["report", *map(str, files), "--output", str(md), "--plot", str(out / f"study-{label}.png")])
+    if code != 0 or not md.is_file():
+        print(f"warning: no study table (report exited {code})", file=sys.stderr)
+        return None
+    print(md.read_text(encoding="utf-8"))
+    return md
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except (RunError, ABError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _main(argv: Sequence[str]) -> int:
+    opts, pytest_args = parse_args(argv)
+    out = opts.results or Path("results") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    label = opts.label or env_label(importlib.metadata.version("torch"))
+    with source_trees(Path.cwd().resolve(), opts.ab) as trees:
+        runs = run_all(trees, opts, pytest_args, out, label, log=lambda m: print(m, file=sys.stderr, flush=True))
+    study = write_study([r.path for r in runs], out, label)
+    failed = sum(r.returncode == 1 or bool(_recorded_failures(r.path)) for r in runs)  # processes with a failed case
+
+    if opts.update_baselines:
+        unfinished = _unfinished([r.path for r in runs]) if opts.require_all else []
+        if failed or unfinished:  # a failed or half-measured run never becomes a baseline
+            print(f"error: not recorded: {failed} run(s) with a failed case, {len(unfinished)} selected case(s) "
+                  f"without a result {unfinished[:5]}", file=sys.stderr)
+            return EXIT_FAIL
+        for line in _record(sorted(r.path for r in runs), opts.baseline_dir, opts.replace):
+            print(line)
+        _summary([p for p in (study,) if p])
+        return EXIT_OK
+
+    if opts.ab:
+        a = [r.path for r in runs if r.tree.side == "A"]
+        b = [r.path for r in runs if r.tree.side == "B"]
+        outcome = _load_and_compare(b, a, require_baseline=True, paired=True)
+    else:
+        outcome = _load_and_compare(opts.baseline_dir, [r.path for r in runs],
+                                    require_baseline=opts.require_baseline, paired=False)
+    reports = _write_reports(outcome, out, f"verdict-{label}")
+    print(reports["text"].read_text(encoding="utf-8"))
+    gate_code = _exit_code(outcome, fail_on_inconclusive=opts.fail_on_inconclusive, require_all=opts.require_all)
+    failed += _hard_verdicts(outcome, require_all=opts.require_all)
+    code = final_exit(gate_code, failed=failed, gate=opts.gate)
+    if gate_code == EXIT_FAIL and code == EXIT_OK:
+        print("warning: timing regression(s) above; not failing the run (--gate warn)", file=sys.stderr)
+    _summary([p for p in (study, reports["markdown"]) if p])
+    print(f"results, study table and verdict: {out}/", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reader / store / gate API. After the reader and compare rewrite lands, the first branch of each
+# function is the whole function; the second speaks the older API and goes away with it.
+# ---------------------------------------------------------------------------------------------------------
+def _load_and_compare(baseline, candidates: list[Path], *, require_baseline: bool, paired: bool):
+    from perf_tests import compare as gate
+    from perf_tests.stats import Policy
+
+    if "paired" in inspect.signature(gate.load_and_compare).parameters:
+        return gate.load_and_compare(baseline, candidates, Policy(), require_baseline=require_baseline,
+                                     paired=paired)
+    if isinstance(baseline, list):  # A/B before pairing existed: REF's runs against the current tree's
+        from perf_tests.baselines import load_side
+        from perf_tests.stats import compare
+
+        base, cand = load_side(baseline, label="REF"), load_side(candidates, label="current tree")
+        return gate.Outcome(compare(base, cand, Policy()), base, cand)
+    return gate.load_and_compare(baseline, candidates, Policy(), require_baseline)
+
+
+def _exit_code(outcome, *, fail_on_inconclusive: bool, require_all: bool) -> int:
+    from perf_tests import compare as gate
+
+    if "require_all" in inspect.signature(gate.exit_code).parameters:
+        return gate.exit_code(outcome, fail_on_inconclusive=fail_on_inconclusive, require_all=require_all)
+    return gate.exit_code(outcome.comparison, fail_on_inconclusive)
+
+
+def _write_reports(outcome, out: Path, stem: str) -> dict[str, Path]:
+    from perf_tests import compare as gate
+
+    if hasattr(gate, "write_reports"):
+        return gate.write_reports(outcome, out, stem)
+    paths = {"text": out / f"{stem}.txt", "markdown": out / f"{stem}.md", "json": out / f"{stem}.json"}
+    for fmt, path in paths.items():
+        gate.emit(outcome, fmt, path)
+    return paths
+
+
+def _hard_verdicts(outcome, *, require_all: bool) -> int:
+    """Failed cases, and missing ones under --require-all: what --gate warn never softens."""
+    from perf_tests import compare as gate
+
+    if outcome.comparison is None:
+        return 0
+    # before the rewrite "missing" meant "in the baseline, not in this run": not selected, never a failure
+    missing = require_all and "require_all" in inspect.signature(gate.exit_code).parameters
+    return outcome.comparison.count("failed") + (outcome.comparison.count("missing") if missing else 0)
+
+
+def _recorded_failures(path: Path) -> list[str]:
+    try:
+        from perf_tests.results import read_run
+    except ImportError:
+        return [f["name"] for f in json.loads(path.read_text()).get("perf_tests", {}).get("failed", [])]
+    return list(read_run(path).failed)
+
+
+def _unfinished(files: list[Path]) -> list[str]:
+    """Cases selected in a run that left neither a result, a skip nor a failure (the reader knows)."""
+    try:
+        from perf_tests.results import read_run
+    except ImportError:  # older result files do not list the selection
+        return []
+    names: list[str] = []
+    for path in files:
+        run = read_run(path)
+        names += sorted(set(run.selected) - set(run.cases) - set(run.skipped) - set(run.failed))
+    return names
+
+
+def _record(files: list[Path], baseline_dir: Path, replace: bool) -> list[str]:
+    from perf_tests.baselines import update_baselines
+
+    return [f"wrote {written[0]}" for written in update_baselines(files, baseline_dir, replace)]
