@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import inspect
-import json
 import os
 import subprocess
 import sys
@@ -33,12 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perf_tests.ab import ABError, Tree, ab_trees
+from perf_tests.baselines import update_baselines
+from perf_tests.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
 from perf_tests.machine import env_label
-
-try:  # the reader's error type; perf_tests.baselines held it before the reader rewrite
-    from perf_tests.results import InputError
-except ImportError:
-    from perf_tests.baselines import InputError
+from perf_tests.results import InputError, read_run
+from perf_tests.stats import FAILED, MISSING, Policy
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 PYTEST_NO_TESTS = 5
@@ -266,13 +263,16 @@ def _main(argv: Sequence[str]) -> int:
     if opts.ab:
         a = [r.path for r in runs if r.tree.side == "A"]
         b = [r.path for r in runs if r.tree.side == "B"]
-        outcome = _load_and_compare(b, a, require_baseline=True, paired=True)
+        outcome = load_and_compare_ab(b, a, Policy(), ref_label=f"{opts.ab} ({len(b)} runs)",
+                                      current_label=f"current tree ({len(a)} runs)")
     else:
-        outcome = _load_and_compare(opts.baseline_dir, [r.path for r in runs],
-                                    require_baseline=opts.require_baseline, paired=False)
-    reports = _write_reports(outcome, out, f"verdict-{label}")
+        outcome = load_and_compare(opts.baseline_dir, [r.path for r in runs], Policy(),
+                                   require_baseline=opts.require_baseline)
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    reports = write_reports(outcome, out, f"verdict-{label}")
     print(reports["text"].read_text(encoding="utf-8"))
-    gate_code = _exit_code(outcome, fail_on_inconclusive=opts.fail_on_inconclusive, require_all=opts.require_all)
+    gate_code = exit_code(outcome, fail_on_inconclusive=opts.fail_on_inconclusive, require_all=opts.require_all)
     failed += _hard_verdicts(outcome, require_all=opts.require_all)
     code = final_exit(gate_code, failed=failed, gate=opts.gate)
     if gate_code == EXIT_FAIL and code == EXIT_OK:
@@ -283,77 +283,28 @@ def _main(argv: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The reader / store / gate API. After the reader and compare rewrite lands, the first branch of each
-# function is the whole function; the second speaks the older API and goes away with it.
+# The gate and the store
 # ---------------------------------------------------------------------------------------------------------
-def _load_and_compare(baseline, candidates: list[Path], *, require_baseline: bool, paired: bool):
-    from perf_tests import compare as gate
-    from perf_tests.stats import Policy
-
-    if "paired" in inspect.signature(gate.load_and_compare).parameters:
-        return gate.load_and_compare(baseline, candidates, Policy(), require_baseline=require_baseline,
-                                     paired=paired)
-    if isinstance(baseline, list):  # A/B before pairing existed: REF's runs against the current tree's
-        from perf_tests.baselines import load_side
-        from perf_tests.stats import compare
-
-        base, cand = load_side(baseline, label="REF"), load_side(candidates, label="current tree")
-        return gate.Outcome(compare(base, cand, Policy()), base, cand)
-    return gate.load_and_compare(baseline, candidates, Policy(), require_baseline)
-
-
-def _exit_code(outcome, *, fail_on_inconclusive: bool, require_all: bool) -> int:
-    from perf_tests import compare as gate
-
-    if "require_all" in inspect.signature(gate.exit_code).parameters:
-        return gate.exit_code(outcome, fail_on_inconclusive=fail_on_inconclusive, require_all=require_all)
-    return gate.exit_code(outcome.comparison, fail_on_inconclusive)
-
-
-def _write_reports(outcome, out: Path, stem: str) -> dict[str, Path]:
-    from perf_tests import compare as gate
-
-    if hasattr(gate, "write_reports"):
-        return gate.write_reports(outcome, out, stem)
-    paths = {"text": out / f"{stem}.txt", "markdown": out / f"{stem}.md", "json": out / f"{stem}.json"}
-    for fmt, path in paths.items():
-        gate.emit(outcome, fmt, path)
-    return paths
-
-
-def _hard_verdicts(outcome, *, require_all: bool) -> int:
+def _hard_verdicts(outcome: Outcome, *, require_all: bool) -> int:
     """Failed cases, and missing ones under --require-all: what --gate warn never softens."""
-    from perf_tests import compare as gate
-
     if outcome.comparison is None:
         return 0
-    # before the rewrite "missing" meant "in the baseline, not in this run": not selected, never a failure
-    missing = require_all and "require_all" in inspect.signature(gate.exit_code).parameters
-    return outcome.comparison.count("failed") + (outcome.comparison.count("missing") if missing else 0)
+    return outcome.comparison.count(FAILED) + (outcome.comparison.count(MISSING) if require_all else 0)
 
 
 def _recorded_failures(path: Path) -> list[str]:
-    try:
-        from perf_tests.results import read_run
-    except ImportError:
-        return [f["name"] for f in json.loads(path.read_text()).get("perf_tests", {}).get("failed", [])]
     return list(read_run(path).failed)
 
 
 def _unfinished(files: list[Path]) -> list[str]:
-    """Cases selected in a run that left neither a result, a skip nor a failure (the reader knows)."""
-    try:
-        from perf_tests.results import read_run
-    except ImportError:  # older result files do not list the selection
-        return []
-    names: list[str] = []
-    for path in files:
-        run = read_run(path)
-        names += sorted(set(run.selected) - set(run.cases) - set(run.skipped) - set(run.failed))
-    return names
+    """Cases selected in a run that left neither a result, a skip nor a failure."""
+    return [name for path in files for name in read_run(path).lacking]
 
 
 def _record(files: list[Path], baseline_dir: Path, replace: bool) -> list[str]:
-    from perf_tests.baselines import update_baselines
-
-    return [f"wrote {written[0]}" for written in update_baselines(files, baseline_dir, replace)]
+    lines = []
+    for update in update_baselines(files, baseline_dir, replace):
+        lines.append(f"wrote {update.path}: {len(update.added)} run(s) added"
+                     + (f", {len(update.duplicates)} already there" if update.duplicates else ""))
+        lines += [f"  note: {note}" for note in update.notes]
+    return lines
