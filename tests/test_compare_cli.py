@@ -19,18 +19,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
+    flat = [a for arg in argv for a in (arg if isinstance(arg, list) else [arg])]  # a list: several runs
+    code = main([str(a) for a in flat])
     out, err = capsys.readouterr()
     return code, out, err
 
 
 @pytest.fixture
-def runs(tmp_path):
-    """Baseline and candidate runs: A/A, and a candidate with CASES[1] 20% slower."""
+def runs(tmp_path, capsys):
+    """A baseline merged from 3 runs (separate processes), and candidates of 3 runs each: A/A, and one with
+    CASES[1] 20% slower. Runs, not rounds, are the gate's unit of evidence."""
+    base = [write_run(tmp_path / f"base{i}.json", i) for i in (1, 2, 3)]
+    assert main(["update-baselines", *map(str, base), "--baseline-dir", str(tmp_path / "bl")]) == 0
+    capsys.readouterr()  # the tests read only their own output
     return {
-        "base": write_run(tmp_path / "base.json", 1),
-        "same": write_run(tmp_path / "same.json", 2),
-        "slow": write_run(tmp_path / "slow.json", 3, slow={CASES[1]: 1.2}),
+        "base": tmp_path / "bl" / "cpu-intel-xeon-processor" / "torch2-tiny.json",
+        "base_runs": base,
+        "same": [write_run(tmp_path / f"same{i}.json", 10 + i) for i in (1, 2, 3)],
+        "slow": [write_run(tmp_path / f"slow{i}.json", 20 + i, slow={CASES[1]: 1.2}) for i in (1, 2, 3)],
     }
 
 
@@ -63,14 +69,13 @@ def test_regression_exits_1_with_effect_table_markdown_json_and_plot(capsys, run
 
 
 def test_baseline_folder_is_picked_by_device_env_and_profile(capsys, runs, tmp_path):
-    code, out, _ = run_cli(capsys, "update-baselines", runs["base"], runs["same"], "--baseline-dir", tmp_path / "bl")
-    assert code == 0 and "2 run(s) added" in out
-    code, out, _ = run_cli(capsys, "compare", tmp_path / "bl", runs["slow"])
+    code, out, _ = run_cli(capsys, "update-baselines", runs["base_runs"], "--baseline-dir", tmp_path / "bl2")
+    assert code == 0 and "3 run(s) added" in out
+    code, out, _ = run_cli(capsys, "compare", tmp_path / "bl2", runs["slow"])
     assert code == 1 and "cpu-intel-xeon-processor/torch2-tiny.json" in out
 
 
 def test_missing_baseline_warns_and_exits_0_unless_required(capsys, runs, tmp_path):
-    run_cli(capsys, "update-baselines", runs["base"], "--baseline-dir", tmp_path / "bl")
     gpu = write_run(tmp_path / "gpu.json", machine={"device_slug": "nvidia-a100-sxm4-80gb"})
     code, out, err = run_cli(capsys, "compare", tmp_path / "bl", gpu)
     assert code == 0 and out == ""
@@ -82,19 +87,32 @@ def test_missing_baseline_warns_and_exits_0_unless_required(capsys, runs, tmp_pa
     assert code == 2 and err.startswith("error: no baseline")
 
 
-def test_inconclusive_fails_only_with_the_flag(capsys, tmp_path):
-    base = write_run(tmp_path / "b.json", 1, rounds=3)
-    cand = write_run(tmp_path / "c.json", 2, rounds=3)
+def test_inconclusive_fails_only_with_the_flag(capsys, runs, tmp_path):
+    # +4%: significant with 3 runs a side but inside the ±5% band's edge -> neither regression nor no change
+    edge = [write_run(tmp_path / f"e{i}.json", 30 + i, slow={CASES[1]: 1.05}) for i in (1, 2, 3)]
+    code, out, _ = run_cli(capsys, "compare", runs["base"], edge)
+    line = next(x for x in out.splitlines() if x.startswith(CASES[1]))
+    assert code == 0 and "inconclusive" in line
+    assert run_cli(capsys, "compare", runs["base"], edge, "--fail-on-inconclusive")[0] == 1
+
+
+def test_one_run_a_side_is_never_a_regression_by_rounds_alone(capsys, tmp_path):
+    base = write_run(tmp_path / "b.json", 1)
+    cand = write_run(tmp_path / "c.json", 2, slow={CASES[1]: 1.2})  # 20 rounds each, +20%, tight rounds
     code, out, _ = run_cli(capsys, "compare", base, cand)
-    assert code == 0 and "too few samples" in out
-    assert run_cli(capsys, "compare", base, cand, "--fail-on-inconclusive")[0] == 1
+    assert code == 0 and "REGRESSION" not in out
 
 
-def test_environment_mismatch_is_inconclusive(capsys, runs, tmp_path):
-    other = write_run(tmp_path / "o.json", 2, slow={CASES[1]: 1.5}, machine={"torch_version": "2.15.0"})
+def test_environment_change_is_judged_and_labelled(capsys, runs, tmp_path):
+    other = [write_run(tmp_path / f"o{i}.json", 40 + i, slow={CASES[1]: 1.5}, machine={"torch_version": "2.15.0"})
+             for i in (1, 2, 3)]
     code, out, _ = run_cli(capsys, "compare", runs["base"], other)
-    assert code == 0 and "environment mismatch" in out and "REGRESSION" not in out
-    assert run_cli(capsys, "compare", runs["base"], other, "--ignore-env", "torch_version")[0] == 1
+    assert code == 1 and "REGRESSION" in out  # a PyTorch upgrade is judged, not switched off
+    assert "environment changed" in out and "2.14.1" in out and "2.15.0" in out
+    gpu = [write_run(tmp_path / f"g{i}.json", 50 + i, slow={CASES[1]: 1.5}, machine={"device_slug": "other-cpu"})
+           for i in (1, 2, 3)]
+    code, out, _ = run_cli(capsys, "compare", runs["base_runs"][0], gpu)
+    assert code == 0 and "REGRESSION" not in out  # another device type is incomparable
 
 
 def test_changed_definition_is_new_not_compared(capsys, runs, tmp_path):
@@ -170,7 +188,7 @@ def test_every_format_is_rendered_once_into_the_report_dir(capsys, runs, tmp_pat
     assert (tmp_path / "rep" / "verdict-torch2-tiny.txt").read_text() == out
     assert json.loads((tmp_path / "rep" / "verdict-torch2-tiny.json").read_text())["has_regression"]
     assert len(list((tmp_path / "rep" / "plots-verdict-torch2-tiny").glob("*.png"))) == 1
-    outcome = load_and_compare(runs["base"], [runs["same"]], stats.Policy())
+    outcome = load_and_compare(runs["base"], runs["same"], stats.Policy())
     written = write_reports(outcome, tmp_path / "aa", "v")
     assert sorted(written) == ["json", "markdown", "text"]  # no flagged case, no plot
 
@@ -217,7 +235,7 @@ def test_bad_input_to_update_baselines_exits_2(capsys, tmp_path):
                                   ["compare", "a.json", "b.json", "--format", "yaml"],
                                   ["compare", "a.json", "b.json", "--", "-x"]])
 def test_usage_errors_exit_2(capsys, runs, argv):
-    argv = [str(runs["base"]) if a == "a.json" else str(runs["same"]) if a == "b.json" else a for a in argv]
+    argv = [str(runs["base"]) if a == "a.json" else str(runs["same"][0]) if a == "b.json" else a for a in argv]
     with pytest.raises(SystemExit) as exc:
         code = main(argv)
         raise SystemExit(code)
@@ -225,7 +243,7 @@ def test_usage_errors_exit_2(capsys, runs, argv):
 
 
 def test_module_entry_point_and_exit_code(runs):
-    res = subprocess.run([sys.executable, "-m", "perf_tests", "compare", str(runs["base"]), str(runs["slow"]),
+    res = subprocess.run([sys.executable, "-m", "perf_tests", "compare", str(runs["base"]), *map(str, runs["slow"]),
                           "--format", "markdown"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 1, res.stderr
     assert "REGRESSION" in res.stdout
@@ -236,7 +254,7 @@ def test_module_entry_point_and_exit_code(runs):
 
 def test_report_writes_study_table_and_plot(capsys, runs, tmp_path):
     pytest.importorskip("perf_tests.table")
-    code, _, err = run_cli(capsys, "report", runs["base"], "--output", tmp_path / "study.md", "--plot",
+    code, _, err = run_cli(capsys, "report", runs["base_runs"], "--output", tmp_path / "study.md", "--plot",
                            tmp_path / "study.png")
     assert code == 0, err
     assert "original" in (tmp_path / "study.md").read_text()
