@@ -36,7 +36,7 @@ class UNetConfig:
     transformer_depth: int
     context_dim: int
     use_linear_in_transformer: bool
-    use_fp16: bool  # recorded only: our dtype follows load_model(dtype=...) and autocast (sd21-facts 2.9)
+    use_fp16: bool  # recorded only: our dtype follows load_model(dtype=...) and autocast (the original's use_fp16 casts only the UNet's input, openaimodel.py UNetModel)
 
 
 @dataclass(frozen=True)

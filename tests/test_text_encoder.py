@@ -54,7 +54,7 @@ def tiny_encoder():
     return enc
 
 
-def test_tokenizer_matches_facts_sheet(tiny_encoder):
+def test_tokenizer_matches_open_clip_tokenize(tiny_encoder):
     tokens = tiny_encoder.tokenize(["a photograph of an astronaut riding a horse", ""])
     assert tokens.dtype == torch.long and tokens.shape == (2, 77)
     assert tokens[0, :11].tolist() == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407, 0]
