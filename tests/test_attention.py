@@ -165,12 +165,17 @@ def test_missing_sdpa_is_reported_as_such(monkeypatch):
         assert "scaled_dot_product_attention" in table[name]
 
 
-@pytest.mark.parametrize("context_dim", [None, 24])
-def test_cross_attention_splits_heads_outer(context_dim):
+def block_and_inputs(context_dim):
+    """A seeded CrossAttention (4 heads of 8) with x (2, 10, 32) and its context (None: self-attention)."""
     torch.manual_seed(0)
     block = CrossAttention(32, context_dim, heads=4, dim_head=8, attend=attend_original)
     x = torch.randn(2, 10, 32)
-    context = None if context_dim is None else torch.randn(2, 7, context_dim)
+    return block, x, None if context_dim is None else torch.randn(2, 7, context_dim)
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_cross_attention_splits_heads_outer(context_dim):
+    block, x, context = block_and_inputs(context_dim)
     src = x if context is None else context
     # The original: q = to_q(x); 'b n (h d) -> (b h) n d'; softmax(q k^T * scale) v; '(b h) n d -> b n (h d)'.
     q, k, v = block.to_q(x), block.to_k(src), block.to_v(src)
@@ -189,10 +194,7 @@ def test_cross_attention_splits_heads_outer(context_dim):
 
 @pytest.mark.parametrize("context_dim", [None, 24])
 def test_fused_projections_compute_the_same_with_the_same_keys(context_dim):
-    torch.manual_seed(0)
-    block = CrossAttention(32, context_dim, heads=4, dim_head=8, attend=attend_original)
-    x = torch.randn(2, 10, 32)
-    context = None if context_dim is None else torch.randn(2, 7, context_dim)
+    block, x, context = block_and_inputs(context_dim)
     separate = {k: v.clone() for k, v in block.state_dict().items()}
     expected = block(x, context)
     block.fuse_projections()

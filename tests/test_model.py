@@ -152,14 +152,21 @@ def test_checkpoint_round_trip_in_half_precision(tmp_path, tiny_config):
         torch.testing.assert_close(target, value.half().float(), atol=0, rtol=0)
 
 
-def test_checkpoint_model_computes_what_the_saved_model_computes(tmp_path, tiny_config):
-    # Loading skips the random initialisation; every tensor, non-persistent ones such as the text
-    # encoder's causal mask included, and so every output must still be the saved model's.
+@pytest.fixture
+def saved_micro(tmp_path, tiny_config):
+    """(config, model, its .safetensors file): a random micro model saved with the original keys."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     cfg = micro_config(tiny_config)
     source = load_model(cfg, seed=1)
     path = tmp_path / "micro.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    return cfg, source, path
+
+
+def test_checkpoint_model_computes_what_the_saved_model_computes(saved_micro):
+    # Loading skips the random initialisation; every tensor, non-persistent ones such as the text
+    # encoder's causal mask included, and so every output must still be the saved model's.
+    cfg, source, path = saved_micro
     loaded = load_model(cfg, path, seed=2)
     buffers = dict(loaded.named_buffers())
     for name, value in source.named_buffers():
@@ -242,12 +249,10 @@ def test_a_unet_kernel_that_cannot_run_is_named_never_the_vae(monkeypatch, tiny_
     assert "VAE" not in message
 
 
-def test_fused_projections_match_and_keep_the_original_keys(tmp_path, tiny_config):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    cfg = micro_config(tiny_config)
-    source = load_model(cfg, seed=1)
-    path = tmp_path / "micro.safetensors"
-    safetensors_torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+def test_fused_projections_match_and_keep_the_original_keys(tmp_path, saved_micro):
+    from safetensors.torch import save_file
+
+    cfg, source, path = saved_micro
     fused = load_model(cfg, path, fuse_projections=True)
     assert fused.fused_projections and not source.fused_projections
     assert hasattr(fused.unet.middle_block[1].transformer_blocks[0].attn1, "to_qkv")
@@ -257,7 +262,7 @@ def test_fused_projections_match_and_keep_the_original_keys(tmp_path, tiny_confi
     for key, value in source.state_dict().items():
         assert torch.equal(saved[key], value), key
     resaved = tmp_path / "resaved.safetensors"
-    safetensors_torch.save_file(saved, str(resaved))  # the fused model saves an original-keyed file
+    save_file(saved, str(resaved))  # the fused model saves an original-keyed file
     again = load_model(cfg, resaved)  # and it loads strictly into an unfused model
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 77, cfg.unet.context_dim)
     with torch.no_grad():
