@@ -129,7 +129,14 @@ def txt2img_command(args: argparse.Namespace) -> int:
     )
     if args.compile != "eager":
         compile_model(model, args.compile, vae=args.compile_vae)
-    sampling = Sampling(args.sampler, args.steps, args.scale, args.negative_prompt, args.eta, args.seed)
+    sampling = Sampling(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance_scale=args.scale,
+        negative_prompt=args.negative_prompt,
+        eta=args.eta,
+        seed=args.seed,
+    )
     start = time.perf_counter()
     images = txt2img(
         model,
