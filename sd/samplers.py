@@ -276,11 +276,16 @@ def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tens
     return alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The registry and the sampling call
+
 SamplerFn = Callable[..., torch.Tensor]  # (model_fn, x_T, alphas_cumprod, steps, *, eta, generator, callback)
 
 
 @dataclass(frozen=True)
 class Sampler:
+    """A registered sampler: the function and what the caller needs to know about it."""
+
     run: SamplerFn
     model_steps: Callable[[int], int]  # sampler iterations (callback calls) for `steps`
     v_as_eps: bool = False  # the original PLMSSampler treats a v-prediction output as eps
