@@ -209,3 +209,35 @@ def test_fused_projections_compute_the_same_with_the_same_keys(context_dim):
     fresh.fuse_projections()
     fresh.load_state_dict(separate, strict=True)  # the original keys load into a fused block
     torch.testing.assert_close(fresh(x, context), expected, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a CUDA device: the fused kernels against the float64 reference, and flash's real head-dim limit
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("d", [64, 512])
+@pytest.mark.parametrize("name", ATTENTION_BACKENDS)
+def test_cuda_backends_compute_attention_fp16(name, d):
+    if available_attention("cuda", torch.float16, (d,))[name] is not None:
+        pytest.skip(f"{name} does not run at head dim {d} here")
+    q, k, v = (t.half() for t in qkv(d=d))
+    out = resolve_attention(name, "cuda", torch.float16, (d,))(q.cuda(), k.cuda(), v.cuda())
+    assert out.dtype == torch.float16 and out.is_cuda
+    torch.testing.assert_close(out.cpu().double(), textbook_attention(q, k, v), atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_flash_gives_the_vae_head_to_the_next_kernel():
+    if available_attention("cuda", torch.float16)["sdpa-flash"] is not None:
+        pytest.skip("no flash kernel on this GPU/PyTorch")
+    assert available_attention("cuda", torch.float16, (512,))["sdpa-flash"] is not None  # flash stops at 256
+    name, attend = attention.resolve_with_fallback("sdpa-flash", "cuda", torch.float16, (512,))
+    assert name in attention._REGISTRY["sdpa-flash"].vae_fallbacks
+    q, k, v = (t.half() for t in qkv(d=512))
+    out = attend(q.cuda(), k.cuda(), v.cuda())
+    torch.testing.assert_close(out.cpu().double(), textbook_attention(q, k, v), atol=3e-3, rtol=3e-3)

@@ -274,3 +274,22 @@ def test_fused_projections_match_and_keep_the_original_keys(tmp_path, saved_micr
             expected = part(source)
             torch.testing.assert_close(part(fused), expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(part(again), expected, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_flash_model_runs_its_vae_and_fused_projections(tiny_config):
+    if attention.available_attention("cuda", torch.float16)["sdpa-flash"] is not None:
+        pytest.skip("no flash kernel on this GPU/PyTorch")
+    cfg = micro_config(tiny_config)
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, ch=128, ch_mult=(1, 4)))  # VAE head: 512
+    kwargs = {"attention": "sdpa-flash", "device": "cuda", "dtype": torch.float16}
+    model, fused = load_model(cfg, **kwargs), load_model(cfg, fuse_projections=True, **kwargs)
+    assert model.attention == "sdpa-flash" and model.vae_attention != "sdpa-flash"
+    x, t = torch.randn(2, 4, 16, 16, device="cuda"), torch.tensor([3, 700], device="cuda")
+    c = torch.randn(2, 77, cfg.unet.context_dim, device="cuda")
+    with torch.no_grad():
+        image = model.decode_latents(x)
+        assert image.shape == (2, 3, 32, 32) and torch.isfinite(image).all()
+        torch.testing.assert_close(fused.decode_latents(x), image, atol=5e-3, rtol=5e-3)
+        torch.testing.assert_close(fused.unet(x, t, c), model.unet(x, t, c), atol=1e-2, rtol=1e-2)
