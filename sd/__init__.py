@@ -4,7 +4,8 @@ The public entry points:
 
     model = sd.load_model("sd21-base", ckpt=None, attention="original", device="cpu")
     latents = sd.sample(model, "plms", steps=50, cond=..., uncond=..., guidance_scale=9.0, x_T=...)
-    images = sd.txt2img(model, ["a photo"], steps=50)
+    pixels = model.decode_latents(latents)          # (B, 3, H, W) float in [0, 1]
+    images = sd.txt2img(model, ["a photo"], sd.Sampling("plms", steps=50))  # uint8 (B, H, W, 3)
 
 Everything imports on PyTorch 1.12; features of newer releases are probed in `sd.capabilities`. Importing
 `sd` is cheap: each name below is imported from its module on first use, so `import sd.attention` (or
@@ -32,7 +33,9 @@ _EXPORTS = {
     "SDError": "errors",
     "StableDiffusion": "model",
     "load_model": "model",
+    "Sampling": "pipeline",
     "txt2img": "pipeline",
+    "write_images": "pipeline",
     "PRECISIONS": "precision",
     "precision_dtype": "precision",
     "SAMPLERS": "samplers",

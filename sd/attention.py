@@ -6,9 +6,12 @@ AttnBlock in `sd.vae`). The projections, head split/merge and output projection 
 
     attend(q, k, v) -> out        # all (B, heads, N, d), scale d**-0.5, no mask
 
-kept in `_KERNELS`. Backends (`ATTENTION_BACKENDS`):
+`_REGISTRY` maps each backend name to a `Backend`: a kernel factory, the feature check that says whether
+this PyTorch has it at all, and the kernels the VAE falls back to, in order, when this one cannot take
+the VAE's single wide head (flash and cuDNN stop at head dim 256; the SD 2.1 VAE head is 512 wide):
   original            the original einsum path: q, k cast to fp32 and QK^T computed with autocast off,
-                      softmax in fp32, AV einsum in the ambient dtype (sd21-facts 2.7)
+                      softmax in fp32, AV einsum in the ambient dtype (ldm/modules/attention.py
+                      CrossAttention with its default ATTN_PRECISION="fp32")
   sdpa                F.scaled_dot_product_attention, PyTorch picks the kernel
   sdpa-<kernel>       SDPA restricted to one kernel (math, flash, mem-efficient, cudnn); no fallback
   xformers            xformers.ops.memory_efficient_attention on (B, N, heads, d)
@@ -22,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +34,9 @@ from torch import Tensor, nn
 
 from sd import capabilities
 from sd.errors import AttentionUnavailable
+from sd.layers import fuse_projections
 
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-ATTENTION_BACKENDS: tuple[str, ...] = (
-    "original",
-    "sdpa",
-    "sdpa-math",
-    "sdpa-flash",
-    "sdpa-mem-efficient",
-    "sdpa-cudnn",
-    "xformers",
-)
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[object]:
@@ -78,32 +74,43 @@ def _sdpa_with_kernel(kernel: str) -> AttendFn:
 
 
 def attend_xformers(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """xformers' memory-efficient kernel (as MemoryEfficientCrossAttention, sd21-facts 2.8)."""
+    """xformers' memory-efficient kernel, as the original MemoryEfficientCrossAttention calls it."""
     import xformers.ops
 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, heads, d), the layout xformers expects
     return xformers.ops.memory_efficient_attention(q, k, v).transpose(1, 2)  # (B, heads, N, d)
 
 
-def _missing_feature(name: str) -> str | None:
-    """Why `name` cannot run with this PyTorch/packages at all (before trying a device), or None."""
-    if name == "sdpa":
-        return capabilities.sdpa_missing()
-    if name.startswith("sdpa-"):
-        return capabilities.sdpa_kernel_missing(name[len("sdpa-") :])
-    if name == "xformers":
-        return capabilities.xformers_missing()
-    return None
+@dataclass(frozen=True)
+class Backend:
+    """A registry entry: how to build the kernel, whether this PyTorch has it, where the VAE goes instead."""
+
+    kernel: Callable[[], AttendFn]
+    missing: Callable[[], str | None]  # why this PyTorch/packages lack it, or None
+    vae_fallbacks: tuple[str, ...]  # tried in order when the kernel cannot take the VAE's head dim
 
 
-def _kernel(name: str) -> AttendFn:
-    if name == "original":
-        return attend_original
-    if name == "sdpa":
-        return attend_sdpa
-    if name == "xformers":
-        return attend_xformers
-    return _sdpa_with_kernel(name[len("sdpa-") :])
+def _sdpa_kernel(kernel: str, fallbacks: tuple[str, ...]) -> Backend:
+    return Backend(
+        partial(_sdpa_with_kernel, kernel), partial(capabilities.sdpa_kernel_missing, kernel), fallbacks
+    )
+
+
+# Fallbacks stay in the family first (another fused SDPA kernel), then SDPA's own choice, its math
+# kernel and the original einsum, which run at any head dim.
+_GENERIC = ("sdpa", "sdpa-math", "original")
+_REGISTRY: dict[str, Backend] = {
+    "original": Backend(lambda: attend_original, lambda: None, ()),
+    "sdpa": Backend(lambda: attend_sdpa, capabilities.sdpa_missing, _GENERIC[1:]),
+    "sdpa-math": _sdpa_kernel("math", ("original",)),
+    "sdpa-flash": _sdpa_kernel("flash", ("sdpa-mem-efficient", *_GENERIC)),
+    "sdpa-mem-efficient": _sdpa_kernel("mem-efficient", _GENERIC),
+    "sdpa-cudnn": _sdpa_kernel("cudnn", ("sdpa-mem-efficient", *_GENERIC)),
+    "xformers": Backend(
+        lambda: attend_xformers, capabilities.xformers_missing, ("sdpa-mem-efficient", *_GENERIC)
+    ),
+}
+ATTENTION_BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def _probe_dtypes(dtype: torch.dtype | None) -> tuple[torch.dtype, ...]:
@@ -111,9 +118,6 @@ def _probe_dtypes(dtype: torch.dtype | None) -> tuple[torch.dtype, ...]:
     if dtype is None or dtype == torch.float32:
         return (torch.float32, torch.float16, torch.bfloat16)
     return (dtype,)
-
-
-_PROBES: dict[tuple[str, str, tuple[torch.dtype, ...], tuple[int, ...]], str | None] = {}
 
 
 def _try_kernel(
@@ -133,15 +137,22 @@ def _try_kernel(
     return None
 
 
+_PROBES: dict[tuple[str, str, tuple[torch.dtype, ...], tuple[int, ...]], str | None] = {}
+
+
 def _probe(
-    name: str, device: torch.device, dtypes: tuple[torch.dtype, ...], head_dims: tuple[int, ...]
+    name: str,
+    device: torch.device,
+    dtypes: tuple[torch.dtype, ...],
+    head_dims: tuple[int, ...],
+    attend: AttendFn | None = None,
 ) -> str | None:
-    """Run `name` once on tiny inputs of every head dim; None if it ran for some dtype, else the error."""
+    """Why `name` cannot run on `device` for any of `dtypes` at every head dim, or None. Cached."""
     key = (name, str(device), dtypes, head_dims)
     if key not in _PROBES:
-        reason = _missing_feature(name)
+        reason = _REGISTRY[name].missing()
         if reason is None and device.type != "meta":  # meta tensors run no kernel: nothing to learn
-            attend = _kernel(name)
+            attend = attend or _REGISTRY[name].kernel()
             errors: dict[str, list[str]] = {}  # message -> the dtypes that got it
             for dtype in dtypes:
                 error = _try_kernel(attend, device, dtype, head_dims)
@@ -171,20 +182,41 @@ def resolve_attention(
     head_dims: Iterable[int] = (64,),
 ) -> AttendFn:
     """The attend function for backend `name`, or AttentionUnavailable saying why and what runs here."""
-    if name not in ATTENTION_BACKENDS:
+    if name not in _REGISTRY:
         raise AttentionUnavailable(
             f"Unknown attention backend {name!r}. Choose one of: {', '.join(ATTENTION_BACKENDS)}."
         )
     device = torch.device(device)
-    reason = _probe(name, device, _probe_dtypes(dtype), tuple(sorted(set(head_dims))))
-    if reason is not None:
+    attend = _REGISTRY[name].kernel() if _REGISTRY[name].missing() is None else None
+    reason = _probe(name, device, _probe_dtypes(dtype), tuple(sorted(set(head_dims))), attend)
+    if reason is not None or attend is None:
         table = available_attention(device, dtype, head_dims)  # only now probe the others, for the message
         usable = ", ".join(n for n, why in table.items() if why is None)
         raise AttentionUnavailable(
             f"Attention backend {name!r} cannot run here: {reason}. "
             f"Available on this machine ({device}): {usable}. Pass one of those as attention=."
         )
-    return _kernel(name)
+    return attend
+
+
+def resolve_with_fallback(
+    name: str, device: torch.device | str, dtype: torch.dtype | None, head_dims: Iterable[int]
+) -> tuple[str, AttendFn]:
+    """(backend, attend) for `name`, or for the first of its `vae_fallbacks` that runs at `head_dims`.
+
+    For the VAE's single wide head: a backend that cannot take it gives way to the next in its table
+    entry (same family first). Raises AttentionUnavailable only if none of them runs.
+    """
+    resolve_attention(name, device, dtype)  # unknown names and a backend missing here fail as usual
+    for candidate in (name, *_REGISTRY[name].vae_fallbacks):
+        try:
+            return candidate, resolve_attention(candidate, device, dtype, head_dims)
+        except AttentionUnavailable:
+            continue
+    raise AttentionUnavailable(
+        f"No attention backend runs at head dim {max(head_dims)} on {device}: tried {name!r} and then "
+        f"{', '.join(_REGISTRY[name].vae_fallbacks) or 'nothing else'}."
+    )
 
 
 class CrossAttention(nn.Module):
@@ -192,11 +224,13 @@ class CrossAttention(nn.Module):
 
     Self-attention when `context` is None (attn1), cross-attention on the text context otherwise (attn2).
     The kernel is the `attend` function chosen at build time; nothing else depends on the backend.
+    `fuse_projections()` turns Q, K, V (self) or K, V (cross) into one matmul; the keys stay the original's.
     """
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, attend: AttendFn):
         super().__init__()
         inner = heads * dim_head
+        self.is_self_attention = context_dim is None
         context_dim = query_dim if context_dim is None else context_dim
         self.heads, self.dim_head = heads, dim_head
         self.to_q = nn.Linear(query_dim, inner, bias=False)
@@ -204,14 +238,28 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
         self.attend = attend
+        self.fused = ""  # "", "to_qkv" (self-attention) or "to_kv" (cross-attention)
+
+    def fuse_projections(self) -> None:
+        if self.fused:
+            return
+        self.fused = "to_qkv" if self.is_self_attention else "to_kv"
+        names = ("to_q", "to_k", "to_v") if self.is_self_attention else ("to_k", "to_v")
+        fuse_projections(self, names, self.fused)
+
+    def _project(self, x: Tensor, context: Tensor) -> tuple[Tensor, ...]:
+        if self.fused == "to_qkv":
+            return self.to_qkv(x).chunk(3, dim=-1)
+        if self.fused == "to_kv":
+            return (self.to_q(x), *self.to_kv(context).chunk(2, dim=-1))
+        return self.to_q(x), self.to_k(context), self.to_v(context)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         b = x.shape[0]
         context = x if context is None else context
         # (B, N, heads*d) -> (B, heads, N, d): channels split as (heads, d), heads outer, as the original.
         q, k, v = (
-            t.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
-            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+            t.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2) for t in self._project(x, context)
         )
         out = self.attend(q, k, v)  # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(b, -1, self.heads * self.dim_head)  # (B, N, heads*d)

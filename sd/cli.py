@@ -15,18 +15,19 @@ from collections.abc import Sequence
 
 import torch
 
+from .attention import ATTENTION_BACKENDS, available_attention
+from .compile import COMPILE_MODES, compile_model
+from .config import PRESETS, load_config
 from .errors import SDError
+from .pipeline import Sampling, image_size, txt2img, write_images
+from .precision import PRECISIONS, precision_dtype
+from .samplers import SAMPLERS
+from .weights import check_checkpoint_path
 
 DEFAULT_PROMPT = "a professional photograph of an astronaut riding a triceratops"  # the original's default
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .attention import ATTENTION_BACKENDS
-    from .compile import COMPILE_MODES
-    from .config import PRESETS
-    from .precision import PRECISIONS
-    from .samplers import SAMPLERS
-
     parser = argparse.ArgumentParser(prog="python -m sd", description="Stable Diffusion 2.1 (sd-perf).")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -65,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     t2i.add_argument(
         "--compile-vae", action="store_true", help="with --compile, also compile the VAE decoder"
     )
-    t2i.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    t2i.add_argument("--channels-last", action="store_true", help="channels-last memory format (UNet, VAE)")
+    t2i.add_argument(
+        "--fuse-projections",
+        action="store_true",
+        help="one matmul for each attention's Q, K, V (self) or K, V (cross); checkpoint keys unchanged",
+    )
     t2i.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -82,15 +88,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def txt2img_command(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .pipeline import txt2img
-    from .precision import precision_dtype
-    from .weights import check_checkpoint_path
+def _check_counts(args: argparse.Namespace) -> None:
+    """Counts must be positive: 0 never means "the default" (leave the option out for that)."""
+    for flag, value, meaning in (
+        ("--steps", args.steps, "sampler steps"),
+        ("--n-samples", args.n_samples, "images per batch"),
+        ("--n-iter", args.n_iter, "batches"),
+    ):
+        if value < 1:
+            raise SDError(
+                f"{flag} {value}: the number of {meaning} must be at least 1; pass a positive {flag}."
+            )
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+def txt2img_command(args: argparse.Namespace) -> int:
     # Cheap checks first: a typo should not wait for the model build (or the open_clip import).
     config = load_config(args.preset or args.config)
+    _check_counts(args)
+    height, width = image_size(config, args.H, args.W)
     if args.ckpt is not None:
         check_checkpoint_path(args.ckpt)
     device = torch.device(args.device)
@@ -98,9 +113,8 @@ def txt2img_command(args: argparse.Namespace) -> int:
         raise SDError(
             f"--device {args.device}: CUDA is not available in this PyTorch/machine; use --device cpu."
         )
-
-    from .compile import compile_model
-    from .model import load_model
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .model import load_model  # imports open_clip (seconds): only once the arguments are checked
 
     model = load_model(
         config,
@@ -111,44 +125,41 @@ def txt2img_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         unsafe_pickle=args.unsafe_pickle,
         channels_last=args.channels_last,
+        fuse_projections=args.fuse_projections,
     )
-    if args.ckpt is not None and getattr(model, "checkpoint", None) is None:
-        model.checkpoint = (
-            args.ckpt
-        )  # until load_model records it: the pipeline's random-weights check reads it
     if args.compile != "eager":
         compile_model(model, args.compile, vae=args.compile_vae)
+    sampling = Sampling(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance_scale=args.scale,
+        negative_prompt=args.negative_prompt,
+        eta=args.eta,
+        seed=args.seed,
+    )
     start = time.perf_counter()
     images = txt2img(
         model,
         args.n_samples * [args.prompt],
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        height=args.H,
-        width=args.W,
-        sampler=args.sampler,
-        guidance_scale=args.scale,
-        seed=args.seed,
+        sampling,
+        height=height,
+        width=width,
         n_iter=args.n_iter,
         precision=args.precision,
-        outdir=args.outdir,
         progress=not args.quiet,
-        eta=args.eta,
-        grid=args.grid,
     )
     elapsed = time.perf_counter() - start
+    write_images(images, args.outdir, grid_nrow=args.n_samples if args.grid else None)
     print(
-        f"wrote {len(images)} image(s) {images.shape[2]}x{images.shape[1]} to {args.outdir}/samples "
-        f"in {elapsed:.1f} s ({model.config.name}, attention {model.attention}, {args.precision}, "
-        f"{args.sampler} x {args.steps} steps)",
+        f"wrote {len(images)} image(s) {width}x{height} to {args.outdir}/samples "
+        f"in {elapsed:.1f} s ({model.config.name}, attention {model.attention}, VAE attention "
+        f"{model.vae_attention}, {args.precision}, {args.sampler} x {args.steps} steps)",
         file=sys.stderr,
     )
     return 0
 
 
 def attention_command(args: argparse.Namespace) -> int:
-    from .attention import available_attention
-
     for name, reason in available_attention(args.device).items():
         print(f"{name:20s} {'available' if reason is None else 'unavailable: ' + reason}")
     return 0

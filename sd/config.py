@@ -36,7 +36,9 @@ class UNetConfig:
     transformer_depth: int
     context_dim: int
     use_linear_in_transformer: bool
-    use_fp16: bool  # recorded only: our dtype follows load_model(dtype=...) and autocast (sd21-facts 2.9)
+    # Recorded only: our dtype follows load_model(dtype=...) and autocast. The original's use_fp16 casts the
+    # UNet's input to fp16 but not its weights (openaimodel.py UNetModel), so it only works under autocast.
+    use_fp16: bool
 
 
 @dataclass(frozen=True)

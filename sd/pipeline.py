@@ -1,8 +1,8 @@
-"""Text-to-image: the library form of the original `scripts/txt2img.py` (sd21-facts 8).
+"""Text-to-image: the library form of the original `scripts/txt2img.py` (its main loop).
 
 Per iteration: encode the prompts and the negative prompt (the original's uc = encoding of ""), draw x_T,
-sample, decode z / scale_factor with the VAE, map to pixels as the original (clamp((x + 1) / 2) * 255,
-truncated to uint8) and write `samples/%05d.png`. x_T comes from a CPU torch.Generator seeded with `seed`,
+sample, decode with `StableDiffusion.decode_latents` and map to pixels as the original (255 * x truncated
+to uint8); `write_images` writes them as `samples/%05d.png`. x_T comes from a CPU torch.Generator seeded with `seed`,
 the same generator also feeds the samplers' per-step noise: the stream is the one the original consumes
 on a CPU run (seed_everything, then x_T and the per-step draws), and it does not depend on the device.
 The original's invisible watermark is not applied.
@@ -13,10 +13,13 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from .errors import ConfigError, SDError
 from .precision import autocast_context, precision_dtype
@@ -37,16 +40,28 @@ def _check_precision(model, precision: str) -> torch.device:
         have = str(weight.dtype).replace("torch.", "")
         raise ConfigError(
             f"precision {precision!r} needs a {str(wanted).replace('torch.', '')} model but this one is {have}: "
-            f"build it with sd.load_model(..., dtype=sd.precision.precision_dtype({precision!r})) or pass the precision "
+            f"build it with sd.load_model(..., dtype=sd.precision_dtype({precision!r})) or pass the precision "
             "that matches the model."
         )
     return weight.device
 
 
-def _image_multiple(model) -> int:
-    """Image sides must divide by this: the VAE's downsampling times the UNet's."""
-    config = model.config
-    return 2 ** (len(config.vae.ch_mult) - 1) * 2 ** (len(config.unet.channel_mult) - 1)
+def image_size(config, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) in pixels: None means the config's default size; anything else must be a positive
+    multiple of the model's factor (the VAE's downsampling times the UNet's), else SDError."""
+    multiple = 2 ** (len(config.vae.ch_mult) - 1) * 2 ** (len(config.unet.channel_mult) - 1)
+    sizes = {
+        side: config.default_size if value is None else value
+        for side, value in (("height", height), ("width", width))
+    }
+    for side, value in sizes.items():
+        if value <= 0 or value % multiple:
+            raise SDError(
+                f"the image {side} must be a positive multiple of {multiple} for this model, got {value}: "
+                f"pass e.g. {max(multiple, value // multiple * multiple)} (--H/--W), or leave it out for the "
+                f"config's {config.default_size}."
+            )
+    return sizes["height"], sizes["width"]
 
 
 def _warn_random_weights(model) -> None:
@@ -61,10 +76,9 @@ def _warn_random_weights(model) -> None:
     )
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """VAE output (B, 3, H, W) in about [-1, 1] -> (B, H, W, 3) uint8, truncating as the original."""
-    x = torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0)
-    return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """decode_latents output (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, truncating as the original."""
+    return (255.0 * image.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
 
 
 def image_grid(images: np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
@@ -81,91 +95,75 @@ def image_grid(images: np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     Image.fromarray(array).save(path)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How txt2img samples: the sampler and its steps, guidance, DDIM's eta and the seed."""
+
+    sampler: str = "plms"  # sd.samplers.SAMPLERS, or "dpm" for dpmpp-2m
+    steps: int = 50
+    guidance_scale: float = 9.0  # classifier-free guidance; 1.0 switches it off
+    negative_prompt: str = ""  # the unconditional prompt (the original's uc is the encoding of "")
+    eta: float = 0.0  # DDIM only
+    seed: int = 42
 
 
 def txt2img(
     model,
     prompts: str | list[str],
+    sampling: Sampling = Sampling(),
     *,
-    negative_prompt: str = "",
-    steps: int = 50,
     height: int | None = None,
     width: int | None = None,
-    sampler: str = "plms",
-    guidance_scale: float = 9.0,
-    seed: int = 42,
     n_iter: int = 1,
     precision: str = "fp32",
-    outdir: str | Path | None = None,
     progress: bool = True,
-    eta: float = 0.0,
-    grid: bool = False,
 ) -> np.ndarray:
     """Generate n_iter batches of len(prompts) images; returns uint8 (n_iter * B, H, W, 3).
 
     precision: "fp32" | "fp16" | "bf16" (the model must have that dtype, see `precision_dtype`) or
     "autocast" (a float32 model run under torch.autocast on its device, the original's default: fp16 on
-    CUDA, bf16 on CPU). height/width default to the config's size (512 base, 768 v, 384 tiny). outdir:
-    PNGs go to outdir/samples/NNNNN.png, numbered after those already there, and with grid=True a
-    grid-NNNN.png per call (one row per iteration). progress: a tqdm bar over all sampler steps.
+    CUDA, bf16 on CPU). height/width: None means the config's size (512 base, 768 v, 384 tiny).
+    progress: a tqdm bar over all sampler steps. Write the result with `write_images`.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise SDError("txt2img needs at least one prompt.")
     if n_iter < 1:
         raise SDError(f"n_iter must be at least 1 (got {n_iter}).")
-    sampler = resolve_sampler(sampler)
+    sampler = resolve_sampler(sampling.sampler)
     device = _check_precision(model, precision)
-    height = height or model.config.default_size
-    width = width or model.config.default_size
-    multiple = _image_multiple(model)
-    if height % multiple or width % multiple:
-        raise SDError(
-            f"height and width must be multiples of {multiple} for this model (got {height}x{width})."
-        )
+    height, width = image_size(model.config, height, width)
     _warn_random_weights(model)
 
-    batch = len(prompts)
-    factor = 2 ** (len(model.config.vae.ch_mult) - 1)
+    batch, factor = len(prompts), 2 ** (len(model.config.vae.ch_mult) - 1)
     shape = (batch, model.config.channels, height // factor, width // factor)
-    generator = torch.Generator().manual_seed(seed)
-    autocast = autocast_context(precision, device)
-    vae_dtype = next(model.vae.parameters()).dtype
-
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=n_iter * num_model_steps(sampler, steps), desc=f"txt2img {sampler}", disable=not progress
-    )
+    generator = torch.Generator().manual_seed(sampling.seed)
+    total = n_iter * num_model_steps(sampler, sampling.steps)
+    bar = tqdm(total=total, desc=f"txt2img {sampler}", disable=not progress)
     results = []
-    with bar, torch.no_grad(), autocast:
+    with bar, torch.no_grad(), autocast_context(precision, device):
         for _ in range(n_iter):
-            uncond = model.encode_text(batch * [negative_prompt]) if guidance_scale != 1.0 else None
+            guided = sampling.guidance_scale != 1.0
+            uncond = model.encode_text(batch * [sampling.negative_prompt]) if guided else None
             cond = model.encode_text(prompts)
             x_T = torch.randn(shape, generator=generator).to(device)
             latents = sample(
                 model,
                 sampler,
-                steps,
+                sampling.steps,
                 cond,
                 uncond,
-                guidance_scale,
+                sampling.guidance_scale,
                 x_T,
-                eta=eta,
+                eta=sampling.eta,
                 generator=generator,
                 callback=lambda _info: bar.update(1),
             )
-            decoded = model.vae.decode((latents / model.scale_factor).to(vae_dtype))
-            results.append(to_uint8(decoded))
-    images = np.concatenate(results)
-    if outdir is not None:
-        write_images(images, outdir, grid_nrow=batch if grid else None)
-    return images
+            results.append(to_uint8(model.decode_latents(latents)))
+    return np.concatenate(results)
 
 
 def write_images(images: np.ndarray, outdir: str | Path, grid_nrow: int | None = None) -> list[Path]:

@@ -1,8 +1,11 @@
 """Samplers: PLMS, DDIM and DPM-Solver++(2M), reproducing SD 2.1's original samplers step for step.
 
-Each sampler is a pure function in k-diffusion's shape::
+Each sampler is a pure function in k-diffusion's shape, all with one signature::
 
-    x_0 = sampler(model_fn, x_T, alphas_cumprod, steps, ...)
+    x_0 = sampler(model_fn, x_T, alphas_cumprod, steps, *, eta=0.0, generator=None, callback=None)
+
+registered by name in `_SAMPLERS` (eta applies to DDIM only; DPM-Solver++ draws no noise, so it leaves
+`generator` alone).
 
 `model_fn(x, t)` returns the noise prediction eps for latents `x` at UNet timestep `t`, a (B,) tensor:
 int64 for DDIM/PLMS (the original's discrete timesteps), float32 for DPM-Solver (its continuous time mapped
@@ -19,12 +22,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .errors import SDError
 
-SAMPLERS = ("plms", "ddim", "dpmpp-2m")
 _ALIASES = {"dpm": "dpmpp-2m", "dpmpp_2m": "dpmpp-2m", "dpm-solver": "dpmpp-2m"}
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,12 +38,9 @@ class PLMSVPredictionWarning(UserWarning):
     """PLMS was asked to sample a v-prediction model; like the original it treats the output as eps."""
 
 
-def resolve_sampler(name: str) -> str:
-    """Canonical sampler name ("plms", "ddim", "dpmpp-2m"); "dpm" is accepted for "dpmpp-2m"."""
-    canonical = _ALIASES.get(name, name)
-    if canonical not in SAMPLERS:
-        raise SDError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)} ('dpm' = dpmpp-2m).")
-    return canonical
+def _check_no_eta(sampler: str, eta: float) -> None:
+    if eta != 0.0:
+        raise SDError(f"eta applies to the ddim sampler only (got eta={eta} with {sampler}).")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,6 +116,7 @@ def ddim(
     x_T: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     steps: int,
+    *,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
@@ -142,8 +143,10 @@ def plms(
     x_T: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     steps: int,
-    callback: Callback | None = None,
+    *,
+    eta: float = 0.0,
     generator: torch.Generator | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """PLMS (Liu, Ren, Lin, Zhao, "Pseudo Numerical Methods for Diffusion Models on Manifolds", ICLR 2022).
 
@@ -153,6 +156,7 @@ def plms(
     DDIM update draws (unused, sigma = 0) noise as the original does: pass the run's `generator` to keep
     its stream as the original's.
     """
+    _check_no_eta("plms", eta)
     timesteps, a_t, a_prev, _ = ddim_schedule(alphas_cumprod, steps, 0.0)
     time_range = timesteps[::-1]
     n = len(time_range)
@@ -204,13 +208,18 @@ def dpmpp_2m(
     x_T: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     steps: int,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
     Models", 2022), as the original's DPMSolverSampler: data prediction, multistep order 2, "dpm_solver"
     update, skip_type "time_uniform" (t = linspace(1, 1/N, S+1)), lower_order_final (the last step is first
-    order when S < 15). The UNet sees time (t - 1/N) * 1000 as float (999 ... 0). NFE = S.
+    order when S < 15). The UNet sees time (t - 1/N) * 1000 as float (999 ... 0). NFE = S. Deterministic:
+    `generator` is accepted for the common signature and never drawn from.
     """
+    _check_no_eta("dpmpp-2m", eta)
     if steps < 2:
         raise SDError(f"dpmpp-2m needs at least 2 steps (got {steps}), as the original (order 2 multistep).")
     n = alphas_cumprod.shape[0]
@@ -267,6 +276,61 @@ def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tens
     return alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The registry and the sampling call
+
+SamplerFn = Callable[..., torch.Tensor]  # (model_fn, x_T, alphas_cumprod, steps, *, eta, generator, callback)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: the function and what the caller needs to know about it."""
+
+    run: SamplerFn
+    model_steps: Callable[[int], int]  # sampler iterations (callback calls) for `steps`
+    v_as_eps: bool = False  # the original PLMSSampler treats a v-prediction output as eps
+
+
+_SAMPLERS: dict[str, Sampler] = {
+    "plms": Sampler(plms, lambda steps: len(ddim_timesteps(steps)), v_as_eps=True),
+    "ddim": Sampler(ddim, lambda steps: len(ddim_timesteps(steps))),
+    "dpmpp-2m": Sampler(dpmpp_2m, lambda steps: steps),
+}
+SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
+
+
+def resolve_sampler(name: str) -> str:
+    """Canonical sampler name ("plms", "ddim", "dpmpp-2m"); "dpm" is accepted for "dpmpp-2m"."""
+    canonical = _ALIASES.get(name, name)
+    if canonical not in _SAMPLERS:
+        raise SDError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)} ('dpm' = dpmpp-2m).")
+    return canonical
+
+
+def guided_model_fn(
+    model, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float, v_to_eps: bool
+) -> ModelFn:
+    """model_fn(x, t) -> eps from `model.unet`, with classifier-free guidance and v -> eps (see `sample`)."""
+    unet, ac = model.unet, model.alphas_cumprod
+    unet_dtype = next(unet.parameters()).dtype
+    guided = uncond is not None and guidance_scale != 1.0
+    context = torch.cat([uncond, cond]) if guided else cond
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guided:
+            out_u, out_c = unet(torch.cat([x, x]).to(unet_dtype), torch.cat([t, t]), context).chunk(2)
+            out = out_u + guidance_scale * (out_c - out_u)
+        else:
+            out = unet(x.to(unet_dtype), t, context)
+        out = out.to(x.dtype)
+        if v_to_eps:  # eps = alpha_t * v + sigma_t * x
+            alpha, sigma = _alpha_sigma(ac, t, x)
+            out = alpha * out + sigma * x
+        return out
+
+    return model_fn
+
+
 def sample(
     model,
     sampler: str,
@@ -288,43 +352,22 @@ def sample(
     PLMSSampler does: it treats the v output as eps (wrong images; a warning says so). The latents stay in
     x_T's dtype; the UNet gets them in its parameter dtype.
     """
-    sampler = resolve_sampler(sampler)
-    if eta != 0.0 and sampler != "ddim":
-        raise SDError(f"eta applies to the ddim sampler only (got eta={eta} with {sampler}).")
-    ac = model.alphas_cumprod
+    name = resolve_sampler(sampler)
+    spec = _SAMPLERS[name]
     v_prediction = model.parameterization == "v"
-    if v_prediction and sampler == "plms":
+    if v_prediction and spec.v_as_eps:
         warnings.warn(
             "PLMS with a v-prediction model (e.g. sd21-v): like the original PLMSSampler this treats the "
             "UNet's v output as eps, which gives wrong images. Use the ddim or dpmpp-2m sampler for v models.",
             PLMSVPredictionWarning,
             stacklevel=2,
         )
-    unet = model.unet
-    unet_dtype = next(unet.parameters()).dtype
-    guided = uncond is not None and guidance_scale != 1.0
-    context = torch.cat([uncond, cond]) if guided else cond
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if guided:
-            out_u, out_c = unet(torch.cat([x, x]).to(unet_dtype), torch.cat([t, t]), context).chunk(2)
-            out = out_u + guidance_scale * (out_c - out_u)
-        else:
-            out = unet(x.to(unet_dtype), t, context)
-        out = out.to(x.dtype)
-        if v_prediction and sampler != "plms":  # eps = alpha_t * v + sigma_t * x
-            alpha, sigma = _alpha_sigma(ac, t, x)
-            out = alpha * out + sigma * x
-        return out
-
-    if sampler == "plms":
-        return plms(model_fn, x_T, ac, steps, callback=callback, generator=generator)
-    if sampler == "ddim":
-        return ddim(model_fn, x_T, ac, steps, eta=eta, generator=generator, callback=callback)
-    return dpmpp_2m(model_fn, x_T, ac, steps, callback=callback)
+    model_fn = guided_model_fn(model, cond, uncond, guidance_scale, v_prediction and not spec.v_as_eps)
+    return spec.run(
+        model_fn, x_T, model.alphas_cumprod, steps, eta=eta, generator=generator, callback=callback
+    )
 
 
 def num_model_steps(sampler: str, steps: int) -> int:
     """How many sampler iterations (callback calls) `steps` gives: len(ddim_timesteps) or S for DPM."""
-    sampler = resolve_sampler(sampler)
-    return steps if sampler == "dpmpp-2m" else len(ddim_timesteps(steps))
+    return _SAMPLERS[resolve_sampler(sampler)].model_steps(steps)

@@ -1,8 +1,8 @@
 """The DDPM noise schedule of SD 2.1 and its 12 registered buffers.
 
-Reproduces `make_beta_schedule("linear", ...)` and `DDPM.register_schedule` of `ldm/models/diffusion/ddpm.py`
-(sd21-facts 5-6): betas are the squares of a float64 linspace between sqrt(linear_start) and
-sqrt(linear_end) ("scaled linear"), every derived quantity is computed in float64 and stored as float32.
+Reproduces `make_beta_schedule("linear", ...)` (ldm/modules/diffusionmodules/util.py) and
+`DDPM.register_schedule` (ldm/models/diffusion/ddpm.py): betas are the squares of a float64 linspace
+between sqrt(linear_start) and sqrt(linear_end) ("scaled linear"), every derived quantity is computed in float64 and stored as float32.
 The buffers are top-level in the original state dict (keys "betas", "alphas_cumprod", ...), in this order.
 """
 

@@ -1,7 +1,7 @@
 """The SD 2.1 denoising UNet, with the original module names (state-dict compatible).
 
 Reproduces `UNetModel` of `ldm/modules/diffusionmodules/openaimodel.py` with SpatialTransformer /
-BasicTransformerBlock of `ldm/modules/attention.py` as SD 2.1 configures them (sd21-facts 2): cos-first
+BasicTransformerBlock of `ldm/modules/attention.py` as SD 2.1's v2-inference.yaml configures them: cos-first
 sinusoidal timestep embedding, ResBlocks whose GroupNorm (eps 1e-5) computes in float32, transformers with
 GroupNorm eps 1e-6 and linear proj_in/proj_out, GEGLU feed-forward (first half value, second half gate,
 exact GELU), symmetric-padding Downsample, nearest Upsample, skip concatenation [h, skip].
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from sd.attention import AttendFn, CrossAttention
 from sd.config import UNetConfig
+from sd.layers import GroupNorm32, Upsample
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -33,15 +34,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that normalises in float32 and casts back (the original GroupNorm32, eps 1e-5 by default)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Weights too: in a pure fp16/bf16 model they are half precision (the original never has that).
-        weight, bias = self.weight.float(), self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -92,15 +84,6 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
 class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
@@ -149,8 +132,6 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
-        # Normalises in float32 like CUDA autocast does for the original's plain GroupNorm (and so also
-        # works under CPU autocast on PyTorch 1.12, which has no bf16 group_norm with fp32 weights).
         self.norm = GroupNorm32(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(

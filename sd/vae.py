@@ -1,7 +1,7 @@
 """The SD 2.1 autoencoder (AutoencoderKL), with the original module names (state-dict compatible).
 
 Reproduces `AutoencoderKL` of `ldm/models/autoencoder.py` and Encoder/Decoder of
-`ldm/modules/diffusionmodules/model.py` as SD 2.1 configures them (sd21-facts 3): GroupNorm(32, eps 1e-6),
+`ldm/modules/diffusionmodules/model.py` as SD 2.1's v2-inference.yaml configures them: GroupNorm(32, eps 1e-6),
 swish, ResnetBlocks with 1x1 `nin_shortcut`, encoder Downsample with asymmetric (0,1,0,1) zero padding and
 an unpadded stride-2 conv, nearest Upsample, and the single-head mid-block attention, which runs through the
 same attention kernels as the UNet (`attend` on (B, 1, HW, C)).
@@ -18,11 +18,10 @@ from torch import Tensor, nn
 
 from sd.attention import AttendFn
 from sd.config import VAEConfig
-from sd.unet import GroupNorm32, Upsample  # the decoder's upsampling is the UNet's (nearest x2, conv)
+from sd.layers import GroupNorm32, Upsample, fuse_projections
 
 
 def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 - the original's name
-    # float32 statistics, as CUDA autocast gives the original's plain GroupNorm (see unet.SpatialTransformer)
     return GroupNorm32(32, channels, eps=1e-6)
 
 
@@ -54,15 +53,20 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
         self.attend = attend
+        self.fused = False
+
+    def fuse_projections(self) -> None:
+        if not self.fused:
+            fuse_projections(self, ("q", "k", "v"), "qkv")
+            self.fused = True
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
+        qkv = self.qkv(y).chunk(3, dim=1) if self.fused else (self.q(y), self.k(y), self.v(y))
         # (B, C, H, W) -> (B, 1, HW, C): one head whose dimension is the channel count (copied so that
         # the channels are the contiguous last dim, which the fused kernels require).
-        q, k, v = (
-            t(y).permute(0, 2, 3, 1).reshape(b, 1, h * w, c).contiguous() for t in (self.q, self.k, self.v)
-        )
+        q, k, v = (t.permute(0, 2, 3, 1).reshape(b, 1, h * w, c).contiguous() for t in qkv)
         out = self.attend(q, k, v)  # (B, 1, HW, C)
         out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
         return x + self.proj_out(out)

@@ -7,13 +7,18 @@ checkpoints (EMA copies, the deleted vision tower, ...) are skipped and reported
 
 `.ckpt`/`.pt` files are pickles: they are read with `torch.load(weights_only=True)` where this PyTorch has
 it and refused otherwise unless the caller opts in with `unsafe_pickle=True` (arbitrary code execution).
+Before that, the pickle's opcodes are read (never run): a file that would call os.system, eval & co. when
+unpickled is refused as such. Every loaded tensor must be finite: NaN or inf weights are refused, naming
+the first bad tensor, instead of giving black images.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import pickletools
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,20 @@ KNOWN_EXTRAS: tuple[tuple[str, str], ...] = (
     ("cond_stage_model.model.attn_mask", "causal mask, rebuilt by the model"),
 )
 _LIST_LIMIT = 12  # names shown per category in an error message
+
+# Callables that a pickle of tensors never needs and that run code or commands when unpickled.
+_CODE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "shutil", "socket", "pty"}
+_CODE_MODULES |= {"ctypes", "code", "webbrowser", "pickle", "marshal", "commands", "platform"}
+_CODE_BUILTINS = {"eval", "exec", "execfile", "compile", "__import__", "getattr", "setattr", "open", "input"}
+_STRING_OPS = {
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "UNICODE",
+    "SHORT_BINSTRING",
+    "BINSTRING",
+    "STRING",
+}
 
 
 @dataclass
@@ -95,16 +114,73 @@ def check_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+def _pickle_globals(stream, max_pickles: int = 4) -> list[str]:
+    """ "module.name" of every global the pickles at the start of `stream` reference, read from the
+    opcodes without unpickling (GLOBAL, and STACK_GLOBAL with its two strings tracked through the memo)."""
+    found: list[str] = []
+    for _ in range(max_pickles):  # a legacy torch file is a few pickles, then raw storage bytes
+        strings: list[str] = []
+        memo: dict[int, object] = {}
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in _STRING_OPS:
+                    strings.append(arg)
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[int(arg)] = strings[-1] if strings else None
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(int(arg)), str):
+                    strings.append(memo[int(arg)])
+                elif op.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+        except Exception:  # not (or no longer) a pickle: what was read is what there is
+            break
+    return found
+
+
+def pickle_code_calls(path: Path) -> list[str]:
+    """The code-running callables (os.system, builtins.eval, ...) a .ckpt/.pt pickle would call when
+    unpickled; [] for a plain checkpoint (or a file too damaged to read, left to torch.load to report)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                refs = _pickle_globals(archive.open(names[0])) if names else []
+        else:
+            with path.open("rb") as f:
+                refs = _pickle_globals(f)
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+    calls = []
+    for ref in refs:
+        module, _, name = ref.rpartition(".")
+        if module.split(".")[0] in _CODE_MODULES or (
+            module in ("builtins", "__builtin__") and name in _CODE_BUILTINS
+        ):
+            calls.append(ref)
+    return calls
+
+
 def load_state_dict_file(path: str | Path, unsafe_pickle: bool = False) -> dict[str, object]:
     """Read a checkpoint file into a flat {key: tensor} dict (tensors on the CPU, in the file's dtype).
 
     `.safetensors` is read with safetensors. Anything else is a PyTorch pickle (`.ckpt`, `.pt`): a dict with
     a "state_dict" entry (Lightning checkpoints; other top-level entries such as global_step are dropped)
-    or a bare state dict.
+    or a bare state dict. A pickle that would run code when unpickled is refused (unless unsafe_pickle).
     """
     path = check_checkpoint_path(path)
+    safetensors = _is_safetensors(path)
+    calls = [] if safetensors or unsafe_pickle else pickle_code_calls(path)
+    if calls:
+        raise CheckpointError(
+            f"refusing to read {str(path)!r}: the file tries to execute code when unpickled (it calls "
+            f"{', '.join(dict.fromkeys(calls))}), which no checkpoint of weights needs. Do not load it; use the "
+            ".safetensors version of the checkpoint, which holds tensors only and cannot run code."
+        )
     try:
-        if _is_safetensors(path):
+        if safetensors:
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
@@ -169,7 +245,7 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, object], strict:
     Strict (default): any missing key, shape mismatch or unknown key raises one CheckpointError naming
     them all. Known extras (KNOWN_EXTRAS) and non-tensor entries are skipped and reported. With
     strict=False missing/unknown keys are reported but tolerated; a shape mismatch is always an error.
-    Returns a LoadReport; its summary is also logged.
+    A tensor holding NaN or inf is always an error. Returns a LoadReport; its summary is also logged.
     """
     targets = model.state_dict(keep_vars=True)
     report = LoadReport()
@@ -187,9 +263,7 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, object], strict:
         else:
             matched.append(key)
     missing = [k for k in targets if k not in state_dict]
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} with a different shape: {_names(mismatched)}")
+    problems = [f"{len(mismatched)} with a different shape: {_names(mismatched)}"] if mismatched else []
     if strict and missing:
         problems.append(f"{len(missing)} missing: {_names(missing)}")
     if strict and unexpected:
@@ -201,20 +275,30 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, object], strict:
             + ". Check that the config matches the checkpoint (sd21-base vs sd21-v vs tiny) and that the file "
             "is an SD 2.1 checkpoint."
         )
+    _check_finite(state_dict, matched)
     with torch.no_grad():
         for key in matched:
-            value = state_dict[key]
-            report.source_dtypes[str(value.dtype).replace("torch.", "")] = (
-                report.source_dtypes.get(str(value.dtype).replace("torch.", ""), 0) + 1
-            )
-            targets[key].copy_(value)
+            dtype = str(state_dict[key].dtype).replace("torch.", "")
+            report.source_dtypes[dtype] = report.source_dtypes.get(dtype, 0) + 1
+            targets[key].copy_(state_dict[key])
     report.loaded = len(matched)
     report.missing, report.unexpected = (missing, unexpected) if not strict else ([], [])
-    if report.ignored:
-        logger.warning("checkpoint: %s", report.summary())
-    else:
-        logger.info("checkpoint: %s", report.summary())
+    (logger.warning if report.ignored else logger.info)("checkpoint: %s", report.summary())
     return report
+
+
+def _check_finite(state_dict: Mapping[str, object], keys: list[str]) -> None:
+    """CheckpointError naming the first tensor (in file order) with a NaN or inf, and how many it has."""
+    for key in keys:
+        value = state_dict[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            nan = int(torch.isnan(value).sum())
+            raise CheckpointError(
+                f"checkpoint tensor {key!r} holds non-finite values ({bad} of {value.numel()}: {nan} NaN, "
+                f"{bad - nan} inf), so the model would output NaN (black images). The file is damaged or was "
+                "saved from a diverged run: use another copy of the checkpoint."
+            )
 
 
 def load_checkpoint(

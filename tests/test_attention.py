@@ -67,19 +67,70 @@ def test_original_is_the_original_math():
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
-def test_every_available_backend_agrees_with_original_fp32(name):
-    q, k, v = qkv()
+@pytest.mark.parametrize("d", [64, 128])
+def test_every_available_backend_computes_attention_fp32(name, d):
+    q, k, v = qkv(d=d)
     torch.testing.assert_close(
-        resolve_attention(name)(q, k, v), attend_original(q, k, v), atol=1e-5, rtol=1e-5
+        resolve_attention(name)(q, k, v).double(), textbook_attention(q, k, v), atol=1e-5, rtol=1e-5
     )
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
-def test_every_available_backend_agrees_in_bf16(name):
-    q, k, v = qkv()
-    out = resolve_attention(name, "cpu", torch.bfloat16)(q.bfloat16(), k.bfloat16(), v.bfloat16())
+def test_every_available_backend_computes_attention_bf16(name):
+    q, k, v = (t.bfloat16() for t in qkv())
+    out = resolve_attention(name, "cpu", torch.bfloat16)(q, k, v)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), attend_original(q, k, v), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.double(), textbook_attention(q, k, v), atol=3e-2, rtol=3e-2)
+
+
+def test_the_reference_catches_a_wrong_kernel():
+    # The checks above can fail: a kernel with the wrong scale (1/d instead of 1/sqrt(d)) is caught.
+    q, k, v = qkv()
+    wrong = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1], dim=-1) @ v
+    assert not torch.allclose(wrong.double(), textbook_attention(q, k, v), atol=1e-3)
+
+
+def test_registry_is_one_table():
+    assert ATTENTION_BACKENDS == tuple(attention._REGISTRY)
+    for name, backend in attention._REGISTRY.items():
+        assert set(backend.vae_fallbacks) <= set(ATTENTION_BACKENDS) - {name}, name
+        # Every chain ends in a kernel that runs at any head dim.
+        assert name == "original" or backend.vae_fallbacks[-1] == "original", name
+
+
+def test_kernel_is_built_once_per_resolve(monkeypatch):
+    built = []
+    entry = attention._REGISTRY["original"]
+
+    def factory():
+        built.append(1)
+        return attend_original
+
+    monkeypatch.setitem(attention._REGISTRY, "original", attention.Backend(factory, entry.missing, ()))
+    monkeypatch.setattr(attention, "_PROBES", {})
+    assert resolve_attention("original") is attend_original
+    assert len(built) == 1
+
+
+def narrow_backend(limit: int) -> attention.Backend:
+    """A fake kernel that, like flash attention on CUDA, refuses head dims above `limit`."""
+
+    def narrow(q, k, v):
+        if q.shape[-1] > limit:
+            raise RuntimeError("No available kernel.")
+        return attend_original(q, k, v)
+
+    return attention.Backend(lambda: narrow, lambda: None, attention._REGISTRY["sdpa-flash"].vae_fallbacks)
+
+
+def test_fallback_takes_the_first_backend_that_runs_the_wide_head(monkeypatch):
+    monkeypatch.setitem(attention._REGISTRY, "sdpa-flash", narrow_backend(256))
+    monkeypatch.setattr(attention, "_PROBES", {})
+    name, attend = attention.resolve_with_fallback("sdpa-flash", "cpu", torch.float32, (512,))
+    runs_512 = available_attention("cpu", torch.float32, (512,))
+    expected = next(n for n in ("sdpa-mem-efficient", "sdpa", "sdpa-math", "original") if runs_512[n] is None)
+    assert name == expected
+    assert attention.resolve_with_fallback("sdpa-flash", "cpu", torch.float32, (64,))[0] == "sdpa-flash"
 
 
 def test_original_keeps_qk_in_fp32_under_autocast():
@@ -114,12 +165,17 @@ def test_missing_sdpa_is_reported_as_such(monkeypatch):
         assert "scaled_dot_product_attention" in table[name]
 
 
-@pytest.mark.parametrize("context_dim", [None, 24])
-def test_cross_attention_splits_heads_outer(context_dim):
+def block_and_inputs(context_dim):
+    """A seeded CrossAttention (4 heads of 8) with x (2, 10, 32) and its context (None: self-attention)."""
     torch.manual_seed(0)
     block = CrossAttention(32, context_dim, heads=4, dim_head=8, attend=attend_original)
     x = torch.randn(2, 10, 32)
-    context = None if context_dim is None else torch.randn(2, 7, context_dim)
+    return block, x, None if context_dim is None else torch.randn(2, 7, context_dim)
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_cross_attention_splits_heads_outer(context_dim):
+    block, x, context = block_and_inputs(context_dim)
     src = x if context is None else context
     # The original: q = to_q(x); 'b n (h d) -> (b h) n d'; softmax(q k^T * scale) v; '(b h) n d -> b n (h d)'.
     q, k, v = block.to_q(x), block.to_k(src), block.to_v(src)
@@ -134,3 +190,54 @@ def test_cross_attention_splits_heads_outer(context_dim):
         "to_out.0.weight",
         "to_out.0.bias",
     ]
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_fused_projections_compute_the_same_with_the_same_keys(context_dim):
+    block, x, context = block_and_inputs(context_dim)
+    separate = {k: v.clone() for k, v in block.state_dict().items()}
+    expected = block(x, context)
+    block.fuse_projections()
+    assert block.fused == ("to_qkv" if context_dim is None else "to_kv")
+    assert not hasattr(block, "to_k")
+    torch.testing.assert_close(block(x, context), expected, atol=1e-6, rtol=1e-6)
+    saved = block.state_dict()
+    assert list(saved) == list(separate)
+    for key, value in separate.items():
+        assert torch.equal(saved[key], value), key
+    fresh = CrossAttention(32, context_dim, heads=4, dim_head=8, attend=attend_original)
+    fresh.fuse_projections()
+    fresh.load_state_dict(separate, strict=True)  # the original keys load into a fused block
+    torch.testing.assert_close(fresh(x, context), expected, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a CUDA device: the fused kernels against the float64 reference, and flash's real head-dim limit
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("d", [64, 512])
+@pytest.mark.parametrize("name", ATTENTION_BACKENDS)
+def test_cuda_backends_compute_attention_fp16(name, d):
+    if available_attention("cuda", torch.float16, (d,))[name] is not None:
+        pytest.skip(f"{name} does not run at head dim {d} here")
+    q, k, v = (t.half() for t in qkv(d=d))
+    out = resolve_attention(name, "cuda", torch.float16, (d,))(q.cuda(), k.cuda(), v.cuda())
+    assert out.dtype == torch.float16 and out.is_cuda
+    torch.testing.assert_close(out.cpu().double(), textbook_attention(q, k, v), atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_flash_gives_the_vae_head_to_the_next_kernel():
+    if available_attention("cuda", torch.float16)["sdpa-flash"] is not None:
+        pytest.skip("no flash kernel on this GPU/PyTorch")
+    assert available_attention("cuda", torch.float16, (512,))["sdpa-flash"] is not None  # flash stops at 256
+    name, attend = attention.resolve_with_fallback("sdpa-flash", "cuda", torch.float16, (512,))
+    assert name in attention._REGISTRY["sdpa-flash"].vae_fallbacks
+    q, k, v = (t.half() for t in qkv(d=512))
+    out = attend(q.cuda(), k.cuda(), v.cuda())
+    torch.testing.assert_close(out.cpu().double(), textbook_attention(q, k, v), atol=3e-3, rtol=3e-3)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from sd import capabilities
@@ -53,7 +55,13 @@ def test_txt2img_writes_pngs(tmp_path, capsys):
         (["--ckpt", "/nonexistent/model.safetensors"], "does not exist"),
         (["--attention", "xformers"], "cannot run here"),
         (["--steps", "2000"], "steps must be between 1 and 500"),
-        (["--H", "100"], "multiples of 64"),
+        (["--H", "100"], "height must be a positive multiple of 64 for this model, got 100: pass e.g. 64"),
+        (["--H", "0"], "height must be a positive multiple of 64 for this model, got 0"),
+        (["--H", "-64"], "height must be a positive multiple of 64 for this model, got -64"),
+        (["--W", "0"], "width must be a positive multiple of 64 for this model, got 0"),
+        (["--steps", "0"], "--steps 0: the number of sampler steps must be at least 1"),
+        (["--n-samples", "0"], "--n-samples 0: the number of images per batch must be at least 1"),
+        (["--n-iter", "0"], "--n-iter 0: the number of batches must be at least 1"),
     ],
 )
 def test_errors_are_one_paragraph_exit_2(tmp_path, capsys, extra, message):
@@ -111,3 +119,44 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["txt2img", "--preset", "tiny", "--config", "x.yaml"])
     assert exit_info.value.code == 2
+
+
+def bad_checkpoints(tmp_path, tiny_model) -> dict[str, tuple[Path, str]]:
+    """Each bad file a user may hold, written here, with the message the CLI must give for it."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    state = {k: v.detach().clone().contiguous() for k, v in tiny_model.state_dict().items()}
+    first = next(iter(state))
+    state[first].view(-1)[0] = float("nan")
+    nan_path = tmp_path / "nan.safetensors"
+    safetensors_torch.save_file(state, str(nan_path))
+    evil_path = tmp_path / "evil.ckpt"
+    evil_path.write_bytes(pickle.dumps({"state_dict": RunsCode()}))
+    good = tmp_path / "good.safetensors"
+    safetensors_torch.save_file({"x": torch.zeros(1000)}, str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    return {
+        "nan": (nan_path, f"checkpoint tensor {first!r} holds non-finite values"),
+        "evil": (evil_path, "tries to execute code when unpickled"),
+        "truncated": (truncated, "probably truncated or corrupted"),
+    }
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo ran",))
+
+
+@pytest.mark.parametrize("bad", ["nan", "evil", "truncated"])
+def test_bad_checkpoints_exit_2(tmp_path, capsys, tiny_model, bad):
+    path, message = bad_checkpoints(tmp_path, tiny_model)[bad]
+    rc = main(["txt2img", "--preset", "tiny", "--ckpt", str(path), "--quiet", "--outdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err
+
+
+def test_fused_channels_last_run(tmp_path, capsys):
+    args = ["txt2img", "--preset", "tiny", "--steps", "2", "--H", "64", "--W", "64", "--sampler", "ddim"]
+    rc = main([*args, "--fuse-projections", "--channels-last", "--quiet", "--outdir", str(tmp_path)])
+    assert rc == 0 and "wrote 1 image(s) 64x64" in capsys.readouterr().err

@@ -48,8 +48,10 @@ def test_compile_model_wraps_without_renaming_weights(tiny_config):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not capabilities.has_compile(), reason="torch.compile needs PyTorch 2")
-@pytest.mark.parametrize("attention", ["original", "sdpa-flash"])
-def test_unet_compiles_fullgraph_once_for_all_timesteps(tiny_config, attention):
+@pytest.mark.parametrize(
+    "attention, fuse", [("original", False), ("sdpa-flash", False), ("sdpa-flash", True)]
+)
+def test_unet_compiles_fullgraph_once_for_all_timesteps(tiny_config, attention, fuse):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -57,9 +59,8 @@ def test_unet_compiles_fullgraph_once_for_all_timesteps(tiny_config, attention):
         pytest.skip("no SDPA kernel selection in this PyTorch")
     torch._dynamo.reset()
     counters.clear()
-    model = load_model(
-        micro_config(tiny_config), attention=attention
-    )  # ~1/3 of the tiny graph: fast to compile
+    # ~1/3 of the tiny graph: fast to compile
+    model = load_model(micro_config(tiny_config), attention=attention, fuse_projections=fuse)
     keys = list(model.state_dict())
     x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 256)
     steps = [999, 981.0, torch.tensor(500), torch.tensor([480, 480]), torch.tensor([1.5, 1.5])]

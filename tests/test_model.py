@@ -43,7 +43,7 @@ def test_schedule_matches_register_schedule_in_numpy():
         assert value.dtype == torch.float32 and value.shape == (1000,), name
         np.testing.assert_allclose(value.numpy(), ref.astype(np.float32), rtol=1e-6, atol=0, err_msg=name)
     ac32 = ours["alphas_cumprod"]
-    # Measured values from the facts sheet (sd21-facts 6).
+    # The original's float32 alphas_cumprod (DDPM.register_schedule), as measured on its code.
     for i, value in ((0, 0.99915), (1, 0.998296), (981, 0.0057755), (999, 0.0046601)):
         assert abs(ac32[i].item() - value) < 5e-7, i
 
@@ -101,6 +101,7 @@ def test_dtype_keeps_schedule_float32_and_channels_last(tiny_config):
     assert all(getattr(model, name).dtype == torch.float32 for name in SCHEDULE_BUFFERS)
     conv = model.unet.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert model.channels_last
     with torch.no_grad():
         out = model.unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 77, 256))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -151,14 +152,21 @@ def test_checkpoint_round_trip_in_half_precision(tmp_path, tiny_config):
         torch.testing.assert_close(target, value.half().float(), atol=0, rtol=0)
 
 
-def test_checkpoint_model_computes_what_the_saved_model_computes(tmp_path, tiny_config):
-    # Loading skips the random initialisation; every tensor, non-persistent ones such as the text
-    # encoder's causal mask included, and so every output must still be the saved model's.
+@pytest.fixture
+def saved_micro(tmp_path, tiny_config):
+    """(config, model, its .safetensors file): a random micro model saved with the original keys."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     cfg = micro_config(tiny_config)
     source = load_model(cfg, seed=1)
     path = tmp_path / "micro.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    return cfg, source, path
+
+
+def test_checkpoint_model_computes_what_the_saved_model_computes(saved_micro):
+    # Loading skips the random initialisation; every tensor, non-persistent ones such as the text
+    # encoder's causal mask included, and so every output must still be the saved model's.
+    cfg, source, path = saved_micro
     loaded = load_model(cfg, path, seed=2)
     buffers = dict(loaded.named_buffers())
     for name, value in source.named_buffers():
@@ -167,7 +175,10 @@ def test_checkpoint_model_computes_what_the_saved_model_computes(tmp_path, tiny_
     with torch.no_grad():
         for model_out, expected in (
             (loaded.encode_text(["a photo", ""]), source.encode_text(["a photo", ""])),
-            (loaded.unet(x, t, source.encode_text(["a", "b"])), source.unet(x, t, source.encode_text(["a", "b"]))),
+            (
+                loaded.unet(x, t, source.encode_text(["a", "b"])),
+                source.unet(x, t, source.encode_text(["a", "b"])),
+            ),
             (loaded.vae.decode(x), source.vae.decode(x)),
         ):
             torch.testing.assert_close(model_out, expected, atol=0, rtol=0)
@@ -177,7 +188,9 @@ def test_failed_checkpoint_load_restores_weight_initialisation(tmp_path, tiny_co
     safetensors_torch = pytest.importorskip("safetensors.torch")
     path = tmp_path / "wrong.safetensors"
     safetensors_torch.save_file({"not.a.key": torch.zeros(2)}, str(path))
-    before = {n: getattr(torch.nn.init, n) for n in ("normal_", "kaiming_uniform_", "zeros_", "xavier_uniform_")}
+    before = {
+        n: getattr(torch.nn.init, n) for n in ("normal_", "kaiming_uniform_", "zeros_", "xavier_uniform_")
+    }
     with pytest.raises(CheckpointError, match="missing"):
         load_model(micro_config(tiny_config), path)
     assert {n: getattr(torch.nn.init, n) for n in before} == before
@@ -186,26 +199,97 @@ def test_failed_checkpoint_load_restores_weight_initialisation(tmp_path, tiny_co
     assert weight.abs().max() > 0  # initialisation works again after the failed load
 
 
-def test_vae_attention_can_differ_when_the_kernel_cannot_take_its_wide_head(monkeypatch, tiny_config):
-    # A kernel that, like flash attention on CUDA, stops at head dims of 256: here at 64, so that the
-    # tiny VAE's single 128-wide head is refused while the UNet's 64-d heads run.
+def narrow_kernel(limit):
+    """A kernel that, like flash attention on CUDA, stops at a head dim (256 there; `limit` here)."""
+
     def narrow(q, k, v):
-        if q.shape[-1] > 64:
+        if q.shape[-1] > limit:
             raise RuntimeError("No available kernel.")
         return attention.attend_original(q, k, v)
 
-    real_kernel = attention._kernel
-    monkeypatch.setattr(
-        attention, "_kernel", lambda name: narrow if name == "sdpa-math" else real_kernel(name)
-    )
-    monkeypatch.setattr(attention, "_missing_feature", lambda name: None)  # also where SDPA is absent
+    return narrow
+
+
+def refusing_backend(monkeypatch, name, kernel):
+    """Swap `name`'s registry entry for `kernel`, as if this PyTorch had it (also where SDPA is absent)."""
+    fallbacks = attention._REGISTRY[name].vae_fallbacks
+    monkeypatch.setitem(attention._REGISTRY, name, attention.Backend(lambda: kernel, lambda: None, fallbacks))
     monkeypatch.setattr(attention, "_PROBES", {})
+
+
+def wide_vae_config(tiny_config):
     cfg = micro_config(tiny_config)
-    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, ch_mult=(1, 4)))  # VAE head: 128
-    with pytest.raises(AttentionUnavailable) as exc:
-        load_model(cfg, attention="sdpa-math")
-    assert "VAE" in str(exc.value) and "head dim 128" in str(exc.value) and "vae_attention=" in str(exc.value)
-    model = load_model(cfg, attention="sdpa-math", vae_attention="original")
-    assert (model.attention, model.vae_attention) == ("sdpa-math", "original")
-    assert model.vae.decoder.mid.attn_1.attend is attention.attend_original
+    return dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, ch_mult=(1, 4)))  # VAE head: 128
+
+
+def test_vae_falls_back_when_the_kernel_cannot_take_its_wide_head(monkeypatch, tiny_config):
+    narrow = narrow_kernel(64)  # the UNet's 64-d heads run, the VAE's 128-wide head does not
+    refusing_backend(monkeypatch, "sdpa-flash", narrow)
+    model = load_model(wide_vae_config(tiny_config), attention="sdpa-flash")
+    runs_wide = attention.available_attention("cpu", torch.float32, (128,))
+    chain = attention._REGISTRY["sdpa-flash"].vae_fallbacks
+    expected = next(name for name in chain if runs_wide[name] is None)
+    assert (model.attention, model.vae_attention) == ("sdpa-flash", expected)
     assert all(m.attend is narrow for m in model.unet.modules() if hasattr(m, "attend"))
+    assert all(m.attend is not narrow for m in model.vae.modules() if hasattr(m, "attend"))
+    # An explicit VAE kernel is not second-guessed: it runs or it raises.
+    with pytest.raises(AttentionUnavailable) as exc:
+        load_model(wide_vae_config(tiny_config), attention="sdpa-flash", vae_attention="sdpa-flash")
+    assert "VAE" in str(exc.value) and "head dim 128" in str(exc.value)
+    model = load_model(wide_vae_config(tiny_config), attention="sdpa-flash", vae_attention="original")
+    assert model.vae.decoder.mid.attn_1.attend is attention.attend_original
+
+
+def test_a_unet_kernel_that_cannot_run_is_named_never_the_vae(monkeypatch, tiny_config):
+    refusing_backend(monkeypatch, "sdpa-flash", narrow_kernel(32))  # refuses the UNet's 64-d heads too
+    with pytest.raises(AttentionUnavailable) as exc:
+        load_model(wide_vae_config(tiny_config), attention="sdpa-flash")
+    message = str(exc.value)
+    assert message.startswith("Attention backend 'sdpa-flash' cannot run here: ") and "head dim 64" in message
+    assert "VAE" not in message
+
+
+def test_fused_projections_match_and_keep_the_original_keys(tmp_path, saved_micro):
+    from safetensors.torch import save_file
+
+    cfg, source, path = saved_micro
+    fused = load_model(cfg, path, fuse_projections=True)
+    assert fused.fused_projections and not source.fused_projections
+    assert hasattr(fused.unet.middle_block[1].transformer_blocks[0].attn1, "to_qkv")
+    assert hasattr(fused.vae.decoder.mid.attn_1, "qkv")
+    saved = fused.state_dict()
+    assert list(saved) == list(source.state_dict())
+    for key, value in source.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    resaved = tmp_path / "resaved.safetensors"
+    save_file(saved, str(resaved))  # the fused model saves an original-keyed file
+    again = load_model(cfg, resaved)  # and it loads strictly into an unfused model
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 77, cfg.unet.context_dim)
+    with torch.no_grad():
+        for part in (
+            lambda m: m.unet(x, t, c),
+            lambda m: m.vae.decode(x),
+            lambda m: m.vae.encode(torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))),
+        ):
+            expected = part(source)
+            torch.testing.assert_close(part(fused), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(part(again), expected, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_flash_model_runs_its_vae_and_fused_projections(tiny_config):
+    if attention.available_attention("cuda", torch.float16)["sdpa-flash"] is not None:
+        pytest.skip("no flash kernel on this GPU/PyTorch")
+    cfg = micro_config(tiny_config)
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, ch=128, ch_mult=(1, 4)))  # VAE head: 512
+    kwargs = {"attention": "sdpa-flash", "device": "cuda", "dtype": torch.float16}
+    model, fused = load_model(cfg, **kwargs), load_model(cfg, fuse_projections=True, **kwargs)
+    assert model.attention == "sdpa-flash" and model.vae_attention != "sdpa-flash"
+    x, t = torch.randn(2, 4, 16, 16, device="cuda"), torch.tensor([3, 700], device="cuda")
+    c = torch.randn(2, 77, cfg.unet.context_dim, device="cuda")
+    with torch.no_grad():
+        image = model.decode_latents(x)
+        assert image.shape == (2, 3, 32, 32) and torch.isfinite(image).all()
+        torch.testing.assert_close(fused.decode_latents(x), image, atol=5e-3, rtol=5e-3)
+        torch.testing.assert_close(fused.unet(x, t, c), model.unet(x, t, c), atol=1e-2, rtol=1e-2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -19,11 +20,19 @@ def tiny(tiny_model):
     return tiny_model  # read-only, shared with other test files
 
 
-def run(model, **kw):
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(P.Sampling)}
+
+
+def run(model, outdir=None, grid=False, **kw):
     kw = {"steps": 3, "height": 64, "width": 64, "sampler": "ddim", "progress": False, **kw}
+    prompts = kw.pop("prompts", ["a cat", "a dog"])
+    sampling = P.Sampling(**{k: kw.pop(k) for k in list(kw) if k in SAMPLING_FIELDS})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", P.RandomWeightsWarning)
-        return P.txt2img(model, kw.pop("prompts", ["a cat", "a dog"]), **kw)
+        images = P.txt2img(model, prompts, sampling, **kw)
+    if outdir is not None:
+        P.write_images(images, outdir, grid_nrow=len(images) if grid else None)
+    return images
 
 
 def test_images_and_pngs(tiny, tmp_path):
@@ -68,8 +77,15 @@ def test_x_T_from_a_cpu_generator_shared_with_the_sampler(tiny, monkeypatch):
     assert seen[-1][2] is None  # no unconditional pass when guidance is off
 
 
-def test_to_uint8_truncates_like_the_original():
-    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 3.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
+def test_decode_latents_and_to_uint8_truncate_like_the_original(tiny):
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        image = tiny.decode_latents(z)
+        raw = tiny.vae.decode(z / tiny.scale_factor)
+    assert image.shape == (1, 3, 64, 64) and image.dtype == torch.float32
+    assert image.min() >= 0 and image.max() <= 1
+    torch.testing.assert_close(image, ((raw + 1) / 2).clamp(0, 1), atol=0, rtol=0)
+    x = torch.tensor([0.0, 0.0, 0.5, 0.9995, 1.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
     assert P.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255]
 
 
@@ -83,8 +99,8 @@ def test_image_grid_matches_torchvision():
 def test_random_weights_warning_once_per_model(tiny):
     model = load_model("tiny", seed=3)
     with pytest.warns(P.RandomWeightsWarning, match="RANDOM WEIGHTS") as record:
-        P.txt2img(model, "x", steps=2, height=64, width=64, sampler="ddim", progress=False)
-        P.txt2img(model, "x", steps=2, height=64, width=64, sampler="ddim", progress=False)
+        P.txt2img(model, "x", P.Sampling("ddim", steps=2), height=64, width=64, progress=False)
+        P.txt2img(model, "x", P.Sampling("ddim", steps=2), height=64, width=64, progress=False)
     assert sum(issubclass(w.category, P.RandomWeightsWarning) for w in record) == 1
 
 
@@ -93,7 +109,7 @@ def test_no_warning_with_a_checkpoint():
     model.checkpoint = "model.safetensors"  # what load_model records when given a ckpt
     with warnings.catch_warnings():
         warnings.simplefilter("error", P.RandomWeightsWarning)
-        P.txt2img(model, "x", steps=2, height=64, width=64, sampler="ddim", progress=False)
+        P.txt2img(model, "x", P.Sampling("ddim", steps=2), height=64, width=64, progress=False)
 
 
 def test_precision_must_match_the_model(tiny):
@@ -104,9 +120,13 @@ def test_precision_must_match_the_model(tiny):
     assert P.precision_dtype("autocast") == torch.float32 and P.precision_dtype("bf16") == torch.bfloat16
 
 
-def test_bad_sizes_and_arguments(tiny):
-    with pytest.raises(SDError, match="multiples of 64"):
-        run(tiny, height=96)
+@pytest.mark.parametrize("height", [96, 0, -64])
+def test_bad_sizes_are_refused_never_defaulted(tiny, height):
+    with pytest.raises(SDError, match=f"positive multiple of 64 for this model, got {height}"):
+        run(tiny, height=height)
+
+
+def test_bad_arguments(tiny):
     with pytest.raises(SDError, match="unknown sampler"):
         run(tiny, sampler="euler")
     with pytest.raises(SDError, match="at least one prompt"):

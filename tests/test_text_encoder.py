@@ -18,7 +18,7 @@ from sd.config import TextEncoderConfig
 from sd.errors import ConfigError
 from sd.text_encoder import OpenCLIPTextEncoder
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd21-checkpoint-manifest.json"
+MANIFEST = Path(__file__).parent / "data" / "sd21-checkpoint-manifest.json"
 PROMPTS = ["a photograph of an astronaut riding a horse", "", "A Photo of a cat, in the snow!"]
 
 
@@ -54,7 +54,7 @@ def tiny_encoder():
     return enc
 
 
-def test_tokenizer_matches_facts_sheet(tiny_encoder):
+def test_tokenizer_matches_open_clip_tokenize(tiny_encoder):
     tokens = tiny_encoder.tokenize(["a photograph of an astronaut riding a horse", ""])
     assert tokens.dtype == torch.long and tokens.shape == (2, 77)
     assert tokens[0, :11].tolist() == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407, 0]
@@ -107,7 +107,6 @@ def test_frozen_and_mask_not_persistent(tiny_encoder):
 @pytest.mark.skipif(
     not capabilities.has_device_context(), reason="PyTorch < 2 builds meta modules on the CPU first (slow)"
 )
-@pytest.mark.skipif(not MANIFEST.exists(), reason="shared reference manifest not present")
 def test_vit_h_14_on_meta_matches_manifest():
     enc = OpenCLIPTextEncoder(TextEncoderConfig("ViT-H-14", "penultimate"), device="meta")
     manifest = json.loads(MANIFEST.read_text())["sd21-base"]

@@ -1,4 +1,4 @@
-"""sd.unet: the numerics the facts sheet pins down, and the whole UNet against diffusers' (the oracle)."""
+"""sd.unet: the numerics of the original openaimodel.py UNetModel, and the whole UNet against diffusers' (the oracle)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from conftest import assert_close
 
 from sd.attention import attend_original, available_attention, resolve_attention
+from sd.layers import GroupNorm32
 from sd.unet import (
     GEGLU,
     Downsample,
-    GroupNorm32,
     ResBlock,
     SpatialTransformer,
     UNetModel,

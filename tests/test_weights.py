@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 
 import pytest
 import torch
@@ -192,3 +194,69 @@ def test_tiny_model_roundtrip_fp16(tmp_path, tiny_model):
     assert report.loaded == len(state)
     for k, v in other.state_dict().items():
         torch.testing.assert_close(v, state[k].float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_first_bad_tensor(tmp_path, bad):
+    state = reference_state()
+    bad_keys = list(state)[2:]  # two bad tensors: the first one in file order is named
+    for key in bad_keys:
+        state[key].view(-1)[0] = bad
+    save_file(state, str(tmp_path / "m.safetensors"))
+    first_bad = next(k for k in weights.load_state_dict_file(tmp_path / "m.safetensors") if k in bad_keys)
+    model = Toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        weights.load_checkpoint(model, tmp_path / "m.safetensors")
+    message = str(err.value)
+    assert f"checkpoint tensor {first_bad!r} holds non-finite values" in message and "another copy" in message
+    assert ("1 NaN" if bad != bad else "1 inf") in message
+    for key, value in model.state_dict().items():  # nothing was copied in
+        assert torch.equal(value, before[key]), key
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious .ckpt does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
+def test_pickle_that_runs_code_is_refused_as_such(tmp_path, container):
+    marker, path = tmp_path / "ran", tmp_path / "evil.ckpt"
+    obj = {"state_dict": reference_state(), "hook": RunsCode(marker)}
+    if container == "torch.save":
+        torch.save(obj, str(path))
+    else:
+        path.write_bytes(pickle.dumps(obj, protocol=4))  # STACK_GLOBAL, not GLOBAL
+    with pytest.raises(CheckpointError) as err:
+        weights.load_state_dict_file(path)
+    message = str(err.value)
+    assert "tries to execute code when unpickled" in message and f"{os.system.__module__}.system" in message
+    assert ".safetensors" in message and "\n" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.skipif(not weights.torch_load_has_weights_only(), reason="needs torch.load(weights_only=)")
+def test_truncated_ckpt_keeps_the_truncated_message(tmp_path):
+    path = tmp_path / "m.ckpt"
+    torch.save(reference_state(), str(path))
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(CheckpointError, match="probably truncated or corrupted"):
+        weights.load_state_dict_file(path)
+
+
+def test_fused_projections_load_the_original_keys():
+    from sd.attention import CrossAttention, attend_original
+
+    torch.manual_seed(0)
+    source = CrossAttention(16, None, heads=2, dim_head=8, attend=attend_original)
+    fused = CrossAttention(16, None, heads=2, dim_head=8, attend=attend_original)
+    fused.fuse_projections()
+    weights.apply_state_dict(fused, source.state_dict())  # writes through the split views
+    x = torch.randn(1, 5, 16)
+    torch.testing.assert_close(fused(x), source(x), atol=1e-6, rtol=1e-6)
