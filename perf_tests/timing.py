@@ -132,29 +132,21 @@ def _warm_compiler(device: str | torch.device) -> None:
 
 
 @contextlib.contextmanager
-def compile_cache_state(mode: str, directory: str, device: str | torch.device,
-                        warmup: Callable[[], object]) -> Iterator[dict]:
-    """The state in which the next (measured) first call compiles; yields what to record.
+def compile_cache_state(mode: str, directory: str, device: str | torch.device) -> Iterator[None]:
+    """The Inductor cache state in which the next (measured) first call compiles.
 
-    "warm": an untimed warm-up compile (``warmup()``, one call of the workload) fills ``directory``, then
-    dynamo and Inductor's in-memory caches are reset, so the measured compile finds every graph in the
-    on-disk cache, as on a machine that has compiled this code before: the same state on a fresh machine
-    and an old one. "cold": a fresh empty cache folder inside ``directory`` for this compilation (deleted
-    afterwards), with the in-memory caches reset: a first compile on a fresh machine. Either way each
-    compiled case compiles afresh, so its compile time does not depend on the cases before it.
+    Both modes start from nothing compiled in this process (dynamo reset, Inductor's in-memory caches
+    cleared), so each compiled case compiles afresh and its compile time does not depend on the cases
+    before it. "warm": the suite's cache folder ``directory``; :func:`measure` makes sure the measured
+    compile finds every graph there (see ``warm_compile``). "cold": a fresh empty folder inside
+    ``directory`` for this compilation, deleted afterwards: a first compile on a fresh machine.
     """
     if mode not in COMPILE_CACHE_MODES:
         raise ValueError(f"unknown Inductor cache mode {mode!r}; choose from {', '.join(COMPILE_CACHE_MODES)}")
     _warm_compiler(device)
-    record: dict = {"compile_cache": mode}
     if mode == "warm":
         _forget_compiled()
-        t0 = time.perf_counter()
-        warmup()
-        sync(device)
-        record["warmup_compile_s"] = time.perf_counter() - t0
-        _forget_compiled()
-        yield record
+        yield
         return
     saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     os.makedirs(directory, exist_ok=True)
@@ -162,7 +154,7 @@ def compile_cache_state(mode: str, directory: str, device: str | torch.device,
     try:
         use_inductor_cache(fresh)
         _forget_compiled()
-        yield record
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -170,6 +162,15 @@ def compile_cache_state(mode: str, directory: str, device: str | torch.device,
             else:
                 os.environ[k] = v
         shutil.rmtree(fresh, ignore_errors=True)
+
+
+def _missed_cache(before: dict | None, after: dict | None) -> bool:
+    """Did a compile between the snapshots miss the Inductor cache? True when it cannot be told (no
+    counters, or no FX graph cache in use: neither a hit nor a miss counted)."""
+    if before is None or after is None:
+        return True
+    misses, hits = _delta(after, before, "fxgraph_cache_miss"), _delta(after, before, "fxgraph_cache_hit")
+    return misses is None or hits is None or misses > 0 or hits == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,9 +289,11 @@ def measure(
 ) -> dict:
     """Time ``fn`` with ``benchmark.pedantic``; returns what goes into ``benchmark.extra_info``.
 
-    Calls, in order: for a compiled ``fn`` with ``compile_cache`` set, the untimed warm-up compile that
-    state needs (see :func:`compile_cache_state`); the first call (timed alone: ``first_call_s``;
-    compiles when ``compiled``; its output goes to ``check``, which raises when it is wrong);
+    Calls, in order: the first call (timed alone: ``first_call_s``; compiles when ``compiled``, in the
+    Inductor cache state ``compile_cache`` (see :func:`compile_cache_state`); its output goes to
+    ``check``, which raises when it is wrong). With ``compile_cache="warm"`` a first call whose compile
+    missed the cache was the warm-up compile (``warmup_compile_s``): it is repeated after a reset, and the
+    repeat, which finds every graph cached, is the measured compile;
     ``warmup_rounds - 1`` more untimed calls (one more when compiled, so a recompile on the second call is
     not timed); the block sizing (see :func:`block_size`); then ``rounds`` timed rounds of
     ``iterations`` calls each with the garbage collector off. ``delay_s`` adds a known delay
@@ -301,18 +304,27 @@ def measure(
     is_cuda = device_type == "cuda"
     if min_round_s is None:
         min_round_s = MIN_ROUND_S.get(device_type, MIN_ROUND_S["cpu"])
-    extra: dict = {"compile_cache": None}
-    state = contextlib.nullcontext(extra)
+    extra: dict = {"compile_cache": compile_cache if compiled else None}
+    state = contextlib.nullcontext()
     if compiled and compile_cache is not None:
-        state = compile_cache_state(compile_cache, cache_dir or tempfile.gettempdir(), device, fn)
-    with state as record:
-        extra.update(record)
+        state = compile_cache_state(compile_cache, cache_dir or tempfile.gettempdir(), device)
+        extra["warmup_compile_s"] = None
+    extra_warmups = max(warmup_rounds, 1) - 1 + (1 if compiled else 0)
+    with state:
         before = compile_snapshot() if compiled else None
-        extra_warmups = max(warmup_rounds, 1) - 1 + (1 if compiled else 0)
         # CPU memory is read on the last untimed call: the first one when it is the only one (eager only).
         with PeakRSS() if (extra_warmups == 0 and not is_cuda) else _null() as probe:
             out, first_call_s = _timed_call(fn, device)
         after_first = compile_snapshot() if compiled else None
+        if compile_cache == "warm" and compiled and _missed_cache(before, after_first):
+            # The warm-up compile: this one filled the cache (a fresh machine, or code not compiled here
+            # before), so it is not the measurement. Forget it and compile again: now every graph is in
+            # the cache, as it is on a machine that has compiled this code before.
+            extra["warmup_compile_s"] = first_call_s
+            _forget_compiled()
+            before = compile_snapshot()
+            out, first_call_s = _timed_call(fn, device)
+            after_first = compile_snapshot()
     peak_rss = probe.delta
     extra["first_call_s"] = first_call_s
     if check is not None:

@@ -155,5 +155,18 @@ def test_compile_time_is_measured_in_the_same_cache_state_on_a_fresh_and_a_warm_
     for info in infos:
         assert info["compile_cache"] == "warm"
         assert info["fxgraph_cache_misses"] == 0 and info["fxgraph_cache_hits"] >= 1, info
-        assert info["warmup_compile_s"] > 0
-    assert any((tmp_path / "inductor").iterdir())
+    # The fresh folder needed the untimed warm-up compile; the warm one did not.
+    assert infos[0]["warmup_compile_s"] > 0 and infos[1]["warmup_compile_s"] is None
+    before = set((tmp_path / "inductor").iterdir())
+    assert before
+
+    # --inductor-cache cold: a fresh empty folder for the compilation, though the suite's folder is warm
+    out = tmp_path / "cold.json"
+    result = run_suite(tmp_path, *args, "--inductor-cache", "cold", "--benchmark-json", str(out), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    (bench,) = doc["benchmarks"]
+    info = bench["extra_info"]
+    assert info["compile_cache"] == "cold" and doc["perf_tests"]["inductor_cache"]["mode"] == "cold"
+    assert info["fxgraph_cache_misses"] >= 1 and info["fxgraph_cache_hits"] == 0, info
+    assert set((tmp_path / "inductor").iterdir()) == before  # the cold folder is gone

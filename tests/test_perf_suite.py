@@ -145,6 +145,7 @@ def test_explicit_batch_sizes_apply_to_every_kind():
     assert {c.batch_size for c in s.cases("vae-decode")} == {1, 2}
 
 
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "scaled_dot_product_attention"), reason="needs SDPA")
 def test_the_vae_kernel_is_sds_choice_and_is_recorded(monkeypatch):
     """Issue 11: a case asks for the UNet's kernel only; where that kernel refuses the VAE's wide head,
     sd picks the VAE's (load_model(vae_attention=None)) and the case records both."""

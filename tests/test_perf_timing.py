@@ -8,6 +8,7 @@ running the suite, not asserted in a unit test.
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import pytest
@@ -250,3 +251,65 @@ def test_oom_detection():
     assert timing.is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not timing.is_oom(RuntimeError("shape mismatch"))
     assert not timing.is_oom(ValueError("out of memory"))
+
+
+class FakeInductor:
+    """Dynamo's counters and an on-disk cache, as far as measure() sees them: the first call after a reset
+    compiles, hitting the cache when an earlier compile filled it."""
+
+    def __init__(self, events):
+        self.events, self.compiled, self.cached = events, False, False
+        self.counts = {"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 0}
+        self.dirs = []
+
+    def snapshot(self):
+        return {"graph_breaks": 0, "graphs": 0, "compile_s": 0.0, **self.counts}
+
+    def forget(self):
+        self.events.append("reset")
+        self.compiled = False
+
+    def fn(self):
+        self.dirs.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        if not self.compiled:
+            self.counts["fxgraph_cache_hit" if self.cached else "fxgraph_cache_miss"] += 1
+            self.compiled = self.cached = True
+            self.events.append("compile")
+        self.events.append("work")
+        return torch.ones(1)
+
+
+@pytest.fixture
+def inductor(events, monkeypatch):
+    fake = FakeInductor(events)
+    monkeypatch.setattr(timing, "compile_snapshot", fake.snapshot)
+    monkeypatch.setattr(timing, "_forget_compiled", fake.forget)
+    monkeypatch.setattr(timing, "_warm_compiler", lambda device: None)
+    return fake
+
+
+def test_warm_cache_the_measured_compile_always_reads_the_cache(events, inductor, tmp_path):
+    # A fresh machine: the first compile fills the cache, so it is the warm-up; the repeat is measured.
+    extra = timing.measure(FakeBenchmark(events), inductor.fn, device="cpu", rounds=1, compiled=True,
+                           compile_cache="warm", cache_dir=str(tmp_path))
+    assert events[:6] == ["reset", "compile", "work", "sync", "reset", "compile"]
+    assert extra["compile_cache"] == "warm" and extra["warmup_compile_s"] is not None
+    assert (extra["fxgraph_cache_hits"], extra["fxgraph_cache_misses"]) == (1, 0)
+    # A machine that compiled this before: one compile, measured, and in the same state.
+    events.clear()
+    extra = timing.measure(FakeBenchmark(events), inductor.fn, device="cpu", rounds=1, compiled=True,
+                           compile_cache="warm", cache_dir=str(tmp_path))
+    assert events[:4] == ["reset", "compile", "work", "sync"] and events.count("compile") == 1
+    assert extra["warmup_compile_s"] is None
+    assert (extra["fxgraph_cache_hits"], extra["fxgraph_cache_misses"]) == (1, 0)
+
+
+def test_cold_cache_compiles_into_a_fresh_folder_that_is_removed(events, inductor, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "suite"))
+    inductor.cached = False
+    extra = timing.measure(FakeBenchmark(events), inductor.fn, device="cpu", rounds=1, compiled=True,
+                           compile_cache="cold", cache_dir=str(tmp_path))
+    first_dir = inductor.dirs[0]
+    assert extra["compile_cache"] == "cold" and extra["fxgraph_cache_misses"] == 1
+    assert first_dir.startswith(str(tmp_path / "cold-")) and not os.path.exists(first_dir)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "suite")  # restored after the compile
