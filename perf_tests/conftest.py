@@ -61,7 +61,8 @@ def pytest_addoption(parser):
                 help="state each measured compilation starts from: warm (default; an untimed warm-up compile "
                      "first) or cold (a fresh empty cache folder per compiled case)")
     g.addoption("--inductor-cache-dir", dest="perf_inductor_cache_dir", default=None,
-                help=f"the suite's Inductor/Triton cache folder (default {INDUCTOR_CACHE_DIR})")
+                help="the suite's Inductor cache folder, Triton's in its triton/ subfolder (default: "
+                     f"$TORCHINDUCTOR_CACHE_DIR when set, else {INDUCTOR_CACHE_DIR})")
     g.addoption("--ckpt", dest="perf_ckpt", default=None, help="checkpoint to load (default: random weights)")
     g.addoption("--device", dest="perf_device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     g.addoption("--threads", dest="perf_threads", default=None,

@@ -185,7 +185,9 @@ class Options:
         min_round_ms = _number(get, "perf_min_round_ms", "--min-round-ms", "the shortest round (milliseconds)",
                                f"omit it for the default ({MIN_ROUND_S['cpu'] * 1e3:g} ms on a CPU, "
                                f"{MIN_ROUND_S['cuda'] * 1e3:g} ms on CUDA)", positive=True)
-        cache_dir = get("perf_inductor_cache_dir")
+        # An explicit folder, else the one the caller's environment names (``python -m perf_tests run``
+        # gives each side of an A/B its own), else the suite's per-user folder.
+        cache_dir = get("perf_inductor_cache_dir") or os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         return cls(
             device=device,
             grid=grid,

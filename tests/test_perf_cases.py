@@ -284,7 +284,8 @@ def _getter(**given):
     return lambda name: given.get(name)
 
 
-def test_options_defaults_and_overrides():
+def test_options_defaults_and_overrides(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     o = Options.parse(_getter(), cuda_available=False)
     assert o.device == "cpu" and o.grid.profile == "tiny" and o.grid.name == "gate"
     assert o.canary and o.inductor_cache == "warm" and o.min_round_s is None
@@ -303,6 +304,9 @@ def test_options_defaults_and_overrides():
     assert (o.steps, o.min_round_s, o.canary, o.inductor_cache) == (3, 0.02, False, "cold")
     assert Options.parse(_getter(), cuda_available=True).grid.profile == "sd21-base"
     assert Options.parse(_getter(perf_rounds="7", perf_grid="full"), cuda_available=False).grid.name == "full"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/side-a")  # what `python -m perf_tests run` sets
+    assert Options.parse(_getter(), cuda_available=False).inductor_cache_dir == "/tmp/side-a"
+    assert Options.parse(_getter(perf_inductor_cache_dir="/x"), cuda_available=False).inductor_cache_dir == "/x"
 
 
 def test_one_axis_on_a_focused_grid_keeps_the_kinds_other_axis():
