@@ -9,6 +9,7 @@ Run them with ``pytest tests/test_gpu.py`` on a machine with a GPU; ``nox -s gpu
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from types import SimpleNamespace
@@ -241,10 +242,19 @@ def test_sdp_kernel_fallback_of_pytorch_2_0_to_2_2_restricts_the_kernel(monkeypa
 @pytest.mark.parametrize("mode", ["compile-reduce-overhead", "compile-max-autotune"])
 def test_cuda_graph_outputs_are_not_overwritten_by_the_next_call(mode):
     from sd.compile import compile_model
+    from sd.config import load_config
     from sd.model import load_model
 
-    eager = load_model("tiny", attention="sdpa", device="cuda", dtype=torch.float16)
-    compiled = compile_model(load_model("tiny", attention="sdpa", device="cuda", dtype=torch.float16), mode)
+    # The tiny config cut to two levels (as tests/conftest.py's micro_config): max-autotune tunes every
+    # kernel, so the smaller the graph the shorter the test.
+    tiny = load_config("tiny")
+    micro = dataclasses.replace(tiny, unet=dataclasses.replace(
+        tiny.unet, channel_mult=(1, 2), attention_resolutions=(1,), num_res_blocks=1))
+
+    def build():
+        return load_model(micro, attention="sdpa", device="cuda", dtype=torch.float16)
+
+    eager, compiled = build(), compile_model(build(), mode)
     g = torch.Generator().manual_seed(0)
     context = torch.randn(2, 77, eager.config.unet.context_dim, generator=g).to("cuda", torch.float16)
     t = torch.full((2,), 500, device="cuda")
