@@ -3,9 +3,9 @@
 A :class:`Case` is one benchmark — a workload kind (``txt2img``, ``unet-step``, ...) at one point of the
 grid profile × attention backend × compile mode × batch size × precision. Its string form is the pytest id
 (``tiny-sdpa-math-eager-bs1-fp32``) and the benchmark name ``test_<kind>[<id>]`` is the key used by every
-report and baseline. The grid defaults per device, the reasons a combination cannot run here and the
-definition hash live here too, as plain functions with no model or pytest import, so the unit tests can
-check them in milliseconds.
+report and baseline. The grids (``gate`` and ``full``, per device), the reasons a combination cannot run
+here and the definition hash live here too, as plain functions with no model or pytest import, so the unit
+tests can check them in milliseconds.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from sd.precision import PRECISIONS
 
 # Bump when the meaning of a measurement changes (what a kind times, its inputs, the warm-up rule), so
 # that old baselines stop matching instead of being compared with something else.
-HARNESS_VERSION = 1
+# 2: a round times a block of calls (blocked autorange) and records per-call seconds; each compiled case
+#    compiles afresh under a recorded Inductor cache state.
+HARNESS_VERSION = 2
 
 
 # Kinds in the order they run inside one model group: txt2img first, so that a compiled model's
@@ -50,6 +52,10 @@ ATTENTION_SHAPES = {
 # Kinds that do not depend on the attention backend or on compilation (the text encoder is open_clip's
 # own transformer): only their original/eager point is a distinct measurement.
 BACKEND_FREE_KINDS = ("text-encode",)
+# Axes of issue 12, passed to sd.load_model(channels_last=..., fuse_projections=...). The first value of
+# each is the default, which adds nothing to a case id, so the ids (and baselines) of earlier runs stay valid.
+MEMORY_FORMATS = ("contiguous", "channels-last")
+PROJECTIONS = ("separate", "fused")
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,13 @@ class Case:
     steps: int | None = None  # txt2img only
     height: int | None = None
     width: int | None = None
+    memory_format: str = MEMORY_FORMATS[0]
+    projections: str = PROJECTIONS[0]
 
     def __str__(self) -> str:
-        return f"{self.profile}-{self.attention}-{self.compile}-bs{self.batch_size}-{self.precision}"
+        suffix = "".join(f"-{v}" for v, default in ((self.memory_format, MEMORY_FORMATS[0]),
+                                                     (self.projections, PROJECTIONS[0])) if v != default)
+        return f"{self.profile}-{self.attention}-{self.compile}-bs{self.batch_size}-{self.precision}{suffix}"
 
     @property
     def test_name(self) -> str:
@@ -108,15 +118,17 @@ class Case:
     @property
     def optimized(self) -> bool:
         """True when the case differs from the fp32/original/eager reference and must be checked."""
-        return not (self.attention == "original" and self.compile == "eager" and self.precision == "fp32")
+        return self != self.reference()
 
     def reference(self) -> Case:
-        """The case whose output this one must reproduce: original attention, eager, fp32."""
-        return dataclasses.replace(self, attention="original", compile="eager", precision="fp32")
+        """The case whose output this one must reproduce: original attention, eager, fp32, contiguous,
+        separate projections."""
+        return dataclasses.replace(self, attention="original", compile="eager", precision="fp32",
+                                   memory_format=MEMORY_FORMATS[0], projections=PROJECTIONS[0])
 
     def model_key(self) -> tuple:
-        """Cases with equal keys share one built (and compiled) model."""
-        return (self.profile, self.attention, self.compile, self.precision)
+        """Cases with equal keys share one built model (each compiled case compiles it afresh)."""
+        return (self.profile, self.attention, self.compile, self.precision, self.memory_format, self.projections)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,7 +136,8 @@ class Case:
 
 _ID_RE = re.compile(
     r"^(?P<profile>tiny|sd21-base|sd21-v|[a-z0-9]+)-(?P<attention>.+)-"
-    r"(?P<compile>eager|compile(?:-max-autotune|-reduce-overhead)?)-bs(?P<batch>\d+)-(?P<precision>[a-z0-9]+)$"
+    r"(?P<compile>eager|compile(?:-max-autotune|-reduce-overhead)?)-bs(?P<batch>\d+)-(?P<precision>[a-z0-9]+)"
+    r"(?P<memory_format>-channels-last)?(?P<projections>-fused)?$"
 )
 _NAME_RE = re.compile(r"^test_(?P<kind>[a-z0-9_]+)\[(?P<id>.+)\]$")
 
@@ -137,26 +150,37 @@ def parse_name(name: str) -> Case:
     i = _ID_RE.match(m["id"])
     if not i:
         raise ValueError(f"not a perf_tests case id: {m['id']!r}")
-    return Case(m["kind"].replace("_", "-"), i["profile"], i["attention"], i["compile"], int(i["batch"]), i["precision"])
+    return Case(m["kind"].replace("_", "-"), i["profile"], i["attention"], i["compile"], int(i["batch"]), i["precision"],
+                memory_format=i["memory_format"][1:] if i["memory_format"] else MEMORY_FORMATS[0],
+                projections=i["projections"][1:] if i["projections"] else PROJECTIONS[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Grid
 
 
+GRID_NAMES = ("gate", "full")
+
+
 @dataclass(frozen=True)
 class GridDefaults:
+    name: str  # "gate", "full", or "custom" when the command line chose an axis
     profile: str
     attention: tuple
     compile: tuple  # COMPILE_MODES names
     batch_sizes: tuple
     precisions: tuple
     kinds: tuple
-    rounds: Mapping  # kind -> rounds
+    rounds: Mapping  # kind -> timed rounds
     warmup_rounds: Mapping  # kind -> warm-up calls before the timed rounds (>= 1: the first is the check)
     kind_compile: Mapping = dataclasses.field(default_factory=dict)  # kind -> compile modes, unless --compile
     threads: int | None = None  # torch.set_num_threads for the run (None: leave torch's default)
     kind_batch_sizes: Mapping = dataclasses.field(default_factory=dict)  # kind -> sizes, unless --batch-size
+    # kind -> the (attention, compile) pairs measured for it: a focused grid is not a full cross product.
+    # Cleared when --attention or --compile is given.
+    kind_points: Mapping = dataclasses.field(default_factory=dict)
+    memory_formats: tuple = MEMORY_FORMATS[:1]
+    projections: tuple = PROJECTIONS[:1]
 
     def compile_for(self, kind: str) -> tuple:
         return tuple(self.kind_compile.get(kind, self.compile))
@@ -164,30 +188,103 @@ class GridDefaults:
     def batch_sizes_for(self, kind: str) -> tuple:
         return tuple(self.kind_batch_sizes.get(kind, self.batch_sizes))
 
+    def cases(self, kind: str, steps: int | None = None) -> list[Case]:
+        """The cases of ``kind`` in this grid, in grid order (what cannot run here is skipped later)."""
+        if kind not in self.kinds:
+            return []
+        cases = build_cases(kind, self.profile, self.attention, self.compile_for(kind), self.batch_sizes_for(kind),
+                            self.precisions, steps, self.memory_formats, self.projections)
+        points = self.kind_points.get(kind)
+        return cases if points is None else [c for c in cases if (c.attention, c.compile) in points]
 
-def default_grid(device_type: str) -> GridDefaults:
-    """The grid `pytest perf_tests` runs with no options: full on CUDA, small on a CPU."""
+    def as_dict(self) -> dict:
+        """The grid as plain JSON (``perf_tests.grid`` of a result file)."""
+        d = dataclasses.asdict(self)
+        d["kind_points"] = {k: [list(p) for p in v] for k, v in self.kind_points.items()}
+        return d
+
+
+def grid(name: str, device_type: str) -> GridDefaults:
+    """The named grid ("gate" or "full") for a device type ("cuda" or anything else: a CPU)."""
+    if name not in GRID_NAMES:
+        raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRID_NAMES)}")
     if device_type == "cuda":
-        return GridDefaults(
-            profile="sd21-base",
-            attention=ATTENTION_BACKENDS,
-            compile=COMPILE_MODES,
-            batch_sizes=(1, 2, 4),
-            precisions=("autocast", "fp16"),
-            kinds=KINDS,
-            rounds=dict.fromkeys(KINDS, 20) | {"txt2img": 10},
-            warmup_rounds=dict.fromkeys(KINDS, 3) | {"txt2img": 1},
-        )
-    # CPU: every backend x eager/default compile x batch 1 and 2, fp32, on the tiny profile. Economy on a
+        return _cuda_gate() if name == "gate" else _cuda_full()
+    return _cpu_gate() if name == "gate" else _cpu_full()
+
+
+def _cuda_gate() -> GridDefaults:
+    # The pull-request grid (issue 8): the seed study's configurations at fp16, batch 1 and 4, eager and
+    # compiled. The UNet step and the attention kernels are the sensitive instruments; txt2img (50 steps)
+    # at batch 1 is the end-to-end figure users quote. Estimated run time: see the README.
+    attention_kinds = KIND_FAMILIES["attention"]
+    return GridDefaults(
+        name="gate",
+        profile="sd21-base",
+        attention=("original", "sdpa", "sdpa-flash", "sdpa-mem-efficient", "xformers"),
+        compile=("eager", "compile"),
+        batch_sizes=(1, 4),
+        precisions=("fp16",),
+        kinds=("txt2img", "unet-step", *attention_kinds),
+        rounds=dict.fromkeys(KINDS, 20) | {"txt2img": 5},
+        warmup_rounds=dict.fromkeys(KINDS, 3) | {"txt2img": 1},
+        kind_batch_sizes={"txt2img": (1,)},
+    )
+
+
+def _cuda_full() -> GridDefaults:
+    return GridDefaults(
+        name="full",
+        profile="sd21-base",
+        attention=ATTENTION_BACKENDS,
+        compile=COMPILE_MODES,
+        batch_sizes=(1, 2, 4),
+        precisions=("autocast", "fp16"),
+        kinds=KINDS,
+        rounds=dict.fromkeys(KINDS, 20) | {"txt2img": 10},
+        warmup_rounds=dict.fromkeys(KINDS, 3) | {"txt2img": 1},
+    )
+
+
+def _cpu_gate() -> GridDefaults:
+    # A focused tiny grid for a pull request on a CPU (about 2-3 minutes on a 2-core machine with a warm
+    # Inductor cache): the UNet step as the main instrument (original, SDPA, the math kernel, SDPA
+    # compiled), one attention shape under every backend, and one end-to-end pair (the reference and the
+    # fastest configuration). Batch 1 only: batch 2 doubles the time and adds no new code path.
+    attention_points = tuple((a, "eager") for a in ATTENTION_BACKENDS)
+    return GridDefaults(
+        name="gate",
+        profile="tiny",
+        attention=ATTENTION_BACKENDS,
+        compile=("eager", "compile"),
+        batch_sizes=(1,),
+        precisions=("fp32",),
+        kinds=("txt2img", "unet-step", "vae-decode", "text-encode", "attention-self-1024"),
+        rounds=dict.fromkeys(KINDS, 10) | {"txt2img": 5, "vae-decode": 7},
+        warmup_rounds=dict.fromkeys(KINDS, 2) | {"txt2img": 1, "unet-step": 1, "vae-decode": 1},
+        threads=1,
+        kind_points={
+            "txt2img": (("original", "eager"), ("sdpa", "compile")),
+            "unet-step": (("original", "eager"), ("sdpa", "eager"), ("sdpa-math", "eager"), ("sdpa", "compile")),
+            "vae-decode": (("original", "eager"),),
+            "text-encode": (("original", "eager"),),
+            "attention-self-1024": attention_points,
+        },
+    )
+
+
+def _cpu_full() -> GridDefaults:
+    # Every backend x eager/default compile x batch 1 and 2, fp32, on the tiny profile. Economy on a
     # 2-core machine: torch.compile is exercised where it matters, on the UNet (unet-step, and txt2img
-    # which reuses the same compiled graphs, i.e. the study's "compile the U-Net only"); the VAE decoder
+    # which runs the same compiled graphs, i.e. the study's "compile the U-Net only"); the VAE decoder
     # and the bare attention kernels are measured eager unless --compile is given. txt2img and
     # vae-decode (seconds per call) run at batch 1 only unless --batch-size is given: batch 2 of
     # both tripled the run (16 min instead of about 6). One thread: a CPU shared with other jobs makes
     # multi-threaded (OpenMP) timings several times slower and erratic.
     # Rounds: >= 5 per case so a Mann-Whitney test of 5 vs 5 samples can reach p < 0.01; 10 for the
-    # UNet step, the case that carries the grid (power >= 0.95 for a 10% slowdown against a 3-run baseline).
+    # UNet step, the case that carries the grid.
     return GridDefaults(
+        name="full",
         profile="tiny",
         attention=ATTENTION_BACKENDS,
         compile=("eager", "compile"),
@@ -237,6 +334,8 @@ def build_cases(
     batch_sizes: Iterable[int],
     precisions: Iterable[str],
     steps: int | None = None,
+    memory_formats: Iterable[str] = MEMORY_FORMATS[:1],
+    projections: Iterable[str] = PROJECTIONS[:1],
 ) -> list[Case]:
     """All cases of one kind, in grid order. Nothing is filtered here: what cannot run is skipped later."""
     p = PROFILES[profile]
@@ -251,25 +350,30 @@ def build_cases(
             steps=(steps or p.steps) if kind == "txt2img" else None,
             height=p.height,
             width=p.width,
+            memory_format=mf,
+            projections=proj,
         )
         for prec in precisions
         for a in attention
         for c in compile
         for b in batch_sizes
+        for mf in memory_formats
+        for proj in projections
     ]
 
 
 def run_order(case: Case) -> tuple:
     """Sort key grouping cases that share a model (reference model first) so each is built once;
     the attention-kernel cases, which need no model, come after all model cases."""
-    is_ref_group = case.attention == "original" and case.compile == "eager" and case.precision == "fp32"
     return (
         case.profile,
         case.kind in ATTENTION_SHAPES,  # model-free kernel cases last
-        not is_ref_group,
+        case.optimized,  # the reference model's group first
         PRECISIONS.index(case.precision) if case.precision in PRECISIONS else 99,
         ATTENTION_BACKENDS.index(case.attention) if case.attention in ATTENTION_BACKENDS else 99,
         COMPILE_MODES.index(case.compile) if case.compile in COMPILE_MODES else 99,
+        MEMORY_FORMATS.index(case.memory_format) if case.memory_format in MEMORY_FORMATS else 99,
+        PROJECTIONS.index(case.projections) if case.projections in PROJECTIONS else 99,
         case.batch_size,
         KINDS.index(case.kind) if case.kind in KINDS else 99,
     )
@@ -281,11 +385,21 @@ def run_order(case: Case) -> tuple:
 
 def skip_reason(case: Case, caps: DeviceCapabilities) -> str | None:
     """Why ``case`` cannot be measured here (a sentence), or None when it can."""
-    if case.kind in BACKEND_FREE_KINDS and (case.attention != "original" or case.compile != "eager"):
+    model_axes = (case.memory_format, case.projections) != (MEMORY_FORMATS[0], PROJECTIONS[0])
+    if case.kind in BACKEND_FREE_KINDS and (case.attention != "original" or case.compile != "eager" or model_axes):
         return (
-            f"{case.kind} does not use the sd attention backend or torch.compile (open_clip's own "
-            f"transformer); measured once as {case.profile}-original-eager-bs{case.batch_size}-{case.precision}"
+            f"{case.kind} does not use the sd attention backend, torch.compile, the memory format or fused "
+            f"projections (open_clip's own transformer); measured once as "
+            f"{case.profile}-original-eager-bs{case.batch_size}-{case.precision}"
         )
+    if case.kind in ATTENTION_SHAPES and model_axes:
+        plain = dataclasses.replace(case, memory_format=MEMORY_FORMATS[0], projections=PROJECTIONS[0])
+        return (f"{case.kind} calls the kernel on given q, k, v: the memory format and fused projections "
+                f"are model settings; measured as {plain}")
+    if case.memory_format not in MEMORY_FORMATS:
+        return f"unknown memory format {case.memory_format!r}"
+    if case.projections not in PROJECTIONS:
+        return f"unknown projections {case.projections!r}"
     reason = caps.attention.get(case.attention, f"unknown attention backend {case.attention!r}")
     if reason is not None:
         return f"attention backend {case.attention!r} is not available here: {reason}"

@@ -6,11 +6,13 @@ stable and filesystem-safe; everything else is recorded so a later reader can te
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 
 
@@ -30,6 +32,19 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_id(machine_id_file: str = "/etc/machine-id") -> str:
+    """12 hex chars naming this machine (not its type): sha256 of /etc/machine-id (or, without one, the
+    hostname) and the hostname. Runs on different machines of one device type differ by more than runs
+    on one machine; the comparator needs to know which is which."""
+    host = socket.gethostname()
+    try:
+        with open(machine_id_file) as f:
+            ident = f.read().strip() or host
+    except OSError:
+        ident = host
+    return hashlib.sha256(f"{ident}\n{host}".encode()).hexdigest()[:12]
 
 
 def env_label(torch_version: str) -> str:
@@ -94,6 +109,7 @@ def machine_info(device: str, repo_root: str | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(repo_root),
         "env": env_label(torch.__version__),
+        "machine_id": machine_id(),
     }
     info["device_name"], info["device_slug"] = device_identity(device)
     if device_type == "cuda":

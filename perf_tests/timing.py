@@ -1,25 +1,42 @@
-"""How one case is timed: first call, explicit warm-up, then pytest-benchmark's pedantic rounds.
+"""How one case is timed: first call, explicit warm-up, a block size, then pytest-benchmark's pedantic rounds.
 
-The timer is pytest-benchmark's; what it times is ``work(); delay(); synchronize()``, so asynchronous
-CUDA work is inside the measured interval. Model build, weight fill and compilation happen before the
-rounds. The first call (which compiles, for a compiled model) is timed on its own, its output is checked
-against the reference, and the compile counters of torch._dynamo (graph breaks, graphs compiled, compile
-seconds) are read around it. Memory: CUDA peak allocated/reserved over the timed rounds; on a CPU, the
-peak RSS delta of the last untimed call (a sampling thread would perturb the timed rounds).
+A round times a block of ``n`` calls, ``n`` sized after the warm-up so that a round lasts at least
+``min_round_s`` (torch.utils.benchmark's blocked autorange): a 3 ms call is no longer at the mercy of one
+timer tick or one scheduler slice. pytest-benchmark's ``pedantic(iterations=n)`` divides each round by
+``n``, so ``stats.data`` holds per-call seconds; ``extra_info.iterations`` records ``n``.
+
+What a round times is ``n x (work(); delay())`` followed by one device synchronisation, so asynchronous
+CUDA work is inside the measured interval. One synchronisation per block is enough: the block starts on an
+idle device (the previous block ended with a synchronisation) and ends when the device has finished every
+call of it; synchronising after each call would add a host round trip per call to what is measured.
+
+Model build, weight fill and compilation happen before the rounds. The first call (which compiles, for a
+compiled model) is timed on its own, its output is checked against the reference, and the compile
+counters of torch._dynamo (graph breaks, graphs compiled, compile seconds, Inductor cache hits) are read
+around it. The Inductor cache state of that compilation is set here (see :func:`compile_cache_state`).
+Memory: CUDA peak allocated/reserved over the timed rounds, from a reset taken just before them; on a
+CPU, the peak RSS delta of the last untimed call (a sampling thread would perturb the timed rounds).
 This module knows nothing about Stable Diffusion: it times any ``fn() -> tensor``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import math
 import os
+import shutil
 import statistics
+import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import torch
+
+# A round lasts at least this long (seconds) unless --min-round-ms says otherwise.
+MIN_ROUND_S = {"cpu": 0.05, "cuda": 0.02}
+MAX_BLOCK = 100_000  # calls per round, a bound for a function that does nothing
 
 
 def sync(device: str | torch.device) -> None:
@@ -48,17 +65,17 @@ def _dynamo_utils():
 
 
 def compile_snapshot() -> dict | None:
-    """Cumulative dynamo counters now: graph breaks, graphs compiled, compile seconds, cache hits."""
+    """Cumulative dynamo counters now: graph breaks, graphs compiled, compile seconds, cache hits.
+    torch._dynamo.reset() clears the compile-time metrics, so a missing metric counts as 0 s."""
     du = _dynamo_utils()
     if du is None:
         return None
     c = du.counters
     metrics = getattr(du, "compilation_time_metrics", {})
-    compile_s = metrics.get("_compile.compile_inner")
     return {
         "graph_breaks": sum(c["graph_break"].values()),
         "graphs": c["stats"]["unique_graphs"],
-        "compile_s": sum(compile_s) if compile_s is not None else None,
+        "compile_s": sum(sum(v) for k, v in metrics.items() if k.endswith("compile_inner")),
         "fxgraph_cache_hit": c["inductor"]["fxgraph_cache_hit"],
         "fxgraph_cache_miss": c["inductor"]["fxgraph_cache_miss"],
     }
@@ -68,6 +85,92 @@ def _delta(after: dict, before: dict, key: str):
     if after.get(key) is None or before.get(key) is None:
         return None
     return after[key] - before[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Inductor cache state of a measured compilation
+
+COMPILE_CACHE_MODES = ("warm", "cold")
+
+
+def use_inductor_cache(directory: str) -> None:
+    """Point Inductor and Triton at ``directory`` (Triton in its ``triton`` subfolder), for this process
+    and the compile workers it starts. Call before anything compiles."""
+    os.makedirs(directory, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(directory, "triton")
+
+
+def _forget_compiled() -> None:
+    """Drop what this process has compiled: dynamo's code caches and Inductor's in-memory caches (loaded
+    kernels keyed by their source), so the next call compiles again and reads only the on-disk cache."""
+    torch._dynamo.reset()
+    try:
+        import torch._inductor.utils as iu
+    except ImportError:
+        return
+    clear = getattr(iu, "clear_caches", None) or getattr(iu, "clear_inductor_caches", None)
+    if clear is not None:
+        clear()
+
+
+_PROCESS_WARMED: set = set()
+
+
+def _warm_compiler(device: str | torch.device) -> None:
+    """Compile one trivial function once per process and device (untimed): Inductor's imports, the C++
+    compiler and ISA checks (CPU) or the Triton/CUDA start-up cost seconds once per process; without
+    this they would land in whichever compiled case runs first, so its compile time would depend on the
+    selection."""
+    key = str(torch.device(device))
+    if key in _PROCESS_WARMED:
+        return
+    x = torch.ones(8, device=device)
+    torch.compile(lambda t: (t * 2).sum(), fullgraph=True, dynamic=False)(x)
+    sync(device)
+    _PROCESS_WARMED.add(key)
+
+
+@contextlib.contextmanager
+def compile_cache_state(mode: str, directory: str, device: str | torch.device) -> Iterator[None]:
+    """The Inductor cache state in which the next (measured) first call compiles.
+
+    Both modes start from nothing compiled in this process (dynamo reset, Inductor's in-memory caches
+    cleared), so each compiled case compiles afresh and its compile time does not depend on the cases
+    before it. "warm": the suite's cache folder ``directory``; :func:`measure` makes sure the measured
+    compile finds every graph there (see ``warm_compile``). "cold": a fresh empty folder inside
+    ``directory`` for this compilation, deleted afterwards: a first compile on a fresh machine.
+    """
+    if mode not in COMPILE_CACHE_MODES:
+        raise ValueError(f"unknown Inductor cache mode {mode!r}; choose from {', '.join(COMPILE_CACHE_MODES)}")
+    _warm_compiler(device)
+    if mode == "warm":
+        _forget_compiled()
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    os.makedirs(directory, exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix="cold-", dir=directory)
+    try:
+        use_inductor_cache(fresh)
+        _forget_compiled()
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(fresh, ignore_errors=True)
+
+
+def _missed_cache(before: dict | None, after: dict | None) -> bool:
+    """Did a compile between the snapshots miss the Inductor cache? True when it cannot be told (no
+    counters, or no FX graph cache in use: neither a hit nor a miss counted)."""
+    if before is None or after is None:
+        return True
+    misses, hits = _delta(after, before, "fxgraph_cache_miss"), _delta(after, before, "fxgraph_cache_hit")
+    return misses is None or hits is None or misses > 0 or hits == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,10 +255,22 @@ def _cuda_cycles_per_second(device) -> float:
 # The measurement
 
 
-@dataclass
-class Measured:
-    first_output: object
-    extra: dict  # goes into benchmark.extra_info
+def _timed_call(fn: Callable[[], object], device) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def block_size(call_s: float, min_round_s: float, time_block: Callable[[int], float]) -> int:
+    """Calls per round so that a round lasts at least ``min_round_s``: estimated from one call's time
+    ``call_s``, then confirmed by timing a block with ``time_block(n)`` (grown until it is long enough)."""
+    n, elapsed = 1, call_s
+    while elapsed < min_round_s and n < MAX_BLOCK:
+        per_call = max(elapsed / n, 1e-9)
+        n = min(MAX_BLOCK, max(n + 1, math.ceil(min_round_s / per_call - 1e-9)))
+        elapsed = time_block(n)
+    return n
 
 
 def measure(
@@ -165,50 +280,90 @@ def measure(
     device: str | torch.device,
     rounds: int,
     warmup_rounds: int = 1,
+    min_round_s: float | None = None,
     compiled: bool = False,
+    compile_cache: str | None = None,
+    cache_dir: str | None = None,
     check: Callable[[object], dict] | None = None,
     delay_s: float = 0.0,
-) -> Measured:
-    """Time ``fn`` with ``benchmark.pedantic``.
+) -> dict:
+    """Time ``fn`` with ``benchmark.pedantic``; returns what goes into ``benchmark.extra_info``.
 
-    Calls, in order: the first call (timed alone: ``first_call_s``; compiles when ``compiled``; its
-    output goes to ``check``, which raises when it is wrong), ``warmup_rounds - 1`` more untimed calls
-    (one more when compiled, so a recompile on the second call is not timed), then ``rounds`` timed
-    calls with the garbage collector off. ``delay_s`` adds a known delay (device-side on CUDA) to every
-    timed round: the timing-honesty check, whose medians must move by about that much.
+    Calls, in order: the first call (timed alone: ``first_call_s``; compiles when ``compiled``, in the
+    Inductor cache state ``compile_cache`` (see :func:`compile_cache_state`); its output goes to
+    ``check``, which raises when it is wrong). With ``compile_cache="warm"`` a first call whose compile
+    missed the cache was the warm-up compile (``warmup_compile_s``): it is repeated after a reset, and the
+    repeat, which finds every graph cached, is the measured compile;
+    ``warmup_rounds - 1`` more untimed calls (one more when compiled, so a recompile on the second call is
+    not timed); the block sizing (see :func:`block_size`); then ``rounds`` timed rounds of
+    ``iterations`` calls each with the garbage collector off. ``delay_s`` adds a known delay
+    (device-side on CUDA) to every call: the timing-honesty check, whose medians must move by about that
+    much.
     """
-    is_cuda = torch.device(device).type == "cuda"
-    before = compile_snapshot() if compiled else None
-
+    device_type = torch.device(device).type
+    is_cuda = device_type == "cuda"
+    if min_round_s is None:
+        min_round_s = MIN_ROUND_S.get(device_type, MIN_ROUND_S["cpu"])
+    extra: dict = {"compile_cache": compile_cache if compiled else None}
+    state = contextlib.nullcontext()
+    if compiled and compile_cache is not None:
+        state = compile_cache_state(compile_cache, cache_dir or tempfile.gettempdir(), device)
+        extra["warmup_compile_s"] = None
     extra_warmups = max(warmup_rounds, 1) - 1 + (1 if compiled else 0)
-    # CPU memory is read on the last untimed call: the first one when it is the only one (eager only).
-    with PeakRSS() if (extra_warmups == 0 and not is_cuda) else _null() as probe:
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        first_call_s = time.perf_counter() - t0
+    with state:
+        before = compile_snapshot() if compiled else None
+        # CPU memory is read on the last untimed call: the first one when it is the only one (eager only).
+        with PeakRSS() if (extra_warmups == 0 and not is_cuda) else _null() as probe:
+            out, first_call_s = _timed_call(fn, device)
+        after_first = compile_snapshot() if compiled else None
+        if compile_cache == "warm" and compiled and _missed_cache(before, after_first):
+            # The warm-up compile: this one filled the cache (a fresh machine, or code not compiled here
+            # before), so it is not the measurement. Forget it and compile again: now every graph is in
+            # the cache, as it is on a machine that has compiled this code before.
+            extra["warmup_compile_s"] = first_call_s
+            _forget_compiled()
+            before = compile_snapshot()
+            out, first_call_s = _timed_call(fn, device)
+            after_first = compile_snapshot()
     peak_rss = probe.delta
-    after_first = compile_snapshot() if compiled else None
-    extra = {"first_call_s": first_call_s}
+    extra["first_call_s"] = first_call_s
     if check is not None:
         extra.update(check(out))
+    del out
 
+    last_call_s = first_call_s
     for i in range(extra_warmups):
         last = i == extra_warmups - 1
         with PeakRSS() if (last and not is_cuda) else _null() as probe:
-            fn()
-            sync(device)
+            _, last_call_s = _timed_call(fn, device)
         if last and not is_cuda:
             peak_rss = probe.delta
+    if extra_warmups == 0 and first_call_s < 10 * min_round_s:
+        _, last_call_s = _timed_call(fn, device)  # a first call's one-off costs would undersize the block
 
     delay = make_delay(device, delay_s)
     if delay_s:
         extra["injected_delay_s"] = delay_s
 
+    def time_block(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+            delay()
+        sync(device)
+        return time.perf_counter() - t0
+
+    iterations = block_size(last_call_s + delay_s, min_round_s, time_block)
+    extra.update(iterations=iterations, min_round_s=min_round_s)
+    calls = 0
+
     def timed():
+        nonlocal calls
         fn()
         delay()
-        sync(device)
+        calls += 1
+        if calls % iterations == 0:
+            sync(device)  # once per block, inside the timed region
 
     if is_cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -216,10 +371,11 @@ def measure(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=1)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=iterations)
     finally:
         if gc_was_enabled:
             gc.enable()
+    sync(device)  # pedantic makes one more untimed call after blocked rounds, for its return value
 
     if is_cuda:
         extra["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -230,7 +386,7 @@ def measure(
 
     extra.update(_compile_extra(compiled, before, after_first, compile_snapshot() if compiled else None,
                                 first_call_s, benchmark))
-    return Measured(out, extra)
+    return extra
 
 
 def _compile_extra(compiled, before, after_first, end, first_call_s, benchmark) -> dict:

@@ -11,18 +11,23 @@ from fixed seeds, outside the timed call:
   text-encode  encode_text of batch prompts + batch empty prompts (what one txt2img call encodes)
   attention-*  one attend(q, k, v) call of the backend at SD 2.1's shapes (2 x batch, heads of 64)
 
-Models are cached by ``Case.model_key()``; the reference model (original attention, eager, fp32) is kept
-for the whole session, any other model until a case needs a different one (cases are sorted so each
-model is built once). A compiled model is released with ``torch._dynamo.reset()`` so the next one does
-not run into dynamo's per-function cache limit.
+Models are built with the case's attention backend for the UNet and no ``vae_attention``: sd picks the
+VAE's kernel (its single head is 512 wide, beyond the flash kernels), and ``extra_info`` records both
+(``attention_used``, ``vae_attention_used``). Models are cached by ``Case.model_key()``; the reference
+model (original attention, eager, fp32) is kept for the whole session, on the CPU whenever it is not
+running, so that it never counts in another case's device memory; any other model is kept until a case
+needs a different one (cases are sorted so each model is built once). Compiled cases share the compiled
+model of their key, but each compiles it afresh (perf_tests.timing.compile_cache_state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -46,6 +51,20 @@ def _param_dtype(module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+class Unsupported(Exception):
+    """The sd package in this tree cannot build what a case asks for (the case is skipped, with this)."""
+
+
+def decode_latents(model, z: torch.Tensor) -> torch.Tensor:
+    """Latents -> image in [0, 1]: sd's StableDiffusion.decode_latents, the pipeline's own decoding."""
+    decode = getattr(model, "decode_latents", None)
+    if decode is not None:
+        return decode(z)
+    # sd without decode_latents (before its refactor lands): the same three lines as sd.pipeline.
+    image = model.vae.decode((z / model.scale_factor).to(_param_dtype(model.vae)))
+    return ((image.float() + 1) / 2).clamp(0, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Kinds
 
@@ -54,16 +73,14 @@ def make_txt2img(model, case: Case, profile: Profile, device: str) -> Callable:
     bs, h, w = case.batch_size, case.height // 8, case.width // 8
     prompts, empty = [profile.prompt] * bs, [""] * bs
     x_T = _randn((bs, 4, h, w), SEEDS["x_T"], device)  # float32, as the original script
-    vae_dtype = _param_dtype(model.vae)
 
     def fn():
         with torch.no_grad(), autocast_context(case.precision, device):
             cond = model.encode_text(prompts)
             uncond = model.encode_text(empty)
             z = sample(model, profile.sampler, steps=case.steps, cond=cond, uncond=uncond,
-                          guidance_scale=profile.guidance_scale, x_T=x_T)
-            image = model.vae.decode((z / model.scale_factor).to(vae_dtype))
-            return ((image.float() + 1) / 2).clamp(0, 1)  # (B, 3, H, W), as txt2img before uint8
+                       guidance_scale=profile.guidance_scale, x_T=x_T)
+            return decode_latents(model, z).float()  # (B, 3, H, W) in [0, 1], as txt2img before uint8
 
     return fn
 
@@ -83,13 +100,11 @@ def make_unet_step(model, case: Case, profile: Profile, device: str) -> Callable
 
 
 def make_vae_decode(model, case: Case, profile: Profile, device: str) -> Callable:
-    dtype = _param_dtype(model.vae)
     z = _randn((case.batch_size, 4, case.height // 8, case.width // 8), SEEDS["vae"], device)
-    z = (z / model.scale_factor).to(dtype)
 
     def fn():
         with torch.no_grad(), autocast_context(case.precision, device):
-            return model.vae.decode(z)
+            return decode_latents(model, z)
 
     return fn
 
@@ -132,6 +147,9 @@ MAKERS = {
 }
 
 
+KINDS_WITH_VAE = ("txt2img", "vae-decode")
+
+
 def needs_model(kind: str) -> bool:
     return kind in MAKERS
 
@@ -148,13 +166,26 @@ class Built:
     model: object  # sd model, or the attend callable for attention kinds
     attention_used: str
     build_s: float
+    vae_attention_used: str | None = None  # the VAE's kernel (sd's choice), for the kinds that run the VAE
     compile_setup_s: float | None = None  # sd.compile_model / torch.compile call itself (lazy: small)
     compiled_parts: list | None = None
-    cases_run: list = field(default_factory=list)  # names of the cases that ran on it so far
+
+
+def _load_options(case: Case) -> dict:
+    """load_model keyword arguments for the case's memory format and projections."""
+    options = {}
+    if case.memory_format == "channels-last":
+        options["channels_last"] = True
+    if case.projections == "fused":
+        if "fuse_projections" not in inspect.signature(load_model).parameters:
+            raise Unsupported("this sd.load_model has no fuse_projections= (fused QKV projections)")
+        options["fuse_projections"] = True
+    return options
 
 
 class ModelCache:
-    """Session cache: the reference model for the whole run, plus the most recent other model."""
+    """Session cache: the reference model for the whole run (on the CPU between its uses), plus the most
+    recent other model."""
 
     def __init__(self, device: str, ckpt: str | None = None, compile_vae: bool = False):
         self.device = device
@@ -171,20 +202,33 @@ class ModelCache:
         if not case.optimized:
             if case.profile not in self._reference:
                 self._reference[case.profile] = self._build(case)
-            return self._reference[case.profile]
+            built = self._reference[case.profile]
+            built.model.to(self.device)  # back from park_reference (a no-op when it is there)
+            return built
+        self.park_reference()
         if self._current is not None and self._current.key == key:
             return self._current
         self.release()
         self._current = self._build(case)
         return self._current
 
+    def park_reference(self) -> None:
+        """Move the reference models off the accelerator: a case's peak memory must not include them."""
+        if torch.device(self.device).type == "cpu":
+            return
+        for built in self._reference.values():
+            built.model.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
+
     def _build(self, case: Case) -> Built:
         t0 = time.perf_counter()
         model = load_model(PROFILES[case.profile].preset, self.ckpt, attention=case.attention,
-                           device=self.device, dtype=precision_dtype(case.precision))
+                           device=self.device, dtype=precision_dtype(case.precision), **_load_options(case))
         model.eval()
         build_s = time.perf_counter() - t0
-        built = Built(case.model_key(), model, model.attention, build_s)
+        built = Built(case.model_key(), model, model.attention, build_s,
+                      vae_attention_used=getattr(model, "vae_attention", None))
         if case.compiled:
             t0 = time.perf_counter()
             built.model = compile_model(model, case.compile, vae=self.compile_vae)
@@ -197,11 +241,7 @@ class ModelCache:
         key = (case.attention, case.compile, case.precision)
         if key not in self._kernels:
             self.release()  # attention cases run after all model cases (run_order): free the last model
-            if case.compiled and any(k[1] != "eager" for k in self._kernels):
-                # one compiled kernel at a time keeps dynamo's per-function cache small
-                self._kernels = {k: b for k, b in self._kernels.items() if k[1] == "eager"}
-                torch._dynamo.reset()
-
+            self.park_reference()
             t0 = time.perf_counter()
             attend = resolve_attention(case.attention, self.device, precision_dtype(case.precision))
             parts = None
@@ -211,14 +251,10 @@ class ModelCache:
         return self._kernels[key]
 
     def release(self) -> None:
-        """Drop the current non-reference model (and dynamo's caches if it was compiled)."""
+        """Drop the current non-reference model."""
         if self._current is None:
             return
-        compiled = self._current.key[2] != "eager"
         self._current = None
-        if compiled:
-            self._kernels = {k: b for k, b in self._kernels.items() if k[1] == "eager"}
-            torch._dynamo.reset()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -228,6 +264,9 @@ def make_workload(cache: ModelCache, case: Case) -> tuple[Callable, Built]:
     profile = PROFILES[case.profile]
     if needs_model(case.kind):
         built = cache.model(case)
-        return MAKERS[case.kind](built.model, case, profile, cache.device), built
+        fn = MAKERS[case.kind](built.model, case, profile, cache.device)
+        if case.kind not in KINDS_WITH_VAE:
+            built = dataclasses.replace(built, vae_attention_used=None)
+        return fn, built
     built = cache.kernel(case)
     return make_attention(built.model, case, profile, cache.device), built

@@ -9,7 +9,8 @@ import pytest
 from perf_tests import machine
 
 REQUIRED_KEYS = {"device_name", "device_slug", "device_type", "gpu_count", "driver_version", "cuda_version",
-                 "cudnn_version", "torch_version", "open_clip_version", "cpu_model", "git_commit", "env"}
+                 "cudnn_version", "torch_version", "open_clip_version", "cpu_model", "git_commit", "env",
+                 "machine_id"}
 
 
 @pytest.mark.parametrize("name, slug", [
@@ -37,3 +38,13 @@ def test_cpu_machine_info_has_the_required_keys():
     assert info["device_slug"].startswith("cpu-")
     assert re.fullmatch(r"[a-z0-9-]+", info["device_slug"])
     assert info["env"] in ("torch1", "torch2")
+
+
+def test_machine_id_is_stable_and_names_the_machine(tmp_path):
+    assert re.fullmatch(r"[0-9a-f]{12}", machine.machine_id())
+    assert machine.machine_id() == machine.machine_id()
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("0123456789abcdef\n")
+    b.write_text("fedcba9876543210\n")
+    assert machine.machine_id(str(a)) != machine.machine_id(str(b))
+    assert re.fullmatch(r"[0-9a-f]{12}", machine.machine_id(str(tmp_path / "missing")))

@@ -8,6 +8,8 @@ running the suite, not asserted in a unit test.
 from __future__ import annotations
 
 import gc
+import os
+import time
 
 import pytest
 import torch
@@ -16,22 +18,28 @@ from perf_tests import timing
 
 
 class FakeBenchmark:
-    """The part of pytest-benchmark's fixture that measure() uses, recording what happens."""
+    """The part of pytest-benchmark's fixture that measure() uses, recording what happens; like the real
+    one it makes one more (untimed) call after blocked rounds, for its return value."""
 
     def __init__(self, events):
         self.events = events
         self.extra_info = {}
         self.rounds = None
+        self.iterations = None
         self.gc_enabled_in_rounds = []
 
     def pedantic(self, target, rounds=1, warmup_rounds=0, iterations=1):
-        self.rounds = rounds
+        self.rounds, self.iterations = rounds, iterations
         assert warmup_rounds == 0  # warm-up is explicit, done by measure() before
         for _ in range(rounds):
             self.events.append("start")
             self.gc_enabled_in_rounds.append(gc.isenabled())
-            target()
+            for _ in range(iterations):
+                target()
             self.events.append("stop")
+        if iterations > 1:
+            self.events.append("result call")
+            target()
 
 
 class Tiny(torch.nn.Module):
@@ -43,74 +51,136 @@ class Tiny(torch.nn.Module):
         return self.lin(x).relu()
 
 
+class FakeClock:
+    """time.perf_counter for timing.py that advances only when the workload runs: block sizes are exact."""
+
+    sleep = staticmethod(time.sleep)  # PeakRSS's sampling thread
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
 @pytest.fixture
-def events(monkeypatch):
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(timing, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def events(monkeypatch, clock):
     log = []
     monkeypatch.setattr(timing, "sync", lambda device: log.append("sync"))
     return log
 
 
-def workload(log):
+def workload(log, clock=None, call_s=0.1):
     model, x = Tiny(), torch.randn(2, 8)
 
     def fn():
         log.append("work")
+        if clock is not None:
+            clock.now += call_s
         with torch.no_grad():
             return model(x)
 
     return fn
 
 
-def test_sync_is_inside_every_timed_round_and_gc_is_off(events):
+def timed_part(events):
+    return events[events.index("start"):]
+
+
+def test_sync_is_inside_every_timed_round_and_gc_is_off(events, clock):
     b = FakeBenchmark(events)
-    timing.measure(b, workload(events), device="cpu", rounds=4, warmup_rounds=1)
-    timed = events[events.index("start"):]
-    assert timed == ["start", "work", "sync", "stop"] * 4
+    extra = timing.measure(b, workload(events, clock, 0.1), device="cpu", rounds=4, warmup_rounds=1,
+                           min_round_s=0.05)
+    assert extra["iterations"] == 1 and b.iterations == 1  # a call longer than a round: one call per round
+    assert timed_part(events) == ["start", "work", "sync", "stop"] * 4 + ["sync"]
     assert b.gc_enabled_in_rounds == [False] * 4
     assert gc.isenabled()
 
 
-def test_first_call_check_and_explicit_warmup(events):
+def test_a_short_call_is_timed_in_blocks_with_one_sync_per_block(events, clock):
+    b = FakeBenchmark(events)
+    extra = timing.measure(b, workload(events, clock, 0.003), device="cpu", rounds=3, warmup_rounds=2,
+                           min_round_s=0.05)
+    n = 17  # ceil(0.05 / 0.003): the fewest calls that make a 50 ms round
+    assert extra["iterations"] == n and b.iterations == n and extra["min_round_s"] == 0.05
+    block = ["start", *["work"] * n, "sync", "stop"]
+    assert timed_part(events) == block * 3 + ["result call", "work", "sync"]
+
+
+def test_block_size_grows_until_a_block_is_long_enough():
+    blocks = []
+
+    def time_block(n):  # a machine that got faster after the estimate: the first block is too short
+        blocks.append(n)
+        return n * (0.001 if len(blocks) == 1 else 0.002)
+
+    # 0.05 / 0.004 -> 13 calls, which took 13 ms: re-estimated at 1 ms a call -> 50 calls, 100 ms: done
+    assert timing.block_size(0.004, 0.05, time_block) == 50
+    assert blocks == [13, 50]
+    assert timing.block_size(0.2, 0.05, time_block) == 1  # one call is already a long enough round
+    assert timing.block_size(0.0, 0.05, lambda n: 0.0) == timing.MAX_BLOCK  # a no-op stops at the bound
+
+
+def test_first_call_check_and_explicit_warmup(events, clock):
     b = FakeBenchmark(events)
     seen = []
-    m = timing.measure(b, workload(events), device="cpu", rounds=3, warmup_rounds=3,
-                       check=lambda out: seen.append(out.shape) or {"correct": True})
+    extra = timing.measure(b, workload(events, clock), device="cpu", rounds=3, warmup_rounds=3,
+                           check=lambda out: seen.append(out.shape) or {"correct": True})
     before_rounds = events[:events.index("start")]
     assert before_rounds.count("work") == 3  # the first call (checked) + 2 more warm-up calls
     assert seen == [torch.Size([2, 8])]
-    assert m.extra["correct"] is True and m.extra["first_call_s"] > 0
+    assert extra["correct"] is True and extra["first_call_s"] == pytest.approx(0.1)
     assert events.count("work") == 3 + 3
 
 
-def test_compiled_gets_one_more_warmup_and_zero_warmup_still_checks(events):
+def test_compiled_gets_one_more_warmup_and_zero_warmup_still_checks(events, clock):
     b = FakeBenchmark(events)
-    timing.measure(b, workload(events), device="cpu", rounds=2, warmup_rounds=1, compiled=True)
+    timing.measure(b, workload(events, clock), device="cpu", rounds=2, warmup_rounds=1, compiled=True)
     assert events[:events.index("start")].count("work") == 2
     events.clear()
-    timing.measure(FakeBenchmark(events), workload(events), device="cpu", rounds=2, warmup_rounds=0,
+    timing.measure(FakeBenchmark(events), workload(events, clock), device="cpu", rounds=2, warmup_rounds=0,
                    check=lambda out: {})
-    assert events[:events.index("start")].count("work") == 1
+    # the checked first call, then one more to size the block (a first call is not a steady-state call)
+    assert events[:events.index("start")].count("work") == 2
 
 
-def test_failed_check_times_nothing(events):
+def test_failed_check_times_nothing(events, clock):
     b = FakeBenchmark(events)
 
     def check(out):
         raise AssertionError("wrong output")
 
     with pytest.raises(AssertionError):
-        timing.measure(b, workload(events), device="cpu", rounds=3, check=check)
+        timing.measure(b, workload(events, clock), device="cpu", rounds=3, check=check)
     assert b.rounds is None and "start" not in events
 
 
-def test_eager_extra_info_fields(events):
-    m = timing.measure(FakeBenchmark(events), workload(events), device="cpu", rounds=2, warmup_rounds=2)
-    assert m.extra["compile_time_s"] is None and m.extra["graph_breaks"] is None and m.extra["recompiles"] is None
-    assert m.extra["peak_reserved_bytes"] is None
-    assert m.extra["peak_memory_bytes"] is None or m.extra["peak_memory_bytes"] >= 0
+def test_eager_extra_info_fields(events, clock):
+    extra = timing.measure(FakeBenchmark(events), workload(events, clock), device="cpu", rounds=2, warmup_rounds=2)
+    assert extra["compile_time_s"] is None and extra["graph_breaks"] is None and extra["recompiles"] is None
+    assert extra["compile_cache"] is None and extra["peak_reserved_bytes"] is None
 
 
-def test_injected_slowdown_is_inside_the_timed_region(events, monkeypatch):
+def test_cpu_peak_memory_is_the_workloads_allocation():
+    if timing._rss_bytes() is None:
+        pytest.skip("no /proc/self/statm on this platform")
+
+    def fn():
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, freed when fn returns
+        return x[:8].clone()
+
+    extra = timing.measure(FakeBenchmark([]), fn, device="cpu", rounds=1, warmup_rounds=2, min_round_s=1e-9)
+    assert extra["peak_memory_bytes"] >= 32 * 2**20
+
+
+def test_injected_slowdown_is_inside_the_timed_region(events, clock, monkeypatch):
     asked = []
 
     def fake_delay(device, seconds):
@@ -118,10 +188,19 @@ def test_injected_slowdown_is_inside_the_timed_region(events, monkeypatch):
         return lambda: events.append("delay")
 
     monkeypatch.setattr(timing, "make_delay", fake_delay)
-    m = timing.measure(FakeBenchmark(events), workload(events), device="cpu", rounds=2, warmup_rounds=2,
-                       delay_s=0.125)
-    assert events[events.index("start"):] == ["start", "work", "delay", "sync", "stop"] * 2
-    assert asked == [0.125] and m.extra["injected_delay_s"] == 0.125
+    extra = timing.measure(FakeBenchmark(events), workload(events, clock), device="cpu", rounds=2, warmup_rounds=2,
+                           delay_s=0.125)
+    assert timed_part(events) == ["start", "work", "delay", "sync", "stop"] * 2 + ["sync"]
+    assert asked == [0.125] and extra["injected_delay_s"] == 0.125
+
+
+def test_real_benchmark_records_per_call_seconds(benchmark):
+    """With pytest-benchmark's own fixture: rounds of blocks, the block size recorded on both sides."""
+    calls = []
+    extra = timing.measure(benchmark, lambda: calls.append(1) or torch.zeros(1), device="cpu", rounds=3,
+                           warmup_rounds=1, min_round_s=0.002)
+    assert extra["iterations"] > 1  # appending to a list takes far less than 2 ms
+    assert benchmark.stats.iterations == extra["iterations"] and len(benchmark.stats.stats.data) == 3
 
 
 def test_make_delay_on_cpu_busy_waits(monkeypatch):
@@ -161,14 +240,76 @@ def test_compiled_tiny_module_records_compile_time_and_no_recompiles():
             return compiled(x)
 
     b = FakeBenchmark([])
-    m = timing.measure(b, fn, device="cpu", rounds=3, warmup_rounds=1, compiled=True)
-    assert m.extra["compile_time_s"] is not None and m.extra["compile_time_s"] > 0
-    assert m.extra["graph_breaks"] == 0
-    assert m.extra["recompiles"] == 0
-    assert m.extra["compiled_graphs"] >= 1
+    extra = timing.measure(b, fn, device="cpu", rounds=3, warmup_rounds=1, compiled=True)
+    assert extra["compile_time_s"] is not None and extra["compile_time_s"] > 0
+    assert extra["graph_breaks"] == 0
+    assert extra["recompiles"] == 0
+    assert extra["compiled_graphs"] >= 1
 
 
 def test_oom_detection():
     assert timing.is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not timing.is_oom(RuntimeError("shape mismatch"))
     assert not timing.is_oom(ValueError("out of memory"))
+
+
+class FakeInductor:
+    """Dynamo's counters and an on-disk cache, as far as measure() sees them: the first call after a reset
+    compiles, hitting the cache when an earlier compile filled it."""
+
+    def __init__(self, events):
+        self.events, self.compiled, self.cached = events, False, False
+        self.counts = {"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 0}
+        self.dirs = []
+
+    def snapshot(self):
+        return {"graph_breaks": 0, "graphs": 0, "compile_s": 0.0, **self.counts}
+
+    def forget(self):
+        self.events.append("reset")
+        self.compiled = False
+
+    def fn(self):
+        self.dirs.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        if not self.compiled:
+            self.counts["fxgraph_cache_hit" if self.cached else "fxgraph_cache_miss"] += 1
+            self.compiled = self.cached = True
+            self.events.append("compile")
+        self.events.append("work")
+        return torch.ones(1)
+
+
+@pytest.fixture
+def inductor(events, monkeypatch):
+    fake = FakeInductor(events)
+    monkeypatch.setattr(timing, "compile_snapshot", fake.snapshot)
+    monkeypatch.setattr(timing, "_forget_compiled", fake.forget)
+    monkeypatch.setattr(timing, "_warm_compiler", lambda device: None)
+    return fake
+
+
+def test_warm_cache_the_measured_compile_always_reads_the_cache(events, inductor, tmp_path):
+    # A fresh machine: the first compile fills the cache, so it is the warm-up; the repeat is measured.
+    extra = timing.measure(FakeBenchmark(events), inductor.fn, device="cpu", rounds=1, compiled=True,
+                           compile_cache="warm", cache_dir=str(tmp_path))
+    assert events[:6] == ["reset", "compile", "work", "sync", "reset", "compile"]
+    assert extra["compile_cache"] == "warm" and extra["warmup_compile_s"] is not None
+    assert (extra["fxgraph_cache_hits"], extra["fxgraph_cache_misses"]) == (1, 0)
+    # A machine that compiled this before: one compile, measured, and in the same state.
+    events.clear()
+    extra = timing.measure(FakeBenchmark(events), inductor.fn, device="cpu", rounds=1, compiled=True,
+                           compile_cache="warm", cache_dir=str(tmp_path))
+    assert events[:4] == ["reset", "compile", "work", "sync"] and events.count("compile") == 1
+    assert extra["warmup_compile_s"] is None
+    assert (extra["fxgraph_cache_hits"], extra["fxgraph_cache_misses"]) == (1, 0)
+
+
+def test_cold_cache_compiles_into_a_fresh_folder_that_is_removed(events, inductor, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "suite"))
+    inductor.cached = False
+    extra = timing.measure(FakeBenchmark(events), inductor.fn, device="cpu", rounds=1, compiled=True,
+                           compile_cache="cold", cache_dir=str(tmp_path))
+    first_dir = inductor.dirs[0]
+    assert extra["compile_cache"] == "cold" and extra["fxgraph_cache_misses"] == 1
+    assert first_dir.startswith(str(tmp_path / "cold-")) and not os.path.exists(first_dir)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "suite")  # restored after the compile
