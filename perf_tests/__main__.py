@@ -160,12 +160,14 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from perf_tests.results import read_run
-    from perf_tests.table import available_kinds, build_study_table, plot_study
+    from perf_tests.table import available_kinds, build_ladder, build_study_table, plot_study
 
     runs = [read_run(p) for p in args.runs]
     kinds = [args.kind] if args.kind else available_kinds(runs)
     tables = [build_study_table(runs, args.reference, kind) for kind in kinds]
     text = "\n".join(t.to_markdown() if args.format == "markdown" else t.to_text() for t in tables)
+    ladders = [ladder for kind in kinds if len((ladder := build_ladder(runs, kind)).rungs) >= 2]
+    text += "".join("\n" + ladder.to_markdown() for ladder in ladders)  # where the runs measured its steps
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text, encoding="utf-8")
@@ -211,7 +213,6 @@ def add_report(sub) -> None:
     p.add_argument("--output", type=Path)
     p.add_argument("--plot", type=Path, help="write the bar chart PNG here")
     p.set_defaults(func=cmd_report)
-
 
 
 def add_run(sub) -> None:

@@ -19,17 +19,29 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.cases import ATTENTION_BACKENDS, COMPILE_MODES, KINDS, PRECISIONS, Case
+from perf_tests.cases import (
+    ATTENTION_BACKENDS,
+    COMPILE_MODES,
+    KINDS,
+    MEMORY_FORMATS,
+    PRECISIONS,
+    PROJECTIONS,
+    Case,
+)
 from perf_tests.results import Run, format_seconds, read_run, run_from_doc
 
 STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient", "sdpa-mem-efficient+compile")
 _COMPILE_ORDER = ("eager", *COMPILE_MODES)
 
 
-def config_label(attention: str, compile: str) -> str:
-    """'xformers'/'eager' -> 'original+xformers' (the study's name: the original code with xFormers)."""
+def config_label(attention: str, compile: str, memory_format: str = MEMORY_FORMATS[0],
+                 projections: str = PROJECTIONS[0]) -> str:
+    """'xformers'/'eager' -> 'original+xformers' (the study's name: the original code with xFormers); the
+    ladder's steps beyond compile are added when they are not the default ('sdpa+compile+channels-last')."""
     base = "original+xformers" if attention == "xformers" else attention
-    return base if compile == "eager" else f"{base}+{compile}"
+    steps = [compile] if compile != "eager" else []
+    steps += [v for v, default in ((memory_format, MEMORY_FORMATS[0]), (projections, PROJECTIONS[0])) if v != default]
+    return "+".join([base, *steps])
 
 
 @dataclass
@@ -108,6 +120,7 @@ class _Entry:
     env: str
     device: str
     samples: list
+    vae_attention: str | None = None  # the VAE's kernel where it is not the case's (its head is too wide)
 
 
 def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
@@ -125,10 +138,11 @@ def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
             env = result.extra.get("env") or run.machine.get("env") or "?"
             device = run.machine.get("device_slug") or "?"
             key = (name, env, device)
+            vae = result.vae_attention_used if result.vae_attention_used not in (None, case.attention) else None
             if key in pooled:
                 pooled[key].samples.extend(result.samples)
             else:
-                pooled[key] = _Entry(case, env, device, list(result.samples))
+                pooled[key] = _Entry(case, env, device, list(result.samples), vae)
     return list(pooled.values())
 
 
@@ -167,12 +181,16 @@ def build_study_table(runs: list[Run], reference: str = "original", kind: str | 
     constant = {d: next(iter(v)) for d, v in dims.items() if len(v) == 1}
 
     rows: dict[str, Row] = {}
+    vae_rows: set[str] = set()
     samples: dict[tuple, list] = {}  # (label, batch size) -> pooled samples
     for e in entries:
         values = {"env": e.env, "precision": e.case.precision, "device": e.device, "profile": e.case.profile}
         qualifiers = {d: values[d] for d in varying}
-        config = config_label(e.case.attention, e.case.compile)
+        config = config_label(e.case.attention, e.case.compile, e.case.memory_format, e.case.projections)
         label = config + (f" [{', '.join(qualifiers.values())}]" if qualifiers else "")
+        if e.vae_attention:  # the UNet ran the kernel asked for, the VAE another one: say so in the row
+            label += f" (VAE: {e.vae_attention})"
+            vae_rows.add(label)
         row = rows.get(label)
         if row is None:
             row = rows[label] = Row(label, config, qualifiers, _sort_key(e.case.attention, e.case.compile,
@@ -194,6 +212,9 @@ def build_study_table(runs: list[Run], reference: str = "original", kind: str | 
                 if ref_cell is not None and ref_cell.median_s > 0:
                     cell.improvement = (ref_cell.median_s - cell.median_s) / ref_cell.median_s
         notes.append(f"% = (t_ref - t) / t_ref against {ref_row.label!r}; positive is faster")
+    if vae_rows:
+        notes.append("(VAE: k): the VAE's attention has one head of width 512, which the requested kernel does "
+                     "not run; the UNet used the requested kernel, the VAE kernel k (sd.attention's fallback order)")
     rounds = sorted({c.rounds for r in ordered for c in r.cells.values()})
     if rounds:
         notes.append("median of " + (f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}")
@@ -216,6 +237,73 @@ def _find_reference(rows: list[Row], reference: str) -> Row | None:
     # The study's reference is the original code on PyTorch 1.12: prefer torch1, then fp32/autocast order.
     same.sort(key=lambda r: (r.qualifiers.get("env", "torch1") != "torch1", r.sort_key))
     return same[0] if same else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The optimization ladder: each step the fast SD pipelines take, on top of the one before
+
+
+# (label, attention, compile, memory format, projections, precision); "low" is fp16 on CUDA, bf16 elsewhere
+LADDER = (
+    ("reference (original attention)", "original", "eager", "contiguous", "separate", "fp32"),
+    ("+ SDPA", "sdpa", "eager", "contiguous", "separate", "fp32"),
+    ("+ torch.compile", "sdpa", "compile", "contiguous", "separate", "fp32"),
+    ("+ channels_last", "sdpa", "compile", "channels-last", "separate", "fp32"),
+    ("+ fused projections", "sdpa", "compile", "channels-last", "fused", "fp32"),
+    ("+ fp16/bf16 weights", "sdpa", "compile", "channels-last", "fused", "low"),
+)
+
+
+@dataclass
+class LadderRung:
+    label: str
+    case: str  # the case id it was read from, e.g. tiny-sdpa-compile-bs2-fp32-channels-last
+    median_s: float
+    gain: float | None  # (t_above - t) / t_above against the rung above that ran; positive is faster
+
+
+@dataclass
+class Ladder:
+    title: str
+    rungs: list[LadderRung]
+    notes: list[str] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| step | case | median | gain over the step above |", "|---|---|---:|---:|"]
+        for r in self.rungs:
+            gain = "–" if r.gain is None else f"{r.gain * 100:+.1f}%"
+            lines.append(f"| {r.label} | `{r.case}` | {format_seconds(r.median_s)} | {gain} |")
+        return "\n".join([*lines, "", *[f"- {n}" for n in self.notes]]).rstrip() + "\n"
+
+
+def build_ladder(runs: list[Run], kind: str = "unet-step", batch_size: int | None = None) -> Ladder:
+    """The ladder's rows (LADDER) that these runs measured, for one kind and batch size (default: the
+    smallest that has the reference rung), each with its median time and its gain over the row above."""
+    entries = [e for e in _entries(runs) if e.case.kind == kind]
+    envs = sorted({e.env for e in entries})
+    entries = [e for e in entries if e.env == envs[-1]] if envs else []  # one environment: the newest label
+    sizes = sorted({e.case.batch_size for e in entries})
+    batch_size = batch_size if batch_size is not None else (sizes[0] if sizes else 1)
+    devices = {e.device for e in entries}
+    low = "fp16" if any(d.startswith("nvidia") for d in devices) else "bf16"
+    rungs, skipped, above = [], [], None
+    for label, attention, compile, memory_format, projections, precision in LADDER:
+        precision = low if precision == "low" else precision
+        found = [e for e in entries if (e.case.attention, e.case.compile, e.case.memory_format, e.case.projections,
+                                        e.case.precision, e.case.batch_size)
+                 == (attention, compile, memory_format, projections, precision, batch_size)]
+        if not found:
+            skipped.append(label)
+            continue
+        median = statistics.median(s for e in found for s in e.samples)
+        gain = None if above is None else (above - median) / above
+        rungs.append(LadderRung(label, str(found[0].case), median, gain))
+        above = median
+    notes = ["gain = (t_above - t) / t_above against the step above that ran; positive is faster"]
+    if skipped:
+        notes.append("not measured in these runs: " + ", ".join(skipped))
+    where = ", ".join(sorted(devices)) + (f", {envs[-1]}" if envs else "")
+    return Ladder(f"Optimization ladder — {kind}, batch {batch_size} ({where})", rungs, notes)
 
 
 # ---------------------------------------------------------------------------------------------------------

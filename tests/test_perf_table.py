@@ -8,7 +8,14 @@ import pytest
 
 from perf_tests.cases import Case
 from perf_tests.results import InputError, run_from_doc
-from perf_tests.table import build_study_table, build_study_tables, load_runs, plot_study, write_study
+from perf_tests.table import (
+    build_ladder,
+    build_study_table,
+    build_study_tables,
+    load_runs,
+    plot_study,
+    write_study,
+)
 
 
 def bench(kind, attention, compile, bs, samples, env="torch2", precision="fp32", profile="sd21-base"):
@@ -147,3 +154,42 @@ def test_a_killed_runs_journal_gives_its_finished_cases(tmp_path):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     (t,) = [build_study_table(load_runs([path]))]
     assert t.batch_sizes == [1] and t.row("original").cells[1].median_s == pytest.approx(4.5)
+
+
+# --- the VAE's own kernel, and the optimization ladder ----------------------------------------------------
+
+
+def test_a_case_whose_vae_ran_another_kernel_is_marked():
+    b = bench("txt2img", "sdpa-flash", "eager", 1, [2.0])
+    b["extra_info"]["vae_attention_used"] = "sdpa-mem-efficient"
+    same = bench("txt2img", "sdpa", "eager", 1, [2.5])
+    same["extra_info"]["vae_attention_used"] = "sdpa"  # the same kernel: nothing to mark
+    t = build_study_table([run([b, same, bench("txt2img", "original", "eager", 1, [4.0])])])
+    labels = [r.label for r in t.rows]
+    assert "sdpa-flash (VAE: sdpa-mem-efficient)" in labels and "sdpa" in labels
+    assert any("width 512" in n for n in t.notes)
+
+
+def ladder_bench(attention, compile, samples, memory_format="contiguous", projections="separate", precision="fp32"):
+    c = Case("unet-step", "tiny", attention, compile, 2, precision, memory_format=memory_format,
+             projections=projections)
+    return {"name": c.name, "extra_info": {"case": c.as_dict(), "env": "torch2", "correct": True},
+            "stats": {"data": list(samples)}}
+
+
+def test_ladder_rows_in_order_with_the_gain_over_the_row_above():
+    benches = [
+        ladder_bench("sdpa", "compile", [0.5, 0.5], "channels-last", "fused"),  # out of order on purpose
+        ladder_bench("original", "eager", [1.0, 1.0]),
+        ladder_bench("sdpa", "eager", [0.8, 0.8]),
+        ladder_bench("sdpa", "compile", [0.6, 0.6]),
+        ladder_bench("sdpa", "eager", [9.0], "channels-last"),  # not a rung: ignored
+    ]
+    ladder = build_ladder([run(benches, slug="cpu-intel-xeon-processor")])
+    assert [r.label for r in ladder.rungs] == ["reference (original attention)", "+ SDPA", "+ torch.compile",
+                                               "+ fused projections"]
+    gains = [r.gain for r in ladder.rungs]
+    assert gains[0] is None and gains[1:] == pytest.approx([0.2, 0.25, 1 / 6])  # (above - t) / above
+    assert ladder.rungs[-1].case == "tiny-sdpa-compile-bs2-fp32-channels-last-fused"
+    assert any("+ channels_last" in n and "+ fp16/bf16 weights" in n for n in ladder.notes)
+    assert "| + SDPA | `tiny-sdpa-eager-bs2-fp32` |" in ladder.to_markdown()
