@@ -14,10 +14,10 @@ the same input, SDPA attention (ours `attention="sdpa"`, theirs `AttnProcessor2_
 
 Timing is interleaved call by call (ours, theirs, theirs, ours, ...: the order inside a pair alternates,
 so neither side always runs on a cache the other warmed), each call synchronised, after explicit warm-up
-calls (the first of which compiles on a compiled rung; its time is reported apart). Other load on a
-shared machine then slows both sides of a pair alike, so the *ratio* stays fair even when the absolute
-times do not. Per rung the report gives both medians and the ratio ours/theirs as the geometric mean of the
-paired per-call ratios with a t interval over their logs; the target is ratio <= 1.00.
+calls (the first of which compiles on a compiled rung; its time is kept apart, as `first_call_s` in the
+JSON). Other load on a shared machine then slows both sides of a pair alike, so the *ratio* stays fair
+even when the absolute times do not. Per rung the report gives both medians and the ratio ours/theirs as
+the median of the paired per-call ratios with a percentile bootstrap interval; the target is ratio <= 1.00.
 
     python -m perf_tests.parity --preset tiny --batch-size 2 --rounds 20 --format markdown
 
@@ -36,6 +36,7 @@ import importlib
 import inspect
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -212,21 +213,24 @@ def _build_theirs(reference: torch.nn.Module, rung: Rung, device: torch.device) 
 # Statistics
 
 
-def ratio_interval(ours: Sequence[float], theirs: Sequence[float], confidence: float = 0.95
-                   ) -> tuple[float, float, float]:
-    """(ratio, low, high): the geometric mean of the paired ratios ours/theirs and its t interval.
+def ratio_interval(ours: Sequence[float], theirs: Sequence[float], confidence: float = 0.95,
+                   resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(ratio, low, high): the median of the paired per-call ratios ours/theirs and its percentile
+    bootstrap interval (seeded, so a report is reproducible from its samples).
 
-    Each pair ran back to back, so load that drifts over the run cancels in its ratio; the logs of the
-    ratios are close to normal, and the interval is mean +- t * sd / sqrt(n) on them, exponentiated.
+    Each pair ran back to back, so load that drifts over the run cancels in its ratio. Load that comes in
+    bursts (other jobs on a shared CPU) hits one call of a pair and leaves a heavy tail of log ratios,
+    which would drag a mean and widen a t interval; the median ignores it.
     """
     logs = [math.log(o / t) for o, t in zip(ours, theirs, strict=True)]
-    mean = statistics.fmean(logs)
+    point = math.exp(statistics.median(logs))
     if len(logs) < 2:
-        return math.exp(mean), math.nan, math.nan
-    from scipy import stats
-
-    half = stats.t.ppf(0.5 + confidence / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+        return point, math.nan, math.nan
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(logs, k=len(logs))) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    low, high = medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
+    return point, math.exp(low), math.exp(high)
 
 
 def verdict(ratio: float, low: float, high: float, target: float = TARGET_RATIO) -> str:
@@ -418,7 +422,7 @@ def _preamble(s: dict) -> list[str]:
         f"{s['preset']}, latents {'x'.join(map(str, s['latent_shape']))}, {s['device']}, "
         f"{s['threads']} thread(s), torch {s['torch']}.",
         f"{s['rounds']} interleaved rounds after {s['warmup']} warm-up calls per side; medians per call; "
-        f"ratio = geometric mean of the paired ratios, t interval; target ratio <= {s['target_ratio']:.2f}.",
+        f"ratio = median of the paired per-call ratios, bootstrap interval; target ratio <= {s['target_ratio']:.2f}.",
     ]
 
 

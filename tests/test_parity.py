@@ -19,7 +19,11 @@ def test_ratio_interval_known_answers():
     ours, theirs = [2.0, 4.0, 8.0], [1.0, 2.0, 4.0]  # every pair exactly 2x: no spread
     assert parity.ratio_interval(ours, theirs) == pytest.approx((2.0, 2.0, 2.0))
     ratio, low, high = parity.ratio_interval([1.1, 0.9, 1.05, 0.95], [1.0] * 4)
-    assert low < 1.0 < high and ratio == pytest.approx(math.exp(sum(map(math.log, [1.1, 0.9, 1.05, 0.95])) / 4))
+    assert low < 1.0 < high and ratio == pytest.approx(math.sqrt(1.05 * 0.95))  # median of the log ratios
+    # A burst of load on one call of a pair moves the median ratio by one rank, not by the burst.
+    calm = parity.ratio_interval([1.0] * 19 + [1.0], [1.1] * 20)
+    burst = parity.ratio_interval([1.0] * 19 + [10.0], [1.1] * 20)
+    assert burst[0] == pytest.approx(calm[0]) and burst[2] < 1.0
 
 
 def test_verdict_says_when_the_interval_straddles_the_target():
