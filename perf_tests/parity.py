@@ -33,7 +33,6 @@ import dataclasses
 import fnmatch
 import gc
 import importlib
-import inspect
 import json
 import math
 import random
@@ -113,17 +112,10 @@ def select_rungs(device: torch.device, patterns: Sequence[str] | None) -> list[R
     return [r for r in rungs if any(fnmatch.fnmatchcase(str(r), p) for p in patterns)]
 
 
-def ours_can_fuse() -> bool:
-    """Whether this tree's load_model takes fuse_projections= (it arrives with the fused-QKV work)."""
-    return "fuse_projections" in inspect.signature(load_model).parameters
-
-
 def unavailable(rung: Rung) -> str | None:
     """Why `rung` cannot be measured with this tree and this PyTorch, or None."""
     if rung.compile != "eager" and not has_compile():
         return f"torch.compile is not available in PyTorch {torch.__version__}"
-    if rung.projections == "fused" and not ours_can_fuse():
-        return "not available in this tree: sd.model.load_model has no fuse_projections keyword"
     return None
 
 

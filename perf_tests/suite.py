@@ -19,7 +19,7 @@ from perf_tests import cases as C
 from perf_tests.canary import Canary
 from perf_tests.machine import env_label
 from perf_tests.timing import MIN_ROUND_S, is_oom, measure, sync
-from perf_tests.workloads import ModelCache, Unsupported, make_workload
+from perf_tests.workloads import ModelCache, make_workload
 from sd.capabilities import DeviceCapabilities, probe_device
 from sd.errors import AttentionUnavailable, CompileUnavailable
 from sd.precision import precision_dtype
@@ -303,7 +303,7 @@ class PerfSession:
         self.canary(before=case.name)
         try:
             self._run(benchmark, case)
-        except (AttentionUnavailable, CompileUnavailable, Unsupported) as exc:
+        except (AttentionUnavailable, CompileUnavailable) as exc:
             self._skip(case, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             first_line = (str(exc).strip().splitlines() or [""])[0]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,20 +50,6 @@ def _param_dtype(module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-class Unsupported(Exception):
-    """The sd package in this tree cannot build what a case asks for (the case is skipped, with this)."""
-
-
-def decode_latents(model, z: torch.Tensor) -> torch.Tensor:
-    """Latents -> image in [0, 1]: sd's StableDiffusion.decode_latents, the pipeline's own decoding."""
-    decode = getattr(model, "decode_latents", None)
-    if decode is not None:
-        return decode(z)
-    # sd without decode_latents (before its refactor lands): the same three lines as sd.pipeline.
-    image = model.vae.decode((z / model.scale_factor).to(_param_dtype(model.vae)))
-    return ((image.float() + 1) / 2).clamp(0, 1)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Kinds
 
@@ -80,7 +65,7 @@ def make_txt2img(model, case: Case, profile: Profile, device: str) -> Callable:
             uncond = model.encode_text(empty)
             z = sample(model, profile.sampler, steps=case.steps, cond=cond, uncond=uncond,
                        guidance_scale=profile.guidance_scale, x_T=x_T)
-            return decode_latents(model, z).float()  # (B, 3, H, W) in [0, 1], as txt2img before uint8
+            return model.decode_latents(z).float()  # (B, 3, H, W) in [0, 1], as txt2img before uint8
 
     return fn
 
@@ -104,7 +89,7 @@ def make_vae_decode(model, case: Case, profile: Profile, device: str) -> Callabl
 
     def fn():
         with torch.no_grad(), autocast_context(case.precision, device):
-            return decode_latents(model, z)
+            return model.decode_latents(z)
 
     return fn
 
@@ -177,8 +162,6 @@ def _load_options(case: Case) -> dict:
     if case.memory_format == "channels-last":
         options["channels_last"] = True
     if case.projections == "fused":
-        if "fuse_projections" not in inspect.signature(load_model).parameters:
-            raise Unsupported("this sd.load_model has no fuse_projections= (fused QKV projections)")
         options["fuse_projections"] = True
     return options
 

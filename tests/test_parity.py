@@ -45,12 +45,13 @@ def test_rungs_cover_the_cpu_ladder_and_patterns_select():
         parity.select_rungs(cpu, ["eager-nhwc-*"])
 
 
-def test_fused_rung_is_reported_unavailable_without_the_keyword():
-    fused = parity.Rung("eager", "contiguous", "fused", "fp32")
-    if parity.ours_can_fuse():
-        assert parity.unavailable(fused) is None
+def test_a_compiled_rung_is_unavailable_only_without_torch_compile():
+    compiled = parity.Rung("compile", "contiguous", "fused", "fp32")
+    assert parity.unavailable(parity.Rung("eager", "contiguous", "fused", "fp32")) is None
+    if hasattr(torch, "compile"):
+        assert parity.unavailable(compiled) is None
     else:
-        assert "not available in this tree" in parity.unavailable(fused)
+        assert "torch.compile is not available" in parity.unavailable(compiled)
 
 
 @pytest.mark.oracle
