@@ -4,8 +4,8 @@
 
 1. The suite, N times, each a separate process (``python -m pytest perf_tests ... --benchmark-json
    <results>/<label>-run<i>.json``): processes, not rounds, are the unit of evidence. With ``--budget`` the
-   runs go on until the next one would overrun the budget (at least one run). The Inductor cache is shared
-   by the runs of one side, so only the first compiles cold.
+   runs go on until the next one would overrun the budget (at least one run). The suite's Inductor cache
+   folder persists between runs and invocations, so only a machine's first run compiles cold.
 2. The study table over all runs (``study-<label>.md``).
 3. The verdict against the baseline store (or, with ``--ab REF``, against REF run alternately on this
    machine and analysed in pairs), written once per format: ``verdict-<label>.txt|.md|.json``.
@@ -156,7 +156,6 @@ def run_all(
     clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = print,
 ) -> list[SuiteRun]:
     """Run the suite in each tree in turn (A, B, A, B, ... with two trees) until --runs or --budget is spent."""
-    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or out / "inductor-cache").resolve()
     budget_s = opts.budget * 60 if opts.budget is not None else None
     runs: list[SuiteRun] = []
     durations: list[float] = []
@@ -168,9 +167,9 @@ def run_all(
         for tree in trees:
             path = (out / _result_name(label, tree, index)).resolve()
             pythonpath = [str(tree.root), *filter(None, [os.environ.get("PYTHONPATH")])]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath),
-                   # one cache per side, so that both sides' first runs compile cold
-                   "TORCHINDUCTOR_CACHE_DIR": str(cache / tree.side if tree.side else cache)}
+            # The Inductor cache is the suite's own persistent folder, shared by all runs and both A/B sides:
+            # it keys entries by graph content, and every measured compilation reads it (warm mode).
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
             cmd = suite_command(path, opts.grid, pytest_args)
             log(f"[run] {label} run {index}{f' side {tree.side} ({tree.label})' if tree.side else ''}: "
                 f"{' '.join(cmd[1:])}")

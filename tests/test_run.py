@@ -77,7 +77,7 @@ class FakeSuite:
 
     def launch(self, cmd, cwd, env) -> int:
         out = Path(cmd[cmd.index("--benchmark-json") + 1])
-        self.calls.append((out.name, Path(cwd), env["TORCHINDUCTOR_CACHE_DIR"], env["PYTHONPATH"]))
+        self.calls.append((out.name, Path(cwd), env.get("TORCHINDUCTOR_CACHE_DIR"), env["PYTHONPATH"]))
         if self.write:
             out.write_text("{}")
         self.now += self.seconds.pop(0) if len(self.seconds) > 1 else self.seconds[0]
@@ -96,8 +96,8 @@ def test_budget_runs_until_the_next_would_overrun(tmp_path, monkeypatch):
     # 180 + 90 + 90 + 90 = 450 s; a fifth would end at 540 s > 480
     assert [r.path.name for r in runs] == [f"torch2-run{i}.json" for i in (1, 2, 3, 4)]
     assert [r.seconds for r in runs] == [180, 90, 90, 90]
-    # one Inductor cache for all runs, in the results folder
-    assert {c[2] for c in fake.calls} == {str((tmp_path / "inductor-cache").resolve())}
+    # the suite's own persistent Inductor cache, untouched by run: a warm machine stays warm
+    assert {c[2] for c in fake.calls} == {None}
 
 
 def test_runs_default_to_one(tmp_path):
@@ -107,7 +107,7 @@ def test_runs_default_to_one(tmp_path):
     assert len(runs) == 1
 
 
-def test_ab_alternates_a_and_b_in_pairs_each_side_in_its_tree_and_cache(tmp_path, monkeypatch):
+def test_ab_alternates_a_and_b_in_pairs_each_side_in_its_tree(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     a, b = Tree("A", tmp_path / "a", "current tree"), Tree("B", tmp_path / "b", "HEAD (abc)")
     fake = FakeSuite([10])
@@ -115,7 +115,6 @@ def test_ab_alternates_a_and_b_in_pairs_each_side_in_its_tree_and_cache(tmp_path
     assert [c[0] for c in fake.calls] == ["torch2-A-run1.json", "torch2-B-run1.json", "torch2-A-run2.json",
                                           "torch2-B-run2.json", "torch2-A-run3.json", "torch2-B-run3.json"]
     assert [c[1].name for c in fake.calls] == ["a", "b"] * 3
-    assert [Path(c[2]).name for c in fake.calls] == ["A", "B"] * 3
     assert [c[3].split(os.pathsep)[0] for c in fake.calls[:2]] == [str(a.root), str(b.root)]
 
 
