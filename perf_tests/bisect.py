@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import shlex
 import subprocess
 import sys
@@ -77,15 +78,18 @@ def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (), ti
                                  timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
             raise MeasureFailed(f"the suite ran over {timeout_s:.0f} s") from None
-        if not out.is_file():
-            tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-5:])
-            raise MeasureFailed(f"the suite wrote no result (exit {res.returncode}): {tail}")
-        doc = json.loads(out.read_text(encoding="utf-8"))
+        doc = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
     for b in doc.get("benchmarks", []):
         if b.get("name") == case and b.get("stats", {}).get("data"):
             return [float(x) for x in b["stats"]["data"]]
-    tail = "\n".join(res.stdout.strip().splitlines()[-3:])
-    raise MeasureFailed(f"{case} has no result in the run (exit {res.returncode}): {tail}")
+    raise MeasureFailed(f"no result for the case (exit {res.returncode}): {failure_line(res.stdout + res.stderr)}")
+
+
+def failure_line(output: str) -> str:
+    """The line of pytest's output that says why: the last exception line, else the last line."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    errors = [ln[1:].strip() for ln in lines if ln.startswith("E ") and re.search(r"(Error|Exception)\b", ln)]
+    return (errors or lines or ["no output"])[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
