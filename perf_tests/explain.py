@@ -341,8 +341,9 @@ def _step_line(d: OperatorDiff) -> str:
             f"{d.device}; {d.runs} process(es) x {d.calls} profiled call(s) per side")
 
 
-_FOOT = ("(?) = the processes of the two sides overlap for this operator: within profiling noise. Profiled "
-         "times include profiler overhead; the gate's timed rounds give the slowdown itself.")
+_FOOT = ("(?) = the processes of the two sides overlap for this operator: within profiling noise. "
+         "ProfilerStep* = time of the step outside any operator (Python, waits). Profiled times include "
+         "profiler overhead; the gate's timed rounds give the slowdown itself.")
 
 
 def render_text(diffs: Sequence[OperatorDiff]) -> str:
