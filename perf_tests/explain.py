@@ -237,7 +237,8 @@ class OperatorDiff:
         return d
 
 
-def diff_summaries(case: str, baseline: Sequence[dict], candidate: Sequence[dict], top: int = TOP) -> OperatorDiff:
+def diff_summaries(case: str, baseline: Sequence[dict], candidate: Sequence[dict], top: int = TOP,
+                   labels: tuple[str, str] = ("baseline", "candidate")) -> OperatorDiff:
     """Pure: the per-process summaries of both sides -> operators sorted by added self time per step."""
     def mean(xs):
         return sum(xs) / len(xs)
@@ -260,7 +261,7 @@ def diff_summaries(case: str, baseline: Sequence[dict], candidate: Sequence[dict
         ))
     rows.sort(key=lambda r: r.added_us, reverse=True)
     first = candidate[0]
-    return OperatorDiff(case, "", "", device=first["device"], unit=first["unit"], baseline_step_us=b_step,
+    return OperatorDiff(case, *labels, device=first["device"], unit=first["unit"], baseline_step_us=b_step,
                         candidate_step_us=c_step, rows=rows[:top], runs=len(candidate), calls=first["calls"])
 
 
@@ -288,8 +289,7 @@ def explain_trees(
         except RuntimeError as exc:
             diffs.append(OperatorDiff(name, baseline_label, candidate_label, error=str(exc)))
             continue
-        d = diff_summaries(name, sides["baseline"], sides["candidate"], top)
-        d.baseline, d.candidate = baseline_label, candidate_label
+        d = diff_summaries(name, sides["baseline"], sides["candidate"], top, (baseline_label, candidate_label))
         d.traces = {side: [str(folder / s["trace"]) for s in ss] for side, ss in sides.items()}
         diffs.append(d)
     return diffs

@@ -81,13 +81,12 @@ def test_rows_sorted_by_added_time_with_shares_and_agreement():
 def test_renderers_text_markdown_json():
     base = [summary({"aten::_softmax": 50, "aten::bmm": 100})]
     cand = [summary({"aten::_softmax": 100, "aten::bmm": 100})]
-    d = explain.diff_summaries("test_x[tiny]", base, cand)
-    d.baseline, d.candidate = "main (abc)", "current tree"
+    d = explain.diff_summaries("test_x[tiny]", base, cand, labels=("main (abc)", "current tree"))
     d.traces = {"baseline": ["b.trace.json"], "candidate": ["c.trace.json"]}
     failed = explain.OperatorDiff("test_y[tiny]", "main (abc)", "current tree", error="it broke")
     text = explain.render_text([d, failed])
     assert "aten::_softmax" in text.splitlines()[3] and "+0.050" in text and "c.trace.json" in text
-    assert "not profiled: it broke" in text
+    assert text.startswith("test_x[tiny]: current tree vs main (abc)") and "not profiled: it broke" in text
     md = explain.render_markdown([d])
     assert "| +0.050 | 0.050 | 0.100 | 1/1 | 33.3%/50.0% | `aten::_softmax` |" in md
     doc = json.loads(explain.RENDERERS["json"]([d, failed]))
