@@ -161,3 +161,12 @@ def test_bisect_with_the_suite_names_the_commit_that_slowed_the_softmax(tmp_path
     assert result.slowdown.low > 1, text
     assert "aten::_softmax" in text and "time spent" in text
     assert not list(repo.glob(".git/worktrees/*"))
+
+
+def test_cli_rejects_a_bad_case_and_a_single_run_per_step(capsys):
+    from perf_tests.__main__ import main
+
+    assert main(["bisect", "HEAD~1", "HEAD", "--case", "unet"]) == 2
+    assert "error: --case: not a perf_tests benchmark name" in capsys.readouterr().err
+    assert main(["bisect", "HEAD~1", "HEAD", "--case", CASE, "--runs-per-step", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err

@@ -146,3 +146,10 @@ def test_compiled_case_names_inductor_kernels(tmp_path):
     d = explain.diff_summaries(COMPILED_CASE, [s], [s], top=100)
     assert any(r.compiled and r.name in fused for r in d.rows)
     assert (tmp_path / "compiled.trace.json").is_file()
+
+
+def test_cli_rejects_a_name_that_is_not_a_case(capsys):
+    from perf_tests.__main__ import main
+
+    assert main(["explain", "HEAD", "test_unet_step[tiny-sdpa]"]) == 2
+    assert "error: not a perf_tests case id" in capsys.readouterr().err
