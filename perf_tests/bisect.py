@@ -6,7 +6,7 @@ its own temporary worktree and run by the suite in a separate process with this 
 interleaved with runs of GOOD (GOOD, X, GOOD, X, ...) so that machine drift hits both alike.
 
 1. GOOD and BAD are measured first: BAD must be significantly slower, which fixes the effect E
-   (the Hodges-Lehmann ratio BAD/GOOD) and the decision point, the half-way ratio sqrt(E).
+   (the ratio BAD/GOOD of the runs' geometric mean medians) and the decision point, the half-way ratio sqrt(E).
 2. At each step the commit in the middle of the open range is measured against GOOD (all GOOD runs so
    far, pooled): "bad" when the whole interval of its ratio to GOOD lies above sqrt(E), "good" when it
    lies below. An interval that straddles sqrt(E) is inconclusive: another pair of runs is added, up to
@@ -16,8 +16,9 @@ interleaved with runs of GOOD (GOOD, X, GOOD, X, ...) so that machine drift hits
 4. The first bad commit is measured against its parent (interleaved runs, the ratio with its interval)
    and profiled against it (:mod:`perf_tests.explain`).
 
-The interval is the bootstrap interval of the Hodges-Lehmann ratio of the pooled per-call samples
-(``stats.ratio_ci``), widened by the run-to-run spread (runs, not rounds, are the unit, as in the gate).
+Runs are the unit, as in the gate (``perf_tests.stats``): each run is reduced to the log of its median, the
+ratio is the exponential of the difference of the sides' means, and its interval a t interval on the
+run-to-run sd pooled over both sides (the policy's largest prior, e.g. 10%, while neither side has two runs).
 How a commit is measured is a parameter, ``measure(tree, case) -> per-call seconds of one run``; the
 default runs the suite (:func:`measure_with_suite`).
 """
@@ -39,13 +40,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import special
 
-from perf_tests.baselines import InputError
-from perf_tests.stats import Policy, hodges_lehmann_log, ratio_ci, run_noise
+from perf_tests.results import InputError
+from perf_tests.stats import Policy
 from perf_tests.worktree import checkout, git, repo_root, resolve
 
 Measure = Callable[[Path, str], list[float]]  # (tree, case name) -> per-call seconds of one run (process)
-Z_90 = 1.645  # one-sided 95% / two-sided 90%, as the gate's confidence level
 
 
 class MeasureFailed(Exception):
@@ -67,12 +68,12 @@ def suite_args(case_name: str) -> list[str]:
 
 def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (), timeout_s: float = 1800) -> list[float]:
     """One run of the suite in ``tree`` selecting only ``case``: its per-call samples (seconds)."""
-    from perf_tests.ab import suite_command
     from perf_tests.explain import tree_env
 
     with tempfile.TemporaryDirectory(prefix="perf-bisect-run-") as tmp:
         out = Path(tmp) / "run.json"
-        cmd = suite_command(out, [*suite_args(case), *extra_args])
+        cmd = [sys.executable, "-m", "pytest", "perf_tests", "-p", "no:cacheprovider", "-q", *suite_args(case),
+               *extra_args, f"--benchmark-json={out}"]
         try:
             res = subprocess.run(cmd, cwd=tree, env=tree_env(tree), capture_output=True, text=True,
                                  timeout=timeout_s, check=False)
@@ -98,7 +99,7 @@ def failure_line(output: str) -> str:
 
 @dataclass(frozen=True)
 class Ratio:
-    """Per-call time of X over the reference: Hodges-Lehmann estimate and interval (run noise included)."""
+    """Per-call time of X over the reference: the ratio of the runs' geometric mean medians, with its interval."""
 
     estimate: float
     low: float
@@ -112,19 +113,19 @@ class Ratio:
 
 
 def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]], policy: Policy | None = None) -> Ratio:
+    """X over the reference from per-call samples grouped by run (see the module docstring)."""
     policy = policy or Policy()
-    b = np.concatenate([np.asarray(r, float) for r in reference])
-    c = np.concatenate([np.asarray(r, float) for r in x])
-    est = math.exp(float(hodges_lehmann_log(b, c)))
-    low, high = ratio_ci(b, c, policy, seed=policy.seed)
-    # Rounds of one process share its state: widen by the standard error of the difference of the sides'
-    # mean log run medians (a side with a single run borrows the other side's run-to-run spread).
-    sd_ref, sd_x = run_noise(reference), run_noise(x)
-    sd_ref, sd_x = (sd_ref if sd_ref is not None else sd_x), (sd_x if sd_x is not None else sd_ref)
-    if sd_ref is not None:
-        widen = math.exp(Z_90 * math.sqrt(sd_ref ** 2 / len(reference) + sd_x ** 2 / len(x)))
-        low, high = low / widen, high * widen
-    return Ratio(est, low, high, len(reference), len(x))
+    yb = np.log([float(np.median(r)) for r in reference])  # (runs,) log run medians
+    yc = np.log([float(np.median(r)) for r in x])
+    groups = [y for y in (yb, yc) if y.size >= 2]
+    df = sum(y.size - 1 for y in groups)
+    if df:
+        sd = math.sqrt(sum(float(np.sum((y - y.mean()) ** 2)) for y in groups) / df)
+    else:  # one run a side: no measured spread yet, so the largest prior of the gate's policy
+        sd, df = max(prior for *_, prior in policy.run_sd_priors), policy.prior_df
+    d = float(yc.mean() - yb.mean())
+    half = float(special.stdtrit(df, 0.5 + policy.confidence_level / 2)) * sd * math.sqrt(1 / yb.size + 1 / yc.size)
+    return Ratio(math.exp(d), math.exp(d - half), math.exp(d + half), yb.size, yc.size)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -410,7 +410,7 @@ def add_profile_options(p: argparse.ArgumentParser) -> None:
 
 
 def profile_kwargs(args: argparse.Namespace) -> dict:
-    from perf_tests.baselines import InputError
+    from perf_tests.results import InputError
 
     if args.repeats < 1 or args.runs_per_side < 1:
         raise InputError("--repeats and --runs-per-side must be at least 1.")
@@ -431,8 +431,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from perf_tests.baselines import InputError
     from perf_tests.cases import parse_name
+    from perf_tests.results import InputError
 
     for name in args.cases:
         try:

@@ -17,7 +17,7 @@ import pytest
 from test_explain import commit, edit, git, repo_from_head
 
 from perf_tests import bisect
-from perf_tests.baselines import InputError
+from perf_tests.results import InputError
 
 CASE = "test_attention_self_1024[tiny-original-eager-bs1-fp32]"
 
