@@ -340,7 +340,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output-dir", type=Path, default=Path("results/bisect"),
                    help="bisect.{txt,json} and the operator diff's traces (default %(default)s)")
     p.add_argument("--suite-args", default="",
-                   help="more options for each suite run, one string, e.g. '--rounds 20 --device cuda:1'")
+                   help="more options for each suite run, one string, e.g. '--rounds 20' (--device is passed on)")
     p.add_argument("--no-explain", dest="explain", action="store_false",
                    help="skip the operator diff of the first bad commit against its parent")
     add_profile_options(p)
@@ -358,7 +358,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     if args.runs_per_step < 2:
         raise InputError("--runs-per-step must be at least 2 (the run-to-run spread needs two runs).")
     root = repo_root()
-    suite_extra = shlex.split(args.suite_args)
+    suite_extra = shlex.split(args.suite_args) + ([f"--device={args.device}"] if args.device else [])
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     kwargs = explain.profile_kwargs(args)
 
