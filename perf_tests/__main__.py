@@ -220,7 +220,14 @@ def add_run(sub) -> None:
     sub.add_parser("run", help="one perf run end to end: suite processes, study table, verdict (run --help)")
 
 
-SUBCOMMANDS = (add_run, add_compare, add_update_baselines, add_report)
+def add_explain_and_bisect(sub) -> None:
+    from perf_tests import bisect, explain  # operator diff and bisection of one case: their own modules
+
+    explain.add_parser(sub)
+    bisect.add_parser(sub)
+
+
+SUBCOMMANDS = (add_run, add_compare, add_update_baselines, add_report, add_explain_and_bisect)
 
 
 def build_parser() -> argparse.ArgumentParser:
