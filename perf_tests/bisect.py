@@ -59,11 +59,15 @@ class MeasureFailed(Exception):
 
 def suite_args(case_name: str) -> list[str]:
     """The suite options selecting exactly this one case: the coupling to the suite's command line."""
-    from perf_tests.cases import parse_name
+    from perf_tests.cases import MEMORY_FORMATS, PROJECTIONS, parse_name
 
     c = parse_name(case_name)
-    return [f"--profile={c.profile}", f"--attention={c.attention}", f"--compile={c.compile}",
+    args = [f"--profile={c.profile}", f"--attention={c.attention}", f"--compile={c.compile}",
             f"--batch-size={c.batch_size}", f"--precision={c.precision}", f"--case-kind={c.kind}"]
+    # the ladder's axes only where the case has them: older trees do not know these options
+    args += [f"--memory-format={c.memory_format}"] if c.memory_format != MEMORY_FORMATS[0] else []
+    args += [f"--projections={c.projections}"] if c.projections != PROJECTIONS[0] else []
+    return args
 
 
 def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (), timeout_s: float = 1800) -> list[float]:

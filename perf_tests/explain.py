@@ -20,6 +20,7 @@ this package's helpers are imported inside the functions that run in the parent.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -62,7 +63,11 @@ def build_case(name: str, device: str) -> Callable[[], object]:
     parsed = C.parse_name(name)
     case = C.build_cases(parsed.kind, parsed.profile, [parsed.attention], [parsed.compile], [parsed.batch_size],
                          [parsed.precision])[0]
-    threads = C.default_grid(torch.device(device).type).threads
+    if hasattr(parsed, "memory_format"):  # trees whose cases have the ladder's axes
+        case = dataclasses.replace(case, memory_format=parsed.memory_format, projections=parsed.projections)
+    device_type = torch.device(device).type
+    # C.grid(name, device_type) in trees with named grids, C.default_grid(device_type) before them
+    threads = (C.grid("full", device_type) if hasattr(C, "grid") else C.default_grid(device_type)).threads
     if threads:
         torch.set_num_threads(threads)
     cache = ModelCache(device, compile_vae=case.kind == "vae-decode" and case.compile != "eager")

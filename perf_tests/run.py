@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -30,12 +31,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tests.ab import ABError, Tree, ab_trees
-from perf_tests.baselines import update_baselines
+from perf_tests.ab import Tree, ab_trees
+from perf_tests.baselines import locate_baselines, update_baselines
 from perf_tests.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
 from perf_tests.machine import env_label
-from perf_tests.results import InputError, read_run
-from perf_tests.stats import FAILED, MISSING, Policy
+from perf_tests.results import InputError, profiles_of, read_baseline, read_run
+from perf_tests.stats import FAILED, MISSING, REGRESSION, Policy
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 PYTEST_NO_TESTS = 5
@@ -68,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-all", action="store_true", help="a selected case that left no result fails")
     p.add_argument("--require-baseline", action="store_true", help="no baseline for this device is an error")
     p.add_argument("--fail-on-inconclusive", action="store_true", help="an inconclusive case fails")
+    p.add_argument("--explain", action="store_true",
+                   help="profile every case flagged as a regression on both sides (the --ab REF, else --explain-ref)"
+                        " and write the operators whose time grew most into the verdict (perf_tests explain)")
+    p.add_argument("--explain-ref", metavar="REF",
+                   help="with --explain and a stored baseline: the git ref to profile against (default: the "
+                        "commit the baseline's last run was recorded at)")
     p.add_argument("--update-baselines", action="store_true", help="record the runs into --baseline-dir")
     p.add_argument("--replace", action="store_true", help="with --update-baselines: start the baseline anew")
     return p
@@ -233,7 +240,7 @@ def write_study(files: Sequence[Path], out: Path, label: str) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else argv)
-    except (RunError, ABError, InputError) as exc:
+    except (RunError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
@@ -243,8 +250,12 @@ def _main(argv: Sequence[str]) -> int:
     out = opts.results or Path("results") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     label = opts.label or env_label(importlib.metadata.version("torch"))
-    with source_trees(Path.cwd().resolve(), opts.ab) as trees:
+    with source_trees(Path.cwd().resolve(), opts.ab) as trees:  # A/B's worktree lives until --explain is done
         runs = run_all(trees, opts, pytest_args, out, label, log=lambda m: print(m, file=sys.stderr, flush=True))
+        return _verdict(opts, trees, runs, out, label)
+
+
+def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRun], out: Path, label: str) -> int:
     study = write_study([r.path for r in runs], out, label)
     failed = sum(r.returncode == 1 or bool(_recorded_failures(r.path)) for r in runs)  # processes with a failed case
 
@@ -270,6 +281,8 @@ def _main(argv: Sequence[str]) -> int:
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     reports = write_reports(outcome, out, f"verdict-{label}")
+    if opts.explain:
+        _explain(opts, trees, outcome, out, reports)
     print(reports["text"].read_text(encoding="utf-8"))
     gate_code = exit_code(outcome, fail_on_inconclusive=opts.fail_on_inconclusive, require_all=opts.require_all)
     failed += _hard_verdicts(outcome, require_all=opts.require_all)
@@ -289,6 +302,45 @@ def _hard_verdicts(outcome: Outcome, *, require_all: bool) -> int:
     if outcome.comparison is None:
         return 0
     return outcome.comparison.count(FAILED) + (outcome.comparison.count(MISSING) if require_all else 0)
+
+
+def _explain(opts: argparse.Namespace, trees: Sequence[Tree], outcome: Outcome, out: Path,
+             reports: dict[str, Path]) -> None:
+    """The operator diff of every case flagged as a regression, appended to the verdict in every format."""
+    from perf_tests import explain
+
+    flagged = [c.name for c in outcome.comparison.cases if c.verdict == REGRESSION] if outcome.comparison else []
+    if not flagged:
+        return
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    folder = out / "explain"
+    if opts.ab:
+        current, ref = trees
+        diffs = explain.explain_trees(ref.root, current.root, flagged, folder, baseline_label=ref.label,
+                                      candidate_label=current.label, log=log)
+    else:
+        ref = opts.explain_ref or _baseline_commit(opts.baseline_dir, outcome)
+        if ref is None:
+            print("warning: --explain: the baseline records no git commit to profile against; pass --explain-ref",
+                  file=sys.stderr)
+            return
+        diffs = explain.explain_cases(ref, flagged, folder, root=trees[0].root, log=log)
+    explain.write_reports(diffs, folder)
+    for fmt, path in reports.items():
+        if fmt == "json":
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc.update(explain.to_dict(diffs))
+            path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        elif fmt in ("text", "markdown"):
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("\n" + explain.RENDERERS[fmt](diffs))
+
+
+def _baseline_commit(baseline_dir: Path, outcome: Outcome) -> str | None:
+    """The commit the baseline's last run was recorded at (without a '+dirty' mark), if it recorded one."""
+    paths = locate_baselines(baseline_dir, outcome.candidate, profiles_of(outcome.candidate))
+    commits = [run.git_commit for path in paths for run in read_baseline(path).runs if run.git_commit]
+    return commits[-1].removesuffix("+dirty") if commits else None
 
 
 def _recorded_failures(path: Path) -> list[str]:

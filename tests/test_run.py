@@ -255,6 +255,37 @@ def test_ab_end_to_end_on_a_fake_suite(tmp_path, monkeypatch, capsys):
     assert (repo / "perf_tests" / "factor.txt").read_text() == "2.0"
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="A/B mode needs git")
+def test_explain_profiles_each_flagged_case_in_both_ab_trees_and_writes_it_into_the_verdict(
+        tmp_path, monkeypatch, capsys):
+    """--explain hands the regressions to perf_tests.explain with A/B's own trees (profiling itself is tested
+    in test_explain.py) and appends its diff to the verdict in every format."""
+    from perf_tests import explain
+
+    repo = _fake_repo(tmp_path)
+    (repo / "perf_tests" / "factor.txt").write_text("4.0")  # the working tree is 4x slower
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    seen = []
+
+    def fake_explain_trees(baseline, candidate, names, out_dir, *, baseline_label, candidate_label, log):
+        seen.append((Path(baseline), Path(candidate), list(names), baseline_label))
+        assert (Path(baseline) / "perf_tests" / "factor.txt").read_text() == "1.0"  # REF's tree, still there
+        return [explain.OperatorDiff(names[0], baseline_label, candidate_label, error="profiled in a test")]
+
+    monkeypatch.setattr(explain, "explain_trees", fake_explain_trees)
+    out = tmp_path / "out"
+    code = R.main(["--ab", "HEAD", "--runs", "3", "--explain", "--results", str(out), "--label", "torch2",
+                   "--", "--benchmark-timer=time.process_time"])
+    assert code == 1, capsys.readouterr().err
+    (ref_tree, current, names, label), = seen
+    assert current == repo and names == ["test_fake"] and label.startswith("HEAD (")
+    assert "Operators that got slower" in (out / "verdict-torch2.md").read_text()
+    assert "profiled in a test" in (out / "verdict-torch2.txt").read_text()
+    assert json.loads((out / "verdict-torch2.json").read_text())["explain"][0]["case"] == "test_fake"
+    assert (out / "explain" / "explain.md").is_file()
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="the fake suite is a git repository")
 def test_update_baselines_records_the_runs_of_a_fake_suite(tmp_path, monkeypatch, capsys):
     repo = _fake_repo(tmp_path)
