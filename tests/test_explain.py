@@ -116,6 +116,10 @@ def test_checkout_makes_and_removes_a_detached_worktree(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason=(
+    "PyTorch 1.12's profiler does not always attribute the CPU softmax kernel to aten::_softmax (in 2 of 5 "
+    "runs of this test on a fresh clone the row was absent and the doubled softmax added ~1 ms to a 41 ms "
+    "step); PyTorch 2 attributes it every time"))
 def test_a_doubled_softmax_heads_the_operator_diff(tmp_path):
     repo = repo_from_head(tmp_path / "repo")
     base = git(repo, "rev-parse", "HEAD")
