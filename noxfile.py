@@ -152,18 +152,13 @@ def gpu_check(session: nox.Session) -> None:
                 "--results", str(opts.out), *own, "--", "--profile", "sd21-base", *pytest_args)
 
 
-def _analysis_session(func):
-    python = TORCH2.interpreter or TORCH1.interpreter  # any Python >= 3.10 will do
-    return nox.session(name=func.__name__, python=python)(func)
-
-
 def _install_analysis(session: nox.Session) -> None:
-    """numpy/scipy/matplotlib/pytest-benchmark: comparing and reporting needs no PyTorch."""
-    keep = {"numpy", "scipy", "matplotlib"}
-    session.install(*[r for r in noxenvs.project_requirements(("perf",)) if noxenvs.req_name(r) in keep])
+    """The torch2 environment's packages: reading results needs the vocabulary of `sd` (case ids, compile
+    modes), which imports PyTorch."""
+    noxenvs.install(session, TORCH2, ("perf",))
 
 
-@_analysis_session
+@env_session(TORCH2, "compare")
 def compare(session: nox.Session) -> None:
     """Compare results: nox -s compare -- BASELINE CANDIDATE... [options of `python -m perf_tests compare`]."""
     if len([a for a in session.posargs if not a.startswith("-")]) < 2:
@@ -172,7 +167,7 @@ def compare(session: nox.Session) -> None:
     session.run("python", "-m", "perf_tests", "compare", *session.posargs)
 
 
-@_analysis_session
+@env_session(TORCH2, "report")
 def report(session: nox.Session) -> None:
     """Study table across environments: nox -s report -- results/<timestamp> [...] (study.md/.png there)."""
     files, options, folders = [], [], []
