@@ -185,18 +185,49 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _hwm_bytes() -> int | None:
+    """The kernel's resident-set high-water mark (VmHWM in /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Set VmHWM back to the current RSS: writing 5 to /proc/PID/clear_refs (Linux 4.0 and later)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _hwm_bytes() is not None
+
+
 class PeakRSS:
-    """Peak resident-set growth during a block, sampled every ``interval`` s (Linux; else None)."""
+    """Peak resident-set growth during a block (Linux; else None). The kernel keeps the high-water mark, so
+    an allocation freed within microseconds still counts. Where the mark cannot be reset, a thread samples
+    the RSS every ``interval`` s instead, and can miss a short peak on a busy machine."""
 
     def __init__(self, interval: float = 0.001):
         self.interval = interval
         self.delta: int | None = None
+        self.method: str | None = None
 
     def __enter__(self):
         self._start = _rss_bytes()
         self._peak = self._start
-        self._stop = threading.Event()
-        if self._start is not None:
+        self._thread = None
+        if self._start is None:
+            return self
+        if _reset_hwm():
+            self.method = "high-water mark"
+        else:
+            self.method = "sampled"
+            self._stop = threading.Event()
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
         return self
@@ -211,8 +242,11 @@ class PeakRSS:
     def __exit__(self, *exc):
         if self._start is None:
             return
-        self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        else:
+            self._peak = max(self._peak, _hwm_bytes() or 0)
         end = _rss_bytes() or self._peak
         self.delta = max(self._peak, end) - self._start
 

@@ -212,13 +212,38 @@ def test_make_delay_on_cpu_busy_waits(monkeypatch):
     assert spun == [0.25]
 
 
-def test_peak_rss_sees_an_allocation():
+def test_peak_rss_sees_a_short_lived_allocation():
+    # Allocated and freed at once: only the kernel's high-water mark is sure to see it.
     with timing.PeakRSS() as probe:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del x
     if probe.delta is None:
         pytest.skip("no /proc/self/statm on this platform")
+    if probe.method != "high-water mark":
+        pytest.skip("/proc/self/clear_refs cannot reset the high-water mark here")
     assert probe.delta >= 32 * 2**20
+
+
+def test_peak_rss_sampling_sees_an_allocation_held_for_a_while(monkeypatch):
+    monkeypatch.setattr(timing, "_reset_hwm", lambda: False)
+    with timing.PeakRSS() as probe:
+        x = torch.ones(64 * 2**20 // 4)
+        time.sleep(0.2)  # 200 sampling intervals; the sleep frees the GIL for the sampler
+        del x
+    if probe.delta is None:
+        pytest.skip("no /proc/self/statm on this platform")
+    assert probe.method == "sampled"
+    assert probe.delta >= 32 * 2**20
+
+
+def test_peak_rss_of_a_block_that_allocates_nothing_is_small():
+    big = torch.ones(64 * 2**20 // 4)  # raises the process's earlier peak; must not count
+    del big
+    with timing.PeakRSS() as probe:
+        pass
+    if probe.delta is None:
+        pytest.skip("no /proc/self/statm on this platform")
+    assert probe.delta < 16 * 2**20
 
 
 def test_compile_snapshot_has_counters_on_torch2():
