@@ -40,8 +40,13 @@ number, ``y = log(median of its rounds)``, which carries the within-run noise to
 * *Canary*: a code-independent workload (plain matmul + conv) timed between cases. A candidate run whose
   canary is much noisier than usual, or whose canary median moved against the baseline's beyond the
   baseline's own run-to-run noise, is *disturbed*: regression and no-change time verdicts become
-  inconclusive. Timings are never divided by the canary. After an environment change (torch, driver) the
-  canary's move is reported on its own and not used, so an upgrade is not normalised away.
+  inconclusive. The part of the change common to all cases (a uniform slowdown) is what a slower machine
+  also produces, so its test is against the canary's own move: ``D - C`` with both variances, where ``C``
+  is the mean change of the canary's log run medians (per pair when paired). A run on a machine 16% slower
+  for everything, canary included, is not a regression of every case; the case-specific contrasts, the
+  intervals and the estimates are unchanged (timings are never divided by the canary). After an
+  environment change (torch, driver) the canary's move is reported on its own and not used, so an upgrade
+  is not normalised away.
 
 ``compile_time`` and ``peak_memory`` have one value per run; every pairwise ratio candidate/baseline is set
 against the threshold (all above: regression, all inside: no change, else inconclusive). Compile time is
@@ -659,15 +664,44 @@ def _time_result(
     if disturbed and verdict in (REGRESSION, NO_CHANGE):
         reasons.append(f"{'; '.join(disturbed)} (would have been {verdict})")
         verdict = INCONCLUSIVE
+    elif disturbed and verdict == INCONCLUSIVE:
+        reasons.append("; ".join(disturbed))
     return MetricResult(verdict=verdict, reasons=tuple(reasons), **base)
 
 
-def _pvalues(tested: Sequence[str], est: Mapping[str, _TimeEstimate], policy: Policy
-             ) -> tuple[dict[str, float], dict[str, float]]:
+@dataclass(frozen=True)
+class CanaryShift:
+    """The canary's mean log change candidate vs baseline, with its standard error and df."""
+
+    value: float
+    se: float
+    df: float
+
+
+def canary_shift(baseline: Side, candidate: Side, policy: Policy, paired: bool) -> CanaryShift | None:
+    """The canary's move between the sides, from its per-run medians (None without a canary on both).
+    Paired: the mean of the per-pair differences. Otherwise the difference of the means, with the run-to-run
+    sd pooled over both sides (``Policy.canary_run_sd`` when neither side has two runs)."""
+    b = np.log([np.median(r) for r in baseline.canary if len(r)]) if baseline.canary else np.empty(0)
+    c = np.log([np.median(r) for r in candidate.canary if len(r)]) if candidate.canary else np.empty(0)
+    if not b.size or not c.size:
+        return None
+    if paired and b.size == c.size >= 2:
+        diff = c - b
+        return CanaryShift(float(diff.mean()), float(diff.std(ddof=1)) / math.sqrt(diff.size), diff.size - 1.0)
+    df = (b.size - 1) + (c.size - 1)
+    ss = float(np.sum((b - b.mean()) ** 2) + np.sum((c - c.mean()) ** 2))
+    sd, df = (math.sqrt(ss / df), float(df)) if df else (policy.canary_run_sd, math.inf)
+    return CanaryShift(float(c.mean() - b.mean()), sd * math.sqrt(1 / b.size + 1 / c.size), df)
+
+
+def _pvalues(tested: Sequence[str], est: Mapping[str, _TimeEstimate], policy: Policy,
+             canary: CanaryShift | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Adjusted one-sided p-values (regression, improvement) per case, on the scale of ``alpha``.
 
     Plain model: the t test of each case's change, adjusted across cases. Split model: the contrast's test
-    adjusted across cases and the common change's test, each at alpha / 2, so ``2 * min(both)``.
+    adjusted across cases and the common change's test, each at alpha / 2, so ``2 * min(both)``. With a
+    ``canary`` (same environment on both sides), the common change is tested net of the canary's move.
     """
     if not tested:
         return {}, {}
@@ -679,9 +713,14 @@ def _pvalues(tested: Sequence[str], est: Mapping[str, _TimeEstimate], policy: Po
     split = [est[n].split for n in tested]
     if any(split):
         e = est[tested[split.index(True)]]
-        z = e.common / e.se_common(e.n_b, e.n_c)
-        reg = np.minimum(1.0, 2 * np.minimum(reg, sps.t.sf(z, e.common_df)))
-        imp = np.minimum(1.0, 2 * np.minimum(imp, sps.t.cdf(z, e.common_df)))
+        value, se, df = e.common, e.se_common(e.n_b, e.n_c), e.common_df
+        if canary is not None:  # a machine that moved every case alike moved the canary too
+            a, b = se**2, canary.se**2
+            value, se = value - canary.value, math.sqrt(a + b)
+            df = (a + b) ** 2 / (a**2 / df + (b**2 / canary.df if math.isfinite(canary.df) else 0.0))
+        z = value / se
+        reg = np.minimum(1.0, 2 * np.minimum(reg, sps.t.sf(z, df)))
+        imp = np.minimum(1.0, 2 * np.minimum(imp, sps.t.cdf(z, df)))
     return dict(zip(tested, reg.tolist(), strict=True)), dict(zip(tested, imp.tolist(), strict=True))
 
 
@@ -862,7 +901,9 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         q = 0.5 + policy.confidence_level / 2
         narrowing = [_t(q, est[n].df_total) * est[n].se / (_t(q, unpaired[n].df_total) * unpaired[n].se)
                      for n in judged if est[n].paired and unpaired[n].se]
-    adj_reg, adj_imp = _pvalues([n for n in judged if est[n].se is not None], est, policy)
+    control = None if changes else canary_shift(baseline, candidate, policy, paired)
+    tested = [n for n in judged if est[n].se is not None]
+    adj_reg, adj_imp = _pvalues(tested, est, policy, control)
     alpha_one = policy.alpha / max(len(adj_reg), 1) if policy.correction != "none" else policy.alpha
 
     device_type = candidate.environment.get("device_type")
@@ -894,6 +935,11 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         notes.append(f"peak memory is not judged on {device_type} (policy: {', '.join(policy.memory_device_types)})")
     if canary and canary.env_shift:
         notes.append(canary.env_shift + " (reported, not used to cancel the change)")
+    common = next((est[n].common for n in tested if est[n].split), None)
+    if control is not None and common is not None:
+        notes.append(f"the change common to all cases ({math.expm1(common):+.1%}) is tested net of the canary's "
+                     f"move ({math.expm1(control.value):+.1%}, se {control.se:.1%}): a machine slower for every "
+                     "case alike is not a regression of each")
     order = [*candidate.cases, *candidate.failed, *baseline.cases]
     return Comparison(
         cases=tuple(verdicts[n] for n in dict.fromkeys(order) if n in verdicts),
