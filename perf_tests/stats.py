@@ -938,8 +938,8 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     common = next((est[n].common for n in tested if est[n].split), None)
     if control is not None and common is not None:
         notes.append(f"the change common to all cases ({math.expm1(common):+.1%}) is tested net of the canary's "
-                     f"move ({math.expm1(control.value):+.1%}, se {control.se:.1%}): a machine slower for every "
-                     "case alike is not a regression of each")
+                     f"move ({math.expm1(control.value):+.1%}, se {control.se:.1%}): a machine that moved every "
+                     "case alike is not a change of the code")
     order = [*candidate.cases, *candidate.failed, *baseline.cases]
     return Comparison(
         cases=tuple(verdicts[n] for n in dict.fromkeys(order) if n in verdicts),
