@@ -39,8 +39,8 @@ number, ``y = log(median of its rounds)``, which carries the within-run noise to
   narrower the paired interval is than the unpaired one on the same data.
 * *Canary*: a code-independent workload (plain matmul + conv) timed between cases. A candidate run whose
   canary is much noisier than usual, or whose canary median moved against the baseline's beyond the
-  baseline's own run-to-run noise, is *disturbed*: regression and no-change time verdicts become
-  inconclusive. The part of the change common to all cases (a uniform slowdown) is what a slower machine
+  baseline's own run-to-run noise, is *disturbed*: regression, improvement and no-change time verdicts
+  become inconclusive. The part of the change common to all cases (a uniform slowdown) is what a slower machine
   also produces, so its test is against the canary's own move: ``D - C`` with both variances, where ``C``
   is the mean change of the canary's log run medians (per pair when paired). A run on a machine 16% slower
   for everything, canary included, is not a regression of every case; the case-specific contrasts, the
@@ -661,7 +661,7 @@ def _time_result(
             f"interval [{lo - 1:+.1%}, {hi - 1:+.1%}] reaches beyond the ±{min_effect:.1%} band and no change "
             f"beyond it is significant after {policy.correction} (MDE {m_e:.1%}); {more}"
         )
-    if disturbed and verdict in (REGRESSION, NO_CHANGE):
+    if disturbed and verdict in (REGRESSION, IMPROVEMENT, NO_CHANGE):
         reasons.append(f"{'; '.join(disturbed)} (would have been {verdict})")
         verdict = INCONCLUSIVE
     elif disturbed and verdict == INCONCLUSIVE:

@@ -269,6 +269,13 @@ def test_disturbed_canary_makes_regressions_and_no_change_inconclusive():
     assert cmp.canary.ratio == pytest.approx(1.31, rel=0.05)
     m = time_of(cmp)
     assert m.verdict == S.INCONCLUSIVE and any("machine disturbed: canary +" in r for r in m.reasons)
+    # nor is a case that got faster on a machine that got faster an improvement of the code
+    fast = _with_canary(make_side(rng, 3, factor=0.7, slow=range(N_CASES)), rng, [0.7, 0.68, 0.72])
+    first = fast.cases[case_name(0)]
+    first.runs = [[x * 0.6 for x in run] for run in first.runs]  # case 0 moved unlike the others
+    fast_cmp = S.compare(base, fast)
+    assert fast_cmp.canary.disturbed and S.IMPROVEMENT not in verdicts(fast_cmp).values()
+    assert "(would have been improvement)" in " ".join(time_of(fast_cmp).reasons)
     # a quiet canary leaves the same slowdown a regression
     quiet = _with_canary(make_side(rng, 3, factor=1.3, slow=range(N_CASES)), rng, [1.0, 1.01, 1.0])
     assert S.compare(base, quiet).has_regression
