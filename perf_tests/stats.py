@@ -661,11 +661,12 @@ def _time_result(
             f"interval [{lo - 1:+.1%}, {hi - 1:+.1%}] reaches beyond the ±{min_effect:.1%} band and no change "
             f"beyond it is significant after {policy.correction} (MDE {m_e:.1%}); {more}"
         )
-    if disturbed and verdict in (REGRESSION, IMPROVEMENT, NO_CHANGE):
-        reasons.append(f"{'; '.join(disturbed)} (would have been {verdict})")
-        verdict = INCONCLUSIVE
-    elif disturbed and verdict == INCONCLUSIVE:
-        reasons.append("; ".join(disturbed))
+    if disturbed:
+        if verdict == INCONCLUSIVE:
+            reasons.append("; ".join(disturbed))
+        else:
+            reasons.append(f"{'; '.join(disturbed)} (would have been {verdict})")
+            verdict = INCONCLUSIVE
     return MetricResult(verdict=verdict, reasons=tuple(reasons), **base)
 
 
@@ -678,12 +679,16 @@ class CanaryShift:
     df: float
 
 
+def _canary_log_medians(side: Side) -> np.ndarray:
+    """The log of each run's canary median (runs without canary samples left out)."""
+    return np.log(np.array([np.median(r) for r in side.canary if len(r)], dtype=float))
+
+
 def canary_shift(baseline: Side, candidate: Side, policy: Policy, paired: bool) -> CanaryShift | None:
     """The canary's move between the sides, from its per-run medians (None without a canary on both).
     Paired: the mean of the per-pair differences. Otherwise the difference of the means, with the run-to-run
     sd pooled over both sides (``Policy.canary_run_sd`` when neither side has two runs)."""
-    b = np.log([np.median(r) for r in baseline.canary if len(r)]) if baseline.canary else np.empty(0)
-    c = np.log([np.median(r) for r in candidate.canary if len(r)]) if candidate.canary else np.empty(0)
+    b, c = _canary_log_medians(baseline), _canary_log_medians(candidate)
     if not b.size or not c.size:
         return None
     if paired and b.size == c.size >= 2:
@@ -733,7 +738,7 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     c_runs = [np.asarray(r, dtype=float) for r in candidate.canary if len(r)]
     if not c_runs:
         return None
-    b_meds = np.log([np.median(r) for r in b_runs]) if b_runs else np.empty(0)
+    b_meds = _canary_log_medians(baseline)
     b_cvs = [robust_cv(r) for r in b_runs]
     cv_limit = max(policy.canary_max_cv, policy.canary_cv_factor * float(np.median(b_cvs))) if b_cvs \
         else policy.canary_max_cv
