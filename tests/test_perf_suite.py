@@ -137,7 +137,7 @@ def test_default_cpu_session_cases(session):
 
 
 def test_explicit_batch_sizes_apply_to_every_kind():
-    given = {"perf_batch_size": "1,2", "perf_device": "cpu"}
+    given = {"perf_batch_size": "1,2", "perf_device": "cpu", "perf_grid": "full"}
     options = Options.parse(given.get, cuda_available=False)
     s = PerfSession(options, caps=CAPS)
     assert {c.batch_size for c in s.cases("txt2img")} == {1, 2}
