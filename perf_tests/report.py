@@ -102,7 +102,8 @@ def policy_line(cmp: Comparison) -> str:
         f"regression = a one-sided t test significant at alpha {p.alpha} ({p.correction} over cases, common "
         f"and case-specific tests at alpha/2 each) AND a point estimate above +{p.min_effect:.0%}; no change = "
         f"the {p.confidence_level:.0%} interval inside ±{p.min_effect:.0%}; one run a side judged only against "
-        f"a recorded or prior run-to-run noise; a disturbed canary makes regressions and no change inconclusive. "
+        f"a recorded or prior run-to-run noise; a run (pair) with a disturbed canary is left out while enough "
+        "clean ones remain, else regressions and no change are inconclusive. "
         f"compile time ±{p.compile_threshold:.0%} within one cache state, peak memory ±{p.memory_threshold:.0%}, "
         f"on every run pair."
     )

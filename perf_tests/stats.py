@@ -39,8 +39,10 @@ number, ``y = log(median of its rounds)``, which carries the within-run noise to
   narrower the paired interval is than the unpaired one on the same data.
 * *Canary*: a code-independent workload (plain matmul + conv) timed between cases. A candidate run whose
   canary is much noisier than usual, or whose canary median moved against the baseline's beyond the
-  baseline's own run-to-run noise, is *disturbed*: regression, improvement and no-change time verdicts
-  become inconclusive. The part of the change common to all cases (a uniform slowdown) is what a slower machine
+  baseline's own run-to-run noise, is *disturbed*; paired, a pair is disturbed when its canary moved between
+  the two members beyond the noise of their medians (drift that moved both cancels). Disturbed runs (pairs)
+  are left out of the time verdicts when enough clean ones remain (two pairs, or one candidate run against
+  a baseline); otherwise regression, improvement and no-change time verdicts become inconclusive. The part of the change common to all cases (a uniform slowdown) is what a slower machine
   also produces, so its test is against the canary's own move: ``D - C`` with both variances, where ``C``
   is the mean change of the canary's log run medians (per pair when paired). A run on a machine 16% slower
   for everything, canary included, is not a regression of every case; the case-specific contrasts, the
@@ -63,6 +65,7 @@ different torch/CUDA/cuDNN/driver is compared and every verdict is labelled with
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
@@ -255,8 +258,10 @@ class CanaryResult:
     runs: tuple[CanaryRun, ...]
     ratio: float | None  # candidate / baseline canary median (None without both sides)
     baseline_run_sd: float | None  # run-to-run sd of log canary medians in the baseline
-    disturbed: tuple[str, ...] = ()  # one reason per disturbed candidate run
+    disturbed: tuple[str, ...] = ()  # one reason per disturbed candidate run (or pair)
     env_shift: str | None = None  # "plain kernels moved +X% with the environment change"
+    disturbed_runs: tuple[int, ...] = ()  # their indices (0-based candidate runs, i.e. pairs when paired)
+    left_out: tuple[int, ...] = ()  # those left out of the time verdicts (see compare)
 
 
 @dataclass(frozen=True)
@@ -732,26 +737,52 @@ def _pvalues(tested: Sequence[str], est: Mapping[str, _TimeEstimate], policy: Po
 # --- canary ------------------------------------------------------------------------------------------
 
 
-def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: bool) -> CanaryResult | None:
-    """Per-run canary medians and CVs; which candidate runs are disturbed (see the module docstring)."""
+def _median_se(r: np.ndarray) -> float:
+    """Standard error of the log of a run's canary median, from its spread within the run."""
+    return 1.2533 * robust_cv(r) / math.sqrt(r.size)  # the median's efficiency under normal noise
+
+
+def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: bool,
+                 paired: bool = False) -> CanaryResult | None:
+    """Per-run canary medians and CVs; which candidate runs are disturbed (see the module docstring).
+
+    Unpaired, a candidate run is judged against the baseline's runs. Paired (A/B), against its partner:
+    drift that moved both members of a pair cancels in the paired analysis, so only a canary that moved
+    between the two members (beyond ``canary_z`` standard errors of the two medians, and ``canary_min_shift``)
+    or spread within either of them disturbs the pair.
+    """
     b_runs = [np.asarray(r, dtype=float) for r in baseline.canary if len(r)]
     c_runs = [np.asarray(r, dtype=float) for r in candidate.canary if len(r)]
     if not c_runs:
         return None
+    by_pair = paired and len(b_runs) == len(c_runs) == len(candidate.canary) == candidate.n_runs
     b_meds = _canary_log_medians(baseline)
     b_cvs = [robust_cv(r) for r in b_runs]
-    cv_limit = max(policy.canary_max_cv, policy.canary_cv_factor * float(np.median(b_cvs))) if b_cvs \
+    c_cvs = [robust_cv(r) for r in c_runs]
+    usual = (b_cvs + c_cvs) if by_pair else b_cvs
+    cv_limit = max(policy.canary_max_cv, policy.canary_cv_factor * float(np.median(usual))) if usual \
         else policy.canary_max_cv
     run_sd = float(np.std(b_meds, ddof=1)) if b_meds.size >= 2 else policy.canary_run_sd
     shift_limit = max(math.log1p(policy.canary_min_shift),
                       policy.canary_z * run_sd * math.sqrt(1 + 1 / max(b_meds.size, 1)))
     runs = [CanaryRun("baseline", i, float(np.median(r)), cv) for i, (r, cv) in enumerate(zip(b_runs, b_cvs,
                                                                                              strict=True))]
-    disturbed = []
-    for i, r in enumerate(c_runs):
-        med, cv = float(np.median(r)), robust_cv(r)
+    disturbed, indices = [], []
+    for i, (r, cv) in enumerate(zip(c_runs, c_cvs, strict=True)):
+        med = float(np.median(r))
         why = None
-        if cv > cv_limit:
+        if by_pair:
+            partner = b_runs[i]
+            shift = math.log(med) - math.log(float(np.median(partner)))
+            limit = max(math.log1p(policy.canary_min_shift),
+                        policy.canary_z * math.hypot(_median_se(r), _median_se(partner)))
+            if max(cv, b_cvs[i]) > cv_limit:
+                why = (f"machine disturbed: canary spread {max(cv, b_cvs[i]):.1%} within pair {i + 1} "
+                       f"(usual < {cv_limit:.1%})")
+            elif abs(shift) > limit:
+                why = (f"machine disturbed: canary {math.expm1(shift):+.1%} between the runs of pair {i + 1} "
+                       f"(their own noise allows ±{math.expm1(limit):.1%})")
+        elif cv > cv_limit:
             why = f"machine disturbed: canary spread {cv:.1%} within candidate run {i + 1} (usual < {cv_limit:.1%})"
         elif b_meds.size and not env_changed and abs(math.log(med) - b_meds.mean()) > shift_limit:
             why = (f"machine disturbed: canary {math.exp(math.log(med) - b_meds.mean()) - 1:+.1%} in candidate "
@@ -759,11 +790,43 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
         runs.append(CanaryRun("candidate", i, med, cv, why))
         if why:
             disturbed.append(why)
+            indices.append(i)
     ratio = None
     if b_meds.size:
         ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"])) - b_meds.mean()))
     env_shift = f"plain kernels moved {ratio - 1:+.1%} with the environment change" if env_changed and ratio else None
-    return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift)
+    return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift,
+                        tuple(indices) if len(c_runs) == candidate.n_runs else ())
+
+
+def _keep_runs(side: Side, keep: Sequence[int]) -> Side:
+    """``side`` with only the runs at ``keep``: every per-run list parallel to the side's runs is cut."""
+
+    def pick(values):
+        return [values[i] for i in keep] if values is not None and len(values) == side.n_runs else values
+
+    cases = {n: dataclasses.replace(cs, runs=pick(cs.runs), run_machines=pick(cs.run_machines),
+                                    compile_time_s=pick(cs.compile_time_s), compile_cache=pick(cs.compile_cache),
+                                    peak_memory_bytes=pick(cs.peak_memory_bytes))
+             for n, cs in side.cases.items()}
+    return dataclasses.replace(side, cases=cases, n_runs=len(keep), machines=pick(side.machines),
+                               canary=pick(side.canary), run_order=pick(side.run_order))
+
+
+def _leave_out_disturbed(baseline: Side, candidate: Side, canary: CanaryResult | None, judged: Sequence[str],
+                         paired: bool) -> tuple[Side, Side, CanaryResult | None]:
+    """Leave the disturbed candidate runs (pairs, when paired) out when enough clean ones remain: two pairs,
+    or one candidate run against the baseline, with every judged case measured in every run. The canary
+    does not depend on the code, so choosing runs by it selects nothing about the change being judged."""
+    if canary is None or not canary.disturbed_runs:
+        return baseline, candidate, canary
+    keep = [i for i in range(candidate.n_runs) if i not in canary.disturbed_runs]
+    aligned = all(len(candidate.cases[n].runs) == candidate.n_runs
+                  and (not paired or len(baseline.cases[n].runs) == baseline.n_runs) for n in judged)
+    if len(keep) < (2 if paired else 1) or not aligned:
+        return baseline, candidate, canary
+    left_out = dataclasses.replace(canary, left_out=canary.disturbed_runs)
+    return (_keep_runs(baseline, keep) if paired else baseline), _keep_runs(candidate, keep), left_out
 
 
 # --- compile time and peak memory: one value per run -------------------------------------------------
@@ -861,8 +924,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
                                           [f for f in policy.env_fields if f in INCOMPARABLE_ENV_FIELDS]))
     changes = tuple(environment_changes(baseline.environment, candidate.environment, policy.env_fields))
     labels = tuple(f"environment changed: {c}" for c in changes)
-    canary = judge_canary(baseline, candidate, policy, env_changed=bool(changes))
-    disturbed = canary.disturbed if canary else ()
+    canary = judge_canary(baseline, candidate, policy, env_changed=bool(changes), paired=paired)
 
     verdicts: dict[str, CaseVerdict] = {}
     judged: list[str] = []
@@ -897,6 +959,8 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         else:
             not_selected.append(name)
 
+    baseline, candidate, canary = _leave_out_disturbed(baseline, candidate, canary, judged, paired)
+    disturbed = canary.disturbed if canary and not canary.left_out else ()
     est = _estimates(baseline, candidate, judged, policy, paired)
     _split(baseline, candidate, est)
     narrowing = []
@@ -938,6 +1002,11 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     notes = []
     if not judge_memory:
         notes.append(f"peak memory is not judged on {device_type} (policy: {', '.join(policy.memory_device_types)})")
+    if canary and canary.left_out:
+        what = "pair" if paired else "candidate run"
+        shown = ", ".join(str(i + 1) for i in canary.left_out)
+        notes.append(f"{what}{'s' if len(canary.left_out) > 1 else ''} {shown} left out of the time verdicts "
+                     f"(machine disturbed, see the canary): judged on the other {candidate.n_runs}")
     if canary and canary.env_shift:
         notes.append(canary.env_shift + " (reported, not used to cancel the change)")
     common = next((est[n].common for n in tested if est[n].split), None)

@@ -353,7 +353,76 @@ def test_canary_spread_within_a_run_marks_it_disturbed():
     cand.canary[1] = list(np.asarray(cand.canary[1]) * rng.uniform(1, 1.6, 30))
     cmp = S.compare(base, cand)
     assert len(cmp.canary.disturbed) == 1 and "spread" in cmp.canary.disturbed[0]
+    assert cmp.canary.left_out == (1,) and time_of(cmp).n_candidate == 2  # judged on the two quiet runs
+    # with the quiet runs disturbed too, nothing is left to judge on: no verdict beyond inconclusive
+    for i in (0, 2):
+        cand.canary[i] = list(np.asarray(cand.canary[i]) * rng.uniform(1, 1.6, 30))
+    cmp = S.compare(base, cand)
+    assert len(cmp.canary.disturbed) == 3 and not cmp.canary.left_out
     assert S.NO_CHANGE not in verdicts(cmp).values()
+
+
+def _disturb(side, run, factor):
+    """Run ``run`` of ``side`` ``factor`` times slower in every case and in the canary (a busy machine)."""
+    for cs in side.cases.values():
+        cs.runs[run] = [x * factor for x in cs.runs[run]]
+    side.canary[run] = [x * factor for x in side.canary[run]]
+
+
+def test_a_disturbed_pair_is_left_out_and_the_rest_judged():
+    # Six A/B pairs, case0 +15% in A; the machine was 30% slower during A's run of pair 3 only.
+    rng = np.random.default_rng(24)
+    drift = rng.normal(0, 0.05, 6)
+    base = _with_canary(make_side(rng, 6, drift=drift), rng, np.exp(drift))
+    cand = _with_canary(make_side(rng, 6, factor=1.15, drift=drift), rng, np.exp(drift))
+    _disturb(cand, 2, 1.3)
+    cmp = S.compare(base, cand, paired=True)
+    assert cmp.canary.disturbed_runs == (2,) and cmp.canary.left_out == (2,)
+    assert "between the runs of pair 3" in cmp.canary.disturbed[0]
+    assert any("pair 3 left out of the time verdicts" in n and "other 5" in n for n in cmp.notes)
+    m = time_of(cmp)
+    assert (m.n_baseline, m.n_candidate) == (5, 5)
+    assert m.verdict == S.REGRESSION and m.ci[0] <= 1.15 <= m.ci[1]
+    assert not any("machine disturbed" in r for r in m.reasons)
+    # judged on all six pairs, the +30% pair would have hidden nothing and still be counted
+    assert S.compare(S._keep_runs(base, [0, 1, 3, 4, 5]), S._keep_runs(cand, [0, 1, 3, 4, 5]),
+                     paired=True).cases == cmp.cases
+
+
+def test_drift_shared_by_both_members_of_a_pair_does_not_disturb_it():
+    # The machine 25% slower for the whole of pair 2 (both members): pairing cancels it, so the pair stays.
+    rng = np.random.default_rng(25)
+    drift = np.log([1.0, 1.25, 1.0, 1.0])
+    base = _with_canary(make_side(rng, 4, run_sd=0.01, drift=drift), rng, np.exp(drift))
+    cand = _with_canary(make_side(rng, 4, run_sd=0.01, drift=drift), rng, np.exp(drift))
+    cmp = S.compare(base, cand, paired=True)
+    assert not cmp.canary.disturbed and not cmp.canary.left_out
+    assert time_of(cmp).n_candidate == 4
+
+
+def test_too_few_clean_pairs_leave_every_verdict_inconclusive():
+    rng = np.random.default_rng(26)
+    base = _with_canary(make_side(rng, 3), rng, [1.0] * 3)
+    cand = _with_canary(make_side(rng, 3, factor=1.3), rng, [1.0] * 3)
+    _disturb(cand, 0, 1.4)
+    _disturb(cand, 1, 1.4)
+    cmp = S.compare(base, cand, paired=True)
+    assert cmp.canary.disturbed_runs == (0, 1) and not cmp.canary.left_out
+    m = time_of(cmp)
+    assert m.verdict == S.INCONCLUSIVE and m.n_candidate == 3
+    assert "(would have been regression)" in " ".join(m.reasons)
+
+
+def test_a_disturbed_candidate_run_is_left_out_against_a_baseline():
+    rng = np.random.default_rng(27)
+    base = _with_canary(make_side(rng, 5), rng, [1.0, 1.01, 0.99, 1.0, 1.0])
+    cand = _with_canary(make_side(rng, 4, factor=1.2), rng, [1.0, 1.0, 1.01, 0.99])
+    _disturb(cand, 3, 1.4)
+    cmp = S.compare(base, cand)
+    assert cmp.canary.left_out == (3,)
+    assert any("candidate run 4 left out" in n for n in cmp.notes)
+    m = time_of(cmp)
+    assert (m.n_baseline, m.n_candidate) == (5, 3) and m.verdict == S.REGRESSION
 
 
 def test_environment_change_reports_the_canary_separately_and_still_judges():
