@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 
 from perf_tests import cases as C
+from perf_tests import turns
 from perf_tests.journal import Journal, journal_path
 from perf_tests.machine import device_identity, env_label
 from perf_tests.suite import INDUCTOR_CACHE_DIR, OptionError, Options, PerfSession
@@ -146,6 +147,7 @@ def pytest_collection_finish(session):
     json_path = config.getoption("benchmark_json", None)
     if json_path is None or config.option.collectonly:
         return
+    turns.begin()  # in an A/B pair run side by side: wait for this process's first turn
     journal = Journal(journal_path(json_path))
     setattr(config, _JOURNAL_KEY, journal)
     bs = config._benchmarksession
@@ -263,3 +265,7 @@ def _env() -> str:
     import torch
 
     return env_label(torch.__version__)
+
+
+def pytest_unconfigure(config):
+    turns.end()  # the A/B partner takes over for good (after the study table and the summary)

@@ -7,8 +7,10 @@
    runs go on until the next one would overrun the budget (at least one run). The suite's Inductor cache
    folder persists between runs and invocations, so only a machine's first run compiles cold.
 2. The study table over all runs (``study-<label>.md``).
-3. The verdict against the baseline store (or, with ``--ab REF``, against REF run alternately on this
-   machine and analysed in pairs), written once per format: ``verdict-<label>.txt|.md|.json``.
+3. The verdict against the baseline store (or, with ``--ab REF``, against REF on this machine, analysed in
+   pairs), written once per format: ``verdict-<label>.txt|.md|.json``. The two processes of a pair start
+   together and take turns after every timed round (``perf_tests.turns``), so both meet the machine's
+   moment-to-moment load alike; ``--interleave runs`` runs A, then B.
 4. The study table and the verdict appended once to ``$GITHUB_STEP_SUMMARY`` when that is set.
 
 Exit codes: 0 pass; 1 regression or failed case (or missing under --require-all, inconclusive under
@@ -31,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from perf_tests import turns
 from perf_tests.ab import Tree, ab_trees
 from perf_tests.baselines import locate_baselines, update_baselines
 from perf_tests.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--budget", type=float, metavar="MINUTES",
                       help="run the suite again while the next run fits in MINUTES of suite time (at least once)")
     p.add_argument("--ab", metavar="REF", help="A/B: the current tree against git REF, alternating A,B,A,B")
+    p.add_argument("--interleave", choices=("rounds", "runs"), default="rounds",
+                   help="with --ab: 'rounds' (default) starts both processes of a pair together and they take "
+                        "turns after every timed round; 'runs' runs A, then B")
     p.add_argument("--results", type=Path, help="output folder (default results/<UTC timestamp>)")
     p.add_argument("--label", help="file name prefix (default: torch1 or torch2, from the installed torch)")
     p.add_argument("--baseline-dir", type=Path, default=Path("baselines"), help="baseline store (default baselines)")
@@ -99,6 +105,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error("--budget must be a positive number of minutes")
     if opts.replace and not opts.update_baselines:
         parser.error("--replace only goes with --update-baselines")
+    if "--interleave" in own and not opts.ab:
+        parser.error("--interleave only goes with --ab (it orders the two sides of a pair)")
     if opts.ab and opts.update_baselines:
         parser.error("--update-baselines records this tree's runs; it does not go with --ab")
     if "--benchmark-json" in pytest_args or any(a.startswith("--benchmark-json=") for a in pytest_args):
@@ -141,6 +149,36 @@ def run_process(cmd: list[str], cwd: Path, env: dict[str, str]) -> int:
     return subprocess.run(cmd, cwd=cwd, env=env, check=False).returncode
 
 
+@dataclass(frozen=True)
+class Job:
+    cmd: list[str]
+    cwd: Path
+    env: dict[str, str]
+    log: Path  # the process's output (both of a pair run at once: their output would interleave)
+
+
+def run_side_by_side(jobs: Sequence[Job]) -> list[int]:
+    """Start the two processes of an A/B pair at once; they take turns round by round (perf_tests.turns),
+    the first job first. Returns their exit codes; each one's output is in its log."""
+    a_read, b_write = os.pipe()  # B -> A
+    b_read, a_write = os.pipe()  # A -> B
+    os.write(b_write, turns.TOKEN)  # A starts
+    procs: list[subprocess.Popen] = []
+    try:
+        for job, (r, w) in zip(jobs, ((a_read, a_write), (b_read, b_write)), strict=True):
+            with open(job.log, "wb") as out:
+                procs.append(subprocess.Popen(job.cmd, cwd=job.cwd, env={**job.env, turns.ENV: f"{r},{w}"},
+                                              pass_fds=(r, w), stdout=out, stderr=subprocess.STDOUT))
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    finally:
+        for fd in (a_read, b_write, b_read, a_write):
+            os.close(fd)  # the children hold their own ends: one's exit is the other's end-of-file
+    return [proc.wait() for proc in procs]
+
+
 def _result_name(label: str, tree: Tree, index: int) -> str:
     return f"{label}-{tree.side}-run{index}.json" if tree.side else f"{label}-run{index}.json"
 
@@ -161,9 +199,17 @@ def run_all(
     trees: Sequence[Tree], opts: argparse.Namespace, pytest_args: Sequence[str], out: Path, label: str,
     launch: Callable[[list[str], Path, dict[str, str]], int] = run_process,
     clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = print,
+    launch_pair: Callable[[Sequence[Job]], list[int]] = run_side_by_side,
 ) -> list[SuiteRun]:
-    """Run the suite in each tree in turn (A, B, A, B, ... with two trees) until --runs or --budget is spent."""
+    """Run the suite in each tree until --runs or --budget is spent: A, B, A, B, ... with two trees, each
+    pair side by side taking turns round by round unless ``--interleave runs``."""
     budget_s = opts.budget * 60 if opts.budget is not None else None
+    side_by_side = len(trees) == 2 and getattr(opts, "interleave", "rounds") == "rounds"
+    older = [t.label for t in trees if not (t.root / "perf_tests" / "turns.py").is_file()]
+    if side_by_side and older:  # a tree without turns.py would not wait for its turn: run A, then B
+        log(f"[run] {', '.join(older)} cannot take turns round by round (no perf_tests/turns.py): "
+            "each pair runs A, then B")
+        side_by_side = False
     runs: list[SuiteRun] = []
     durations: list[float] = []
     while (len(durations) < (opts.runs or 1)) if budget_s is None else another_run(durations, budget_s):
@@ -171,20 +217,36 @@ def run_all(
         if budget_s is not None:
             log(f"[run] {label} run {index}: {sum(durations) / 60:.1f} of {opts.budget:g} min spent")
         start = clock()
+        jobs, paths = [], []
         for tree in trees:
             path = (out / _result_name(label, tree, index)).resolve()
             pythonpath = [str(tree.root), *filter(None, [os.environ.get("PYTHONPATH")])]
             # The Inductor cache is the suite's own persistent folder, shared by all runs and both A/B sides:
             # it keys entries by graph content, and every measured compilation reads it (warm mode).
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
-            cmd = suite_command(path, opts.grid, pytest_args)
+            jobs.append(Job(suite_command(path, opts.grid, pytest_args), tree.root, env, path.with_suffix(".log")))
+            paths.append(path)
             log(f"[run] {label} run {index}{f' side {tree.side} ({tree.label})' if tree.side else ''}: "
-                f"{' '.join(cmd[1:])}")
+                f"{' '.join(jobs[-1].cmd[1:])}" + (f" (output: {jobs[-1].log})" if side_by_side else ""))
+            if not side_by_side:
+                t0 = clock()
+                returncode = launch(jobs[-1].cmd, tree.root, env)
+                run = SuiteRun(tree, index, path, clock() - t0, returncode)
+                check_run(run)
+                runs.append(run)
+        if side_by_side:
+            log(f"[run] {label} run {index}: A and B side by side, taking turns after every timed round")
             t0 = clock()
-            returncode = launch(cmd, tree.root, env)
-            run = SuiteRun(tree, index, path, clock() - t0, returncode)
-            check_run(run)
-            runs.append(run)
+            codes = launch_pair(jobs)
+            pair = [SuiteRun(tree, index, path, clock() - t0, code)
+                    for tree, path, code in zip(trees, paths, codes, strict=True)]
+            for job in jobs:
+                if job.log.is_file():
+                    sys.stdout.write(job.log.read_text(encoding="utf-8", errors="replace"))
+                    sys.stdout.flush()
+            for run in pair:
+                check_run(run)
+            runs.extend(pair)
         durations.append(clock() - start)
     log(f"[run] {len(durations)} run(s){' per side' if len(trees) > 1 else ''} in {sum(durations) / 60:.1f} min")
     return runs

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from perf_tests import cases as C
+from perf_tests import turns
 from perf_tests.canary import Canary
 from perf_tests.machine import env_label
 from perf_tests.timing import MIN_ROUND_S, is_oom, measure, sync
@@ -342,7 +343,10 @@ class PerfSession:
             compile_cache=self.options.inductor_cache if case.compiled else None,
             cache_dir=self.options.inductor_cache_dir,
             check=lambda out: self.check(case, out), delay_s=self.options.delay_s,
+            after_round=turns.pass_turn if turns.active() else None,
         ))
+        if turns.active():
+            info["interleaved"] = True  # its rounds alternated with the A/B partner's (perf_tests.turns)
 
     # -----------------------------------------------------------------------------------------------------
 

@@ -320,6 +320,7 @@ def measure(
     cache_dir: str | None = None,
     check: Callable[[object], dict] | None = None,
     delay_s: float = 0.0,
+    after_round: Callable[[], None] | None = None,
 ) -> dict:
     """Time ``fn`` with ``benchmark.pedantic``; returns what goes into ``benchmark.extra_info``.
 
@@ -332,7 +333,8 @@ def measure(
     not timed); the block sizing (see :func:`block_size`); then ``rounds`` timed rounds of
     ``iterations`` calls each with the garbage collector off. ``delay_s`` adds a known delay
     (device-side on CUDA) to every call: the timing-honesty check, whose medians must move by about that
-    much.
+    much. ``after_round`` runs after every timed round, untimed (pytest-benchmark's ``teardown``): the
+    A/B hand-over of :mod:`perf_tests.turns`.
     """
     device_type = torch.device(device).type
     is_cuda = device_type == "cuda"
@@ -405,7 +407,8 @@ def measure(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=iterations)
+        teardown = {"teardown": after_round} if after_round is not None else {}
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=iterations, **teardown)
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -32,7 +32,7 @@ def test_arguments_after_the_first_double_dash_go_to_pytest():
 @pytest.mark.parametrize("argv", [
     ["--runs", "0"], ["--budget", "0"], ["--runs", "2", "--budget", "5"], ["--replace"],
     ["--ab", "HEAD", "--update-baselines"], ["--grid", "nightly"], ["--case-kind", "unet-step"],
-    ["--", "--benchmark-json", "x.json"], ["--", "--benchmark-json=x.json"],
+    ["--", "--benchmark-json", "x.json"], ["--", "--benchmark-json=x.json"], ["--interleave", "runs"],
 ])
 def test_bad_options_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -123,6 +123,38 @@ def test_ab_budget_counts_pairs(tmp_path):
     runs = R.run_all([Tree("A", tmp_path, ""), Tree("B", tmp_path, "")], _opts(budget=6.5), [], tmp_path, "t",
                      fake.launch, fake.clock, lambda m: None)
     assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3)]
+
+
+def _turn_taking_tree(root: Path, side: str, label: str) -> Tree:
+    (root / "perf_tests").mkdir(parents=True)
+    (root / "perf_tests" / "turns.py").write_text("")
+    return Tree(side, root, label)
+
+
+def test_ab_pairs_run_side_by_side_when_both_trees_take_turns(tmp_path):
+    a = _turn_taking_tree(tmp_path / "a", "A", "current tree")
+    b = _turn_taking_tree(tmp_path / "b", "B", "HEAD (abc)")
+    fake, pairs = FakeSuite([60]), []
+
+    def launch_pair(jobs):
+        pairs.append([(j.cmd[j.cmd.index("--benchmark-json") + 1], j.cwd.name, j.log.name) for j in jobs])
+        return [fake.launch(j.cmd, j.cwd, j.env) for j in jobs]
+
+    runs = R.run_all([a, b], _opts(budget=6.5), [], tmp_path, "t", fake.launch, fake.clock, lambda m: None,
+                     launch_pair=launch_pair)
+    assert len(pairs) == 3  # a pair costs 120 s of the fake clock: 3 fit in 6.5 min
+    assert [(Path(p[0]).name, p[1], p[2]) for p in pairs[0]] == [("t-A-run1.json", "a", "t-A-run1.log"),
+                                                                 ("t-B-run1.json", "b", "t-B-run1.log")]
+    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3)]
+    # --interleave runs, or a tree that cannot take turns: A, then B, one process at a time
+    fake2 = FakeSuite([60])
+    R.run_all([a, b], _opts(runs=1, interleave="runs"), [], tmp_path, "u", fake2.launch, fake2.clock,
+              lambda m: None, launch_pair=None)
+    assert [c[0] for c in fake2.calls] == ["u-A-run1.json", "u-B-run1.json"]
+    logged = []
+    R.run_all([a, Tree("B", tmp_path / "old", "v1 (def)")], _opts(runs=1), [], tmp_path, "v", fake2.launch,
+              fake2.clock, logged.append, launch_pair=None)
+    assert any("v1 (def) cannot take turns" in m for m in logged)
 
 
 # --- suite processes and exit codes -------------------------------------------------------------------------
