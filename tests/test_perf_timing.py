@@ -8,6 +8,7 @@ running the suite, not asserted in a unit test.
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import time
 
@@ -212,11 +213,18 @@ def test_make_delay_on_cpu_busy_waits(monkeypatch):
     assert spun == [0.25]
 
 
+def _touched_pages(size: int) -> mmap.mmap:
+    """``size`` bytes of fresh anonymous memory, every page written: resident for certain (an allocator
+    such as torch's may instead hand back memory an earlier test freed but kept resident)."""
+    block = mmap.mmap(-1, size)
+    block.write(b"\x01" * size)
+    return block
+
+
 def test_peak_rss_sees_a_short_lived_allocation():
     # Allocated and freed at once: only the kernel's high-water mark is sure to see it.
     with timing.PeakRSS() as probe:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del x
+        _touched_pages(64 * 2**20).close()
     if probe.delta is None:
         pytest.skip("no /proc/self/statm on this platform")
     if probe.method != "high-water mark":
@@ -227,9 +235,9 @@ def test_peak_rss_sees_a_short_lived_allocation():
 def test_peak_rss_sampling_sees_an_allocation_held_for_a_while(monkeypatch):
     monkeypatch.setattr(timing, "_reset_hwm", lambda: False)
     with timing.PeakRSS() as probe:
-        x = torch.ones(64 * 2**20 // 4)
+        block = _touched_pages(64 * 2**20)
         time.sleep(0.2)  # 200 sampling intervals; the sleep frees the GIL for the sampler
-        del x
+        block.close()
     if probe.delta is None:
         pytest.skip("no /proc/self/statm on this platform")
     assert probe.method == "sampled"
@@ -237,8 +245,7 @@ def test_peak_rss_sampling_sees_an_allocation_held_for_a_while(monkeypatch):
 
 
 def test_peak_rss_of_a_block_that_allocates_nothing_is_small():
-    big = torch.ones(64 * 2**20 // 4)  # raises the process's earlier peak; must not count
-    del big
+    _touched_pages(64 * 2**20).close()  # raises the process's earlier peak; must not count
     with timing.PeakRSS() as probe:
         pass
     if probe.delta is None:
