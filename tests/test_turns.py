@@ -24,6 +24,7 @@ from perf_tests import turns
 turns.WAIT_S = 20.0
 side, rounds, stop, log = {side!r}, {rounds}, {stop}, {log!r}
 turns.begin()
+print("cpus", sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)
 for i in range(rounds):
     if i == stop:
         os._exit(0)
@@ -46,6 +47,9 @@ def test_two_processes_take_turns_round_by_round(tmp_path):
     assert codes == [0, 0], [(tmp_path / f"{s}.log").read_text() for s in "AB"]
     assert (tmp_path / "order.txt").read_text().split() == [f"{s}{i}" for i in range(5) for s in "AB"]
     assert time.monotonic() - t0 < turns.WAIT_S  # nobody waited out the timeout
+    # both on the same single CPU, so neither runs on a faster core than the other
+    cpus = {(tmp_path / f"{s}.log").read_text().strip() for s in "AB"}
+    assert cpus == {f"cpus {sorted(R.shared_cpu())}" if R.shared_cpu() else "cpus None"}
 
 
 def test_a_partner_that_ends_early_leaves_the_other_alone_not_waiting(tmp_path):
