@@ -287,6 +287,48 @@ def test_ab_end_to_end_on_a_fake_suite(tmp_path, monkeypatch, capsys):
     assert (repo / "perf_tests" / "factor.txt").read_text() == "2.0"
 
 
+TURN_SUITE = """
+import os
+from perf_tests import turns
+def test_fake(benchmark):
+    def handover():
+        with open({log!r}, "a") as fh:
+            fh.write(f"{{os.getpid()}}\\n")
+        turns.pass_turn()
+    benchmark.pedantic(lambda: sum(range(20000)), rounds=6, iterations=5, teardown=handover)
+"""
+TURN_CONFTEST = """
+from perf_tests import turns
+def pytest_collection_finish(session):
+    turns.begin()
+def pytest_unconfigure(config):
+    turns.end()
+"""
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="A/B mode needs git")
+def test_ab_pairs_take_turns_through_pytest_benchmark_rounds(tmp_path, monkeypatch, capsys):
+    """Both processes of a pair under real pytest and pytest-benchmark: the rounds of the two alternate."""
+    repo = tmp_path / "repo"
+    (repo / "perf_tests").mkdir(parents=True)
+    log = tmp_path / "rounds.txt"
+    (repo / "perf_tests" / "test_fake.py").write_text(textwrap.dedent(TURN_SUITE.format(log=str(log))))
+    (repo / "perf_tests" / "conftest.py").write_text(TURN_CONFTEST)
+    shutil.copy(REPO / "perf_tests" / "turns.py", repo / "perf_tests" / "turns.py")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "reference")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # perf_tests.turns for the fake suite
+    trees = [Tree("A", repo, "current tree"), Tree("B", repo, "HEAD")]
+    runs = R.run_all(trees, _opts(runs=1), [], tmp_path, "t", log=lambda m: None)
+    assert [r.returncode for r in runs] == [0, 0]
+    pids = log.read_text().split()
+    assert len(set(pids)) == 2 and pids.count(pids[0]) == pids.count(pids[1]) >= 6  # every round of each
+    assert all(a != b for a, b in zip(pids, pids[1:], strict=False))  # A, B, A, B, ... round by round
+    assert "test_fake" in capsys.readouterr().out  # both processes' output, printed after the pair
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="A/B mode needs git")
 def test_explain_profiles_each_flagged_case_in_both_ab_trees_and_writes_it_into_the_verdict(
         tmp_path, monkeypatch, capsys):
