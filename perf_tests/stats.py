@@ -42,8 +42,8 @@ number, ``y = log(median of its rounds)``, which carries the within-run noise to
   baseline's own run-to-run noise, is *disturbed*; paired, a pair is disturbed when its canary moved between
   the two members beyond the noise of their medians (drift that moved both cancels). Disturbed runs (pairs)
   are left out of the time verdicts when enough clean ones remain (two pairs, or one candidate run against
-  a baseline); otherwise regression, improvement and no-change time verdicts become inconclusive. The part of the change common to all cases (a uniform slowdown) is what a slower machine
-  also produces, so its test is against the canary's own move: ``D - C`` with both variances, where ``C``
+  a baseline); otherwise regression, improvement and no-change time verdicts become inconclusive. The part
+  of the change common to all cases (a uniform slowdown) is what a slower machine also produces, so its test is against the canary's own move: ``D - C`` with both variances, where ``C``
   is the mean change of the canary's log run medians (per pair when paired). A run on a machine 16% slower
   for everything, canary included, is not a regression of every case; the case-specific contrasts, the
   intervals and the estimates are unchanged (timings are never divided by the canary). After an
@@ -260,8 +260,12 @@ class CanaryResult:
     baseline_run_sd: float | None  # run-to-run sd of log canary medians in the baseline
     disturbed: tuple[str, ...] = ()  # one reason per disturbed candidate run (or pair)
     env_shift: str | None = None  # "plain kernels moved +X% with the environment change"
-    disturbed_runs: tuple[int, ...] = ()  # their indices (0-based candidate runs, i.e. pairs when paired)
-    left_out: tuple[int, ...] = ()  # those left out of the time verdicts (see compare)
+    left_out: tuple[int, ...] = ()  # candidate runs (pairs) left out of the time verdicts (see compare)
+
+    @property
+    def disturbed_runs(self) -> tuple[int, ...]:
+        """The 0-based indices of the disturbed candidate runs among those with canary samples."""
+        return tuple(r.index for r in self.runs if r.side == "candidate" and r.disturbed)
 
 
 @dataclass(frozen=True)
@@ -767,13 +771,13 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
                       policy.canary_z * run_sd * math.sqrt(1 + 1 / max(b_meds.size, 1)))
     runs = [CanaryRun("baseline", i, float(np.median(r)), cv) for i, (r, cv) in enumerate(zip(b_runs, b_cvs,
                                                                                              strict=True))]
-    disturbed, indices = [], []
+    disturbed = []
     for i, (r, cv) in enumerate(zip(c_runs, c_cvs, strict=True)):
         med = float(np.median(r))
         why = None
         if by_pair:
             partner = b_runs[i]
-            shift = math.log(med) - math.log(float(np.median(partner)))
+            shift = math.log(med) - b_meds[i]
             limit = max(math.log1p(policy.canary_min_shift),
                         policy.canary_z * math.hypot(_median_se(r), _median_se(partner)))
             if max(cv, b_cvs[i]) > cv_limit:
@@ -790,13 +794,11 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
         runs.append(CanaryRun("candidate", i, med, cv, why))
         if why:
             disturbed.append(why)
-            indices.append(i)
     ratio = None
     if b_meds.size:
         ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"])) - b_meds.mean()))
     env_shift = f"plain kernels moved {ratio - 1:+.1%} with the environment change" if env_changed and ratio else None
-    return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift,
-                        tuple(indices) if len(c_runs) == candidate.n_runs else ())
+    return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift)
 
 
 def _keep_runs(side: Side, keep: Sequence[int]) -> Side:
@@ -821,9 +823,11 @@ def _leave_out_disturbed(baseline: Side, candidate: Side, canary: CanaryResult |
     if canary is None or not canary.disturbed_runs:
         return baseline, candidate, canary
     keep = [i for i in range(candidate.n_runs) if i not in canary.disturbed_runs]
-    aligned = all(len(candidate.cases[n].runs) == candidate.n_runs
-                  and (not paired or len(baseline.cases[n].runs) == baseline.n_runs) for n in judged)
-    if len(keep) < (2 if paired else 1) or not aligned:
+    # the canary's run indices are the side's only when every run has canary samples
+    canary_aligned = len(candidate.canary) == candidate.n_runs and all(len(r) for r in candidate.canary)
+    cases_aligned = all(len(candidate.cases[n].runs) == candidate.n_runs
+                        and (not paired or len(baseline.cases[n].runs) == baseline.n_runs) for n in judged)
+    if len(keep) < (2 if paired else 1) or not (canary_aligned and cases_aligned):
         return baseline, candidate, canary
     left_out = dataclasses.replace(canary, left_out=canary.disturbed_runs)
     return (_keep_runs(baseline, keep) if paired else baseline), _keep_runs(candidate, keep), left_out

@@ -38,8 +38,7 @@ class Turns:
     read_fd: int
     write_fd: int
     alone: bool = False  # the partner has gone (or never answered): no more waiting
-    holding: bool = False
-    handovers: int = 0
+    holding: bool = False  # this process has the token: waiting for it again would block forever
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Turns | None:
@@ -86,7 +85,6 @@ class Turns:
             self._go_alone()
             return
         self.holding = False
-        self.handovers += 1
 
     def _go_alone(self) -> None:
         self.alone, self.holding = True, False
