@@ -140,7 +140,7 @@ def canary_line(cmp: Comparison) -> str:
         text += f"; candidate/baseline {_pct(k.ratio)}"
     if k.env_shift:
         text += f"; {k.env_shift}"
-    text += "; " + ("; ".join(k.disturbed) if k.disturbed else "machine quiet")
+    text += "; " + (k.disturbed_summary if k.disturbed else "machine quiet")
     return text
 
 

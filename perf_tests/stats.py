@@ -16,9 +16,13 @@ number, ``y = log(median of its rounds)``, which carries the within-run noise to
 * With one run on a side, that side adds no degrees of freedom and the estimate comes from the other side;
   with one run on both sides, from a per-device-type prior (``Policy.run_sd_priors``); with neither, the
   verdict is *inconclusive, too few samples*: never a regression by rounds alone.
-* When the candidate ran on machines none of the baseline's runs came from, the machine-to-machine variance
-  (estimated from a baseline spanning several machines, else ``Policy.machine_sd``) is added to the common
-  part (a machine moves every case alike).
+* When the candidate ran on machines none of the baseline's runs came from, the machine's speed is in every
+  change: with a canary in the same environment on both sides, every change is taken net of the canary's
+  move (its standard error added to the common variance), and the machine-to-machine variances (estimated
+  from a baseline spanning several machines, else ``Policy.machine_sd`` common and
+  ``Policy.machine_case_sds`` per case: machines differ case by case too, by cache sizes and memory) are
+  added to the common and the case-specific part. A candidate run's canary is then held against the
+  other candidate runs', not the baseline machine's.
 * *Regression*: a one-sided t test of ``d > 0`` significant at ``alpha`` AND the point estimate above
   ``+min_effect``. With the split, two tests at ``alpha / 2`` each: the mean change of all cases (a uniform
   slowdown) against the common variance, and the case's contrast to that mean (it moved unlike the
@@ -121,10 +125,15 @@ class Policy:
     target_mde: float = 0.10  # "runs needed" in reasons: runs per side that bring the MDE down to this
     run_sd_priors: tuple[tuple[str, str, float], ...] = DEFAULT_RUN_SD_PRIORS
     prior_df: int = 10  # degrees of freedom credited to a prior (about the runs it was measured on)
-    # Machine-to-machine sd of a case's log median between two machines of one type, used when the candidate
-    # ran on a machine none of the baseline's runs came from and the baseline spans a single machine. An
-    # assumption (not yet measured here): same-model hosts differ by cooling, memory and firmware.
+    # Machine-to-machine sds of a case's log median between two machines of one type, used when the candidate
+    # ran on a machine none of the baseline's runs came from and the baseline spans a single machine. The
+    # common part (every case alike) is what is left after the canary's move is taken out: 3.0% (torch2) and
+    # 0.1% (torch1) between two 2-core VMs reporting the same CPU model, whose canaries differed by 35% and
+    # 49%. The case-specific part (a case moving unlike the others): 12% on those VMs (the sd over cases
+    # of each case's change minus the mean change, 7 cases torch2 and 3 cases torch1, 2026-12-02); for CUDA
+    # an assumption until a GPU fleet measures it: one GPU model runs the same kernels on every host.
     machine_sd: float = 0.03
+    machine_case_sds: tuple[tuple[str, float], ...] = (("cpu", 0.12), ("*", 0.03))
     # Canary: a candidate run is disturbed when its within-run robust CV exceeds canary_cv_factor times the
     # baseline's typical one (and canary_max_cv absolutely), or its median moves against the baseline's by
     # more than canary_z baseline run-to-run sds and more than canary_min_shift.
@@ -161,6 +170,11 @@ class Policy:
             if fnmatch.fnmatchcase(name, pattern):
                 value = override
         return value
+
+    def machine_case_sd(self, environment: Mapping) -> float:
+        """The case-specific machine-to-machine sd for this device type (the first match wins)."""
+        device_type = str(environment.get("device_type"))
+        return next((sd for dt, sd in self.machine_case_sds if fnmatch.fnmatchcase(device_type, dt)), 0.0)
 
     def run_sd_prior(self, environment: Mapping) -> tuple[float, str] | None:
         """(sd, where it came from) for this device type and env, or None when the policy has no prior."""
@@ -266,6 +280,15 @@ class CanaryResult:
     def disturbed_runs(self) -> tuple[int, ...]:
         """The 0-based indices of the disturbed candidate runs among those with canary samples."""
         return tuple(r.index for r in self.runs if r.side == "candidate" and r.disturbed)
+
+    @property
+    def disturbed_summary(self) -> str:
+        """The disturbed runs' reasons; beyond two, the first and a count (each run is marked in the canary line)."""
+        if len(self.disturbed) <= 2:
+            return "; ".join(self.disturbed)
+        total = sum(r.side == "candidate" for r in self.runs)
+        return (f"{self.disturbed[0]}; and {len(self.disturbed) - 1} more of the {total} candidate runs (pairs), "
+                "marked ! in the canary line")
 
 
 @dataclass(frozen=True)
@@ -411,29 +434,39 @@ def _kind_noise(groups: Sequence[np.ndarray], environment: Mapping, policy: Poli
     return _Noise(None, 0, "one run per side and no run-to-run noise recorded or known for this device type")
 
 
-def _machine_sd(baseline: Side, names: Sequence[str], run_sd: float, policy: Policy) -> tuple[float, str]:
-    """Machine-to-machine sd: from a baseline spanning >= 2 machines (between-machine variance of machine
-    means, pooled over cases, minus the run noise they carry), else the policy default."""
-    ss, df, excess = 0.0, 0, []
+def _machine_var(baseline: Side, names: Sequence[str], run_sd: float, environment: Mapping, policy: Policy
+                 ) -> tuple[float, float, str]:
+    """Machine-to-machine variances (common, case-specific) of a case's log median, and where they came from.
+
+    From a baseline spanning >= 2 machines: per machine the mean log run median of each case, split into the
+    machine's mean over the cases (common) and each case's deviation from it (case-specific), pooled over
+    the cases measured on every machine, minus the run noise the machine means carry. Else the policy's."""
+    by: dict[str | None, dict[str, list[float]]] = {}
     for name in names:
         cs = baseline.cases[name]
         y = cs.log_run_medians()
-        ids = cs.run_machines if len(cs.run_machines) == y.size else []
-        by = {}
-        for m, v in zip(ids, y, strict=False):
-            by.setdefault(m, []).append(v)
-        if len(by) < 2:
+        if len(cs.run_machines) != y.size:
             continue
-        means = np.array([np.mean(v) for v in by.values()])
-        inv_n = np.mean([1.0 / len(v) for v in by.values()])
-        ss += float(np.sum((means - means.mean()) ** 2))
-        df += means.size - 1
-        excess.append(inv_n)
-    if not df:
-        return policy.machine_sd, f"policy default {policy.machine_sd:.1%} (the baseline spans one machine)"
-    var = max(ss / df - run_sd**2 * float(np.mean(excess)), 0.0)
-    return math.sqrt(var), f"estimated from the baseline's machines: {math.sqrt(var):.1%}"
-
+        for m, v in zip(cs.run_machines, y, strict=True):
+            by.setdefault(m, {}).setdefault(name, []).append(float(v))
+    shared = [n for n in names if len(by) >= 2 and all(n in cases for cases in by.values())]
+    if len(by) < 2 or not shared:
+        case_sd = policy.machine_case_sd(environment)
+        return (policy.machine_sd**2, case_sd**2,
+                f"policy default {policy.machine_sd:.1%} common, {case_sd:.1%} per case (the baseline spans one "
+                "machine)")
+    means = np.array([[np.mean(cases[n]) for n in shared] for cases in by.values()])  # (machines, cases)
+    noise = run_sd**2 * float(np.mean([1.0 / len(cases[n]) for cases in by.values() for n in shared]))
+    common = means.mean(axis=1)
+    k = means.shape[0] - 1
+    common_var = max(float(np.sum((common - common.mean()) ** 2)) / k - noise / len(shared), 0.0)
+    case_var = 0.0
+    if len(shared) >= 2:
+        resid = means - common[:, None]
+        resid -= resid.mean(axis=0)
+        case_var = max(float(np.sum(resid**2)) / (k * (len(shared) - 1)) - noise, 0.0)
+    return (common_var, case_var, f"estimated from the baseline's {len(by)} machines: "
+            f"{math.sqrt(common_var):.1%} common, {math.sqrt(case_var):.1%} per case")
 
 
 @dataclass
@@ -447,7 +480,8 @@ class _TimeEstimate:
     n_c: int
     n_cases: int  # cases of the kind: scales the df when estimating the runs needed
     paired: bool = False
-    machine_var: float = 0.0
+    machine_var: float = 0.0  # machine-to-machine variance common to all cases (and the canary's, when net of it)
+    machine_case_var: float = 0.0  # machine-to-machine variance of this case unlike the others
     reasons: list[str] = field(default_factory=list)  # shown on the verdict
     # The split model (see _split): d = common + contrast, each with its own per-run sd and df.
     common: float | None = None  # mean log change over all cases of the comparison
@@ -472,12 +506,12 @@ class _TimeEstimate:
         return math.sqrt(self.common_sd**2 * self._k(n_b, n_c) + self.machine_var)
 
     def se_contrast(self, n_b: int, n_c: int) -> float:
-        return self.contrast_sd * math.sqrt(self._k(n_b, n_c) * (1 - 1 / self.n_all))
+        return math.sqrt((self.contrast_sd**2 * self._k(n_b, n_c) + self.machine_case_var) * (1 - 1 / self.n_all))
 
     def se_for(self, n_b: int, n_c: int) -> float:
         if self.split:
             return math.hypot(self.se_common(n_b, n_c), self.se_contrast(n_b, n_c))
-        return math.sqrt(self.sd**2 * self._k(n_b, n_c) + self.machine_var)
+        return math.sqrt(self.sd**2 * self._k(n_b, n_c) + self.machine_var + self.machine_case_var)
 
     @property
     def se(self) -> float | None:
@@ -493,16 +527,20 @@ class _TimeEstimate:
         return self.se**4 / (a + b)
 
 
+def on_new_machine(baseline: Side, candidate: Side) -> bool:
+    """Whether every candidate run came from machines none of the baseline's runs came from."""
+    b_machines = {m for m in baseline.machines if m is not None}
+    c_machines = {m for m in candidate.machines if m is not None}
+    return bool(b_machines and c_machines and not (b_machines & c_machines))
+
+
 def _estimates(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, paired: bool
                ) -> dict[str, _TimeEstimate]:
     """Per case: the log change and its noise, pooled per kind (see the module docstring)."""
     kinds: dict[str, list[str]] = {}
     for name in names:
         kinds.setdefault(candidate.cases[name].kind, []).append(name)
-    b_machines = {m for m in baseline.machines if m is not None}
-    c_machines = {m for m in candidate.machines if m is not None}
-    new_machine = bool(b_machines and c_machines and not (b_machines & c_machines))
-
+    new_machine = on_new_machine(baseline, candidate)
     out: dict[str, _TimeEstimate] = {}
     for members in kinds.values():
         yb = {n: baseline.cases[n].log_run_medians() for n in members}
@@ -511,15 +549,16 @@ def _estimates(baseline: Side, candidate: Side, names: Sequence[str], policy: Po
         pairable = [n for n in members if paired and yb[n].size == yc[n].size >= 2]
         diffs = {n: yc[n] - yb[n] for n in pairable}
         pair_noise = _kind_noise(list(diffs.values()), {}, policy) if pairable else None
-        machine_var, machine_reason = 0.0, None
+        machine_var = machine_case_var = 0.0
+        machine_reason = None
         if new_machine and noise.sd is not None:
-            msd, how = _machine_sd(baseline, members, noise.sd, policy)
-            machine_var = msd * msd
+            machine_var, machine_case_var, how = _machine_var(baseline, members, noise.sd,
+                                                              candidate.environment, policy)
             machine_reason = (f"the candidate ran on a machine none of the baseline's runs came from: "
                               f"machine-to-machine sd ({how}) added to the interval and the MDE")
         for n in members:
             e = _TimeEstimate(float(yc[n].mean() - yb[n].mean()), noise.sd, noise.df, yb[n].size, yc[n].size,
-                              len(members), machine_var=machine_var)
+                              len(members), machine_var=machine_var, machine_case_var=machine_case_var)
             if noise.sd is None or "prior" in noise.source:
                 e.reasons.append(noise.source)
             if n in diffs and pair_noise.sd is not None:
@@ -771,6 +810,13 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
                       policy.canary_z * run_sd * math.sqrt(1 + 1 / max(b_meds.size, 1)))
     runs = [CanaryRun("baseline", i, float(np.median(r)), cv) for i, (r, cv) in enumerate(zip(b_runs, b_cvs,
                                                                                              strict=True))]
+    # A candidate on a machine none of the baseline's runs came from: its canary differs from the baseline's
+    # by the machine (taken out of every change in compare), so a run is held against the other candidate runs.
+    ref, against = (b_meds.mean(), "the baseline's") if b_meds.size and not env_changed else (None, "")
+    if not by_pair and on_new_machine(baseline, candidate):
+        c_meds = np.log([np.median(r) for r in c_runs])
+        ref = float(np.median(c_meds)) if c_meds.size >= 3 else None
+        against = "the other candidate runs' (a machine none of the baseline's runs came from)"
     disturbed = []
     for i, (r, cv) in enumerate(zip(c_runs, c_cvs, strict=True)):
         med = float(np.median(r))
@@ -788,9 +834,9 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
                        f"(their own noise allows ±{math.expm1(limit):.1%})")
         elif cv > cv_limit:
             why = f"machine disturbed: canary spread {cv:.1%} within candidate run {i + 1} (usual < {cv_limit:.1%})"
-        elif b_meds.size and not env_changed and abs(math.log(med) - b_meds.mean()) > shift_limit:
-            why = (f"machine disturbed: canary {math.exp(math.log(med) - b_meds.mean()) - 1:+.1%} in candidate "
-                   f"run {i + 1} against the baseline's (its run-to-run noise allows ±{math.expm1(shift_limit):.1%})")
+        elif ref is not None and abs(math.log(med) - ref) > shift_limit:
+            why = (f"machine disturbed: canary {math.expm1(math.log(med) - ref):+.1%} in candidate run {i + 1} "
+                   f"against {against} (the baseline's run-to-run noise allows ±{math.expm1(shift_limit):.1%})")
         runs.append(CanaryRun("candidate", i, med, cv, why))
         if why:
             disturbed.append(why)
@@ -964,7 +1010,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
             not_selected.append(name)
 
     baseline, candidate, canary = _leave_out_disturbed(baseline, candidate, canary, judged, paired)
-    disturbed = canary.disturbed if canary and not canary.left_out else ()
+    disturbed = (canary.disturbed_summary,) if canary and canary.disturbed and not canary.left_out else ()
     est = _estimates(baseline, candidate, judged, policy, paired)
     _split(baseline, candidate, est)
     narrowing = []
@@ -975,8 +1021,18 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         narrowing = [_t(q, est[n].df_total) * est[n].se / (_t(q, unpaired[n].df_total) * unpaired[n].se)
                      for n in judged if est[n].paired and unpaired[n].se]
     control = None if changes else canary_shift(baseline, candidate, policy, paired)
+    # On a machine none of the baseline's runs came from, the machine's speed is in every case's change and
+    # the canary measures it (code changes cannot move the canary): every change is taken net of the canary's
+    # move, its standard error joining the common variance.
+    net_of_canary = control is not None and not paired and on_new_machine(baseline, candidate)
+    if net_of_canary:
+        for e in est.values():
+            e.d -= control.value
+            if e.split:
+                e.common -= control.value
+            e.machine_var += control.se**2
     tested = [n for n in judged if est[n].se is not None]
-    adj_reg, adj_imp = _pvalues(tested, est, policy, control)
+    adj_reg, adj_imp = _pvalues(tested, est, policy, None if net_of_canary else control)
     alpha_one = policy.alpha / max(len(adj_reg), 1) if policy.correction != "none" else policy.alpha
 
     device_type = candidate.environment.get("device_type")
@@ -1014,7 +1070,11 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     if canary and canary.env_shift:
         notes.append(canary.env_shift + " (reported, not used to cancel the change)")
     common = next((est[n].common for n in tested if est[n].split), None)
-    if control is not None and common is not None:
+    if net_of_canary:
+        notes.append(f"the candidate ran on a machine none of the baseline's runs came from: every time change is "
+                     f"net of the canary's move ({math.expm1(control.value):+.1%}, se {control.se:.1%}; the medians "
+                     "shown are as measured), and the machine-to-machine variance is in each interval and MDE")
+    elif control is not None and common is not None:
         notes.append(f"the change common to all cases ({math.expm1(common):+.1%}) is tested net of the canary's "
                      f"move ({math.expm1(control.value):+.1%}, se {control.se:.1%}): a machine that moved every "
                      "case alike is not a change of the code")

@@ -48,3 +48,9 @@ def test_machine_id_is_stable_and_names_the_machine(tmp_path):
     b.write_text("fedcba9876543210\n")
     assert machine.machine_id(str(a)) != machine.machine_id(str(b))
     assert re.fullmatch(r"[0-9a-f]{12}", machine.machine_id(str(tmp_path / "missing")))
+    # a clone of one image (same machine-id and hostname) booted elsewhere is another machine
+    boot1, boot2 = tmp_path / "boot1", tmp_path / "boot2"
+    boot1.write_text("5725502f-10be-4a38-a759-c8c98132e1b7\n")
+    boot2.write_text("0c6b7d1e-2f3a-4b5c-8d9e-0a1b2c3d4e5f\n")
+    assert machine.machine_id(str(a), str(boot1)) != machine.machine_id(str(a), str(boot2))
+    assert machine.machine_id(str(a), str(boot1)) == machine.machine_id(str(a), str(boot1))
