@@ -62,9 +62,12 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--power", type=float, default=d.power,
                    help="power at which the minimum detectable effect (MDE) is stated (default %(default)s)")
     g.add_argument("--machine-sd", type=float, default=d.machine_sd,
-                   help="machine-to-machine sd of a case's log time, added when the candidate ran on a machine "
-                        "none of the baseline's runs came from and the baseline cannot estimate it "
-                        "(default %(default)s)")
+                   help="machine-to-machine sd of the log time common to all cases (what is left after the "
+                        "canary's move), added when the candidate ran on a machine none of the baseline's runs "
+                        "came from and the baseline cannot estimate it (default %(default)s)")
+    g.add_argument("--machine-case-sd", type=float, default=None,
+                   help="the same for a case moving unlike the others (default per device type: "
+                        f"{', '.join(f'{dt} {sd}' for dt, sd in d.machine_case_sds)})")
     g.add_argument("--compile-threshold", type=float, default=d.compile_threshold,
                    help="relative compile-time change that counts (default %(default)s)")
     g.add_argument("--memory-threshold", type=float, default=d.memory_threshold,
@@ -100,6 +103,7 @@ def build_policy(args: argparse.Namespace) -> Policy:
         return Policy(
             alpha=args.alpha, min_effect=args.min_effect, min_effect_overrides=tuple(args.min_effect_for),
             correction=args.correction, power=args.power, machine_sd=args.machine_sd,
+            machine_case_sds=Policy().machine_case_sds if args.machine_case_sd is None else (("*", args.machine_case_sd),),
             compile_threshold=args.compile_threshold, memory_threshold=args.memory_threshold,
             env_fields=tuple(f for f in DEFAULT_ENV_FIELDS if f not in args.ignore_env),
         )

@@ -159,6 +159,8 @@ class Policy:
             raise ValueError(f"min_effect must be >= 0, got {self.min_effect}")
         if self.correction not in ("holm", "bh", "none"):
             raise ValueError(f"correction must be holm, bh or none, got {self.correction!r}")
+        if self.machine_sd < 0 or any(sd < 0 for _, sd in self.machine_case_sds):
+            raise ValueError(f"machine sds must be >= 0, got {self.machine_sd} and {self.machine_case_sds}")
         for name in ("confidence_level", "power"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")

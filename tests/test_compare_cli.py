@@ -233,13 +233,24 @@ def test_bad_input_to_update_baselines_exits_2(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv", [["compare"], ["compare", "a.json", "b.json", "--alpha", "2"], ["frobnicate"],
                                   ["compare", "a.json", "b.json", "--format", "yaml"],
-                                  ["compare", "a.json", "b.json", "--", "-x"]])
+                                  ["compare", "a.json", "b.json", "--", "-x"],
+                                  ["compare", "a.json", "b.json", "--machine-case-sd", "-0.1"]])
 def test_usage_errors_exit_2(capsys, runs, argv):
     argv = [str(runs["base"]) if a == "a.json" else str(runs["same"][0]) if a == "b.json" else a for a in argv]
     with pytest.raises(SystemExit) as exc:
         code = main(argv)
         raise SystemExit(code)
     assert exc.value.code == 2
+
+
+def test_machine_case_sd_option_sets_the_policy_for_every_device_type():
+    from perf_tests.__main__ import build_parser, build_policy
+
+    args = build_parser().parse_args(["compare", "a.json", "b.json", "--machine-case-sd", "0.05"])
+    policy = build_policy(args)
+    assert policy.machine_case_sd({"device_type": "cpu"}) == policy.machine_case_sd({"device_type": "cuda"}) == 0.05
+    default = build_policy(build_parser().parse_args(["compare", "a.json", "b.json"]))
+    assert default.machine_case_sd({"device_type": "cpu"}) == 0.12
 
 
 def test_module_entry_point_and_exit_code(runs):
