@@ -129,11 +129,13 @@ class Policy:
     # ran on a machine none of the baseline's runs came from and the baseline spans a single machine. The
     # common part (every case alike) is what is left after the canary's move is taken out: 3.0% (torch2) and
     # 0.1% (torch1) between two 2-core VMs reporting the same CPU model, whose canaries differed by 35% and
-    # 49%. The case-specific part (a case moving unlike the others): 12% on those VMs (the sd over cases
-    # of each case's change minus the mean change, 7 cases torch2 and 3 cases torch1, 2026-12-02); for CUDA
-    # an assumption until a GPU fleet measures it: one GPU model runs the same kernels on every host.
+    # 49%. The case-specific part (a case moving unlike the others), on those VMs: the sd over cases of each
+    # case's change minus the mean change was 12-17% (torch2, 7 cases) and 11-14% (torch1, 3 cases) in
+    # three smoke runs each, 2026-12-02, the largest single case +30% (attention with the original kernel):
+    # rounded up to 20%, as the false alarms of a CI smoke cost more than its power. For CUDA an assumption
+    # until a GPU fleet measures it: one GPU model runs the same kernels on every host.
     machine_sd: float = 0.03
-    machine_case_sds: tuple[tuple[str, float], ...] = (("cpu", 0.12), ("*", 0.03))
+    machine_case_sds: tuple[tuple[str, float], ...] = (("cpu", 0.20), ("*", 0.03))
     # Canary: a candidate run is disturbed when its within-run robust CV exceeds canary_cv_factor times the
     # baseline's typical one (and canary_max_cv absolutely), or its median moves against the baseline's by
     # more than canary_z baseline run-to-run sds and more than canary_min_shift.
@@ -505,7 +507,8 @@ class _TimeEstimate:
         return 1 / n_b if self.paired else 1 / n_b + 1 / n_c
 
     def se_common(self, n_b: int, n_c: int) -> float:
-        return math.sqrt(self.common_sd**2 * self._k(n_b, n_c) + self.machine_var)
+        # the case-specific machine effects average into the mean change over the n_all cases too
+        return math.sqrt(self.common_sd**2 * self._k(n_b, n_c) + self.machine_var + self.machine_case_var / max(self.n_all, 1))
 
     def se_contrast(self, n_b: int, n_c: int) -> float:
         return math.sqrt((self.contrast_sd**2 * self._k(n_b, n_c) + self.machine_case_var) * (1 - 1 / self.n_all))

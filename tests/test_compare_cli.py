@@ -250,7 +250,7 @@ def test_machine_case_sd_option_sets_the_policy_for_every_device_type():
     policy = build_policy(args)
     assert policy.machine_case_sd({"device_type": "cpu"}) == policy.machine_case_sd({"device_type": "cuda"}) == 0.05
     default = build_policy(build_parser().parse_args(["compare", "a.json", "b.json"]))
-    assert default.machine_case_sd({"device_type": "cpu"}) == 0.12
+    assert default.machine_case_sd({"device_type": "cpu"}) == 0.20
 
 
 def test_module_entry_point_and_exit_code(runs):
