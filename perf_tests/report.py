@@ -89,7 +89,9 @@ def mde_line(cmp: Comparison) -> str:
     text = (f"MDE (smallest slowdown caught with {cmp.policy.power:.0%} power): median {cmp.mde_median:.1%}, "
             f"worst {cmp.mde_worst:.1%}")
     if blind:
-        text += f"; WARNING {len(blind)} case(s) could not have seen a {BLIND_MDE:.0%} slowdown: run more processes"
+        fix = ("compare on one machine: --ab REF, or a baseline recorded on this one (update-baselines)"
+               if cmp.new_machine else "run more processes")
+        text += f"; WARNING {len(blind)} case(s) could not have seen a {BLIND_MDE:.0%} slowdown: {fix}"
     return text
 
 
@@ -249,6 +251,7 @@ def to_dict(cmp: Comparison) -> dict:
         "canary": None if cmp.canary is None else dataclasses.asdict(cmp.canary),
         "paired": cmp.paired,
         "pairing_narrowing": cmp.pairing_narrowing,
+        "new_machine": cmp.new_machine,
         "notes": list(cmp.notes),
         "policy": dataclasses.asdict(cmp.policy),
         "policy_text": policy_line(cmp),

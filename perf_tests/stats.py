@@ -308,6 +308,7 @@ class Comparison:
     canary: CanaryResult | None = None
     paired: bool = False
     pairing_narrowing: float | None = None  # 1 - median(paired / unpaired interval width)
+    new_machine: bool = False  # the candidate ran on machines none of the baseline's runs came from
 
     def count(self, verdict: str) -> int:
         return sum(c.verdict == verdict for c in self.cases)
@@ -1093,6 +1094,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         baseline_label=baseline.label,
         candidate_label=candidate.label,
         not_selected=tuple(not_selected),
+        new_machine=on_new_machine(baseline, candidate),
         canary=canary,
         paired=paired,
         pairing_narrowing=1 - float(np.median(narrowing)) if narrowing else None,

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from perf_tests import report as R
 from perf_tests import stats as S
 
 ROUNDS = 10
@@ -247,6 +248,7 @@ def test_on_an_unseen_machine_every_change_is_net_of_the_canary():
         _with_canary(cand, rng, [0.65] * 8)
         cmp = S.compare(base, cand)
         assert not cmp.canary.disturbed
+        assert cmp.new_machine and "compare on one machine: --ab REF" in R.mde_line(cmp)
         note = next(n for n in cmp.notes if "net of the canary's move" in n)
         assert float(re.search(r"move \(([-+\d.]+)%", note)[1]) == pytest.approx(-35.0, abs=1.0)
         alarms += cmp.has_regression or S.IMPROVEMENT in verdicts(cmp).values()
