@@ -24,7 +24,7 @@ number, ``y = log(median of its rounds)``, which carries the within-run noise to
   added to the common and the case-specific part. A candidate run's canary is then held against the
   other candidate runs', not the baseline machine's.
 * *Regression*: a one-sided t test of ``d > 0`` significant at ``alpha`` AND the point estimate above
-  ``+min_effect``. With the split, two tests at ``alpha / 2`` each: the mean change of all cases (a uniform
+  ``+min_effect``. With the split, two tests at ``alpha / 2`` each: the median change of all cases (a uniform
   slowdown) against the common variance, and the case's contrast to that mean (it moved unlike the
   others) against the case-specific variance, Holm (or BH) across cases. Why this rule: testing each case's
   total change against its total variance, with the df pooled over cases, caught a one-case +10% in 78%
@@ -508,8 +508,9 @@ class _TimeEstimate:
         return 1 / n_b if self.paired else 1 / n_b + 1 / n_c
 
     def se_common(self, n_b: int, n_c: int) -> float:
-        # the case-specific machine effects average into the mean change over the n_all cases too
-        return math.sqrt(self.common_sd**2 * self._k(n_b, n_c) + self.machine_var + self.machine_case_var / max(self.n_all, 1))
+        # the case-specific machine effects enter the median change over the n_all cases too (pi/2: a median)
+        return math.sqrt(self.common_sd**2 * self._k(n_b, n_c) + self.machine_var
+                         + self.machine_case_var * math.pi / 2 / max(self.n_all, 1))
 
     def se_contrast(self, n_b: int, n_c: int) -> float:
         return math.sqrt((self.contrast_sd**2 * self._k(n_b, n_c) + self.machine_case_var) * (1 - 1 / self.n_all))
@@ -588,7 +589,7 @@ def _split(baseline: Side, candidate: Side, est: Mapping[str, _TimeEstimate]) ->
     ``R[r, i]`` are split into the run's mean over cases ``g[r]`` (common: variance ``s_u^2 + s_e^2 / m``,
     ``n - 1`` df per side) and the rest ``R - g`` (case-specific: ``s_e^2``, pooled per kind,
     ``(n - 1)(m - 1)`` df per side). A case's change ``d = D + c`` is tested twice, each at alpha / 2: the
-    mean change of all cases ``D`` (a uniform slowdown) against the common variance, and the contrast
+    median change of all cases ``D`` (a uniform slowdown) against the common variance, and the contrast
     ``c = d - D`` (this case moved unlike the others) against the case-specific one, Holm across cases.
     The interval of ``d`` uses both variances (Welch-Satterthwaite df). Needs >= 3 cases measured in
     every run of both sides; otherwise the plain pooled model stands. Paired: the same on the per-pair
@@ -629,11 +630,14 @@ def _split(baseline: Side, candidate: Side, est: Mapping[str, _TimeEstimate]) ->
     var_e = {k: ss_e[k] / df_e[k] for k in ss_e}
     # var(g) = s_u^2 + mean(s_e^2) / m: the common part of one case's run variance is s_u^2 + s_e^2 / m
     # minus nothing; D's variance is var(g) per run, exactly what is needed for the mean change.
-    common_sd = math.sqrt(ss_g / df_g)
+    # The common change is the median of the cases' changes, not their mean: a gross slowdown of a few
+    # cases drags the mean, and every unchanged case above the band would then be flagged as part of a
+    # uniform slowdown. The median's sampling variance is up to pi/2 times the mean's (normal noise).
+    common_sd = math.sqrt(ss_g / df_g * math.pi / 2)
     d_all = np.array([est[n].d for n in names])
     for n in names:
         e = est[n]
-        e.common, e.common_sd, e.common_df = float(d_all.mean()), common_sd, df_g
+        e.common, e.common_sd, e.common_df = float(np.median(d_all)), common_sd, df_g
         e.contrast_sd, e.contrast_df, e.n_all = math.sqrt(var_e[kinds[n]]), df_e[kinds[n]] * m / (m - 1), m
 
 
