@@ -25,7 +25,7 @@ number, ``y = log(median of its rounds)``, which carries the within-run noise to
   other candidate runs', not the baseline machine's.
 * *Regression*: a one-sided t test of ``d > 0`` significant at ``alpha`` AND the point estimate above
   ``+min_effect``. With the split, two tests at ``alpha / 2`` each: the median change of all cases (a uniform
-  slowdown) against the common variance, and the case's contrast to that mean (it moved unlike the
+  slowdown) against the common variance, and the case's contrast to that median (it moved unlike the
   others) against the case-specific variance, Holm (or BH) across cases. Why this rule: testing each case's
   total change against its total variance, with the df pooled over cases, caught a one-case +10% in 78%
   of 200 draws at 5 vs 3 runs (the shared 3% dominates) and, because the shared part is counted as if
@@ -489,7 +489,7 @@ class _TimeEstimate:
     machine_case_var: float = 0.0  # machine-to-machine variance of this case unlike the others
     reasons: list[str] = field(default_factory=list)  # shown on the verdict
     # The split model (see _split): d = common + contrast, each with its own per-run sd and df.
-    common: float | None = None  # mean log change over all cases of the comparison
+    common: float | None = None  # median log change over all cases of the comparison
     common_sd: float = 0.0
     common_df: float = 0.0
     contrast_sd: float = 0.0  # sd of this kind's case-specific run effects
@@ -632,8 +632,10 @@ def _split(baseline: Side, candidate: Side, est: Mapping[str, _TimeEstimate]) ->
     # minus nothing; D's variance is var(g) per run, exactly what is needed for the mean change.
     # The common change is the median of the cases' changes, not their mean: a gross slowdown of a few
     # cases drags the mean, and every unchanged case above the band would then be flagged as part of a
-    # uniform slowdown. The median's sampling variance is up to pi/2 times the mean's (normal noise).
-    common_sd = math.sqrt(ss_g / df_g * math.pi / 2)
+    # uniform slowdown. A shift shared by all cases moves the median as it moves the mean; the case-specific
+    # part s_e^2 / m enters the median's variance up to pi/2 times (normal noise).
+    mean_var_e = float(np.mean([var_e[kinds[n]] for n in names]))
+    common_sd = math.sqrt(ss_g / df_g + (math.pi / 2 - 1) * mean_var_e / m)
     d_all = np.array([est[n].d for n in names])
     for n in names:
         e = est[n]
