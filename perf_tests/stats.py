@@ -291,7 +291,8 @@ class CanaryResult:
         if len(self.disturbed) <= 2:
             return "; ".join(self.disturbed)
         total = sum(r.side == "candidate" for r in self.runs)
-        return (f"{self.disturbed[0]}; and {len(self.disturbed) - 1} more of the {total} candidate runs (pairs), "
+        what = "pairs" if "pair" in self.disturbed[0] else "candidate runs"
+        return (f"{self.disturbed[0]}; and {len(self.disturbed) - 1} more of the {total} {what}, "
                 "marked ! in the canary line")
 
 
@@ -470,8 +471,12 @@ def _machine_var(baseline: Side, names: Sequence[str], run_sd: float, environmen
         resid = means - common[:, None]
         resid -= resid.mean(axis=0)
         case_var = max(float(np.sum(resid**2)) / (k * (len(shared) - 1)) - noise, 0.0)
-    return (common_var, case_var, f"estimated from the baseline's {len(by)} machines: "
-            f"{math.sqrt(common_var):.1%} common, {math.sqrt(case_var):.1%} per case")
+    how = f"estimated from the baseline's {len(by)} machines"
+    if len(by) < 3:  # a variance from two machines has one degree of freedom: never below the defaults
+        common_var = max(common_var, policy.machine_sd**2)
+        case_var = max(case_var, policy.machine_case_sd(environment) ** 2)
+        how += ", no lower than the policy defaults"
+    return common_var, case_var, f"{how}: {math.sqrt(common_var):.1%} common, {math.sqrt(case_var):.1%} per case"
 
 
 @dataclass
@@ -629,7 +634,7 @@ def _split(baseline: Side, candidate: Side, est: Mapping[str, _TimeEstimate]) ->
         return
     var_e = {k: ss_e[k] / df_e[k] for k in ss_e}
     # var(g) = s_u^2 + mean(s_e^2) / m: the common part of one case's run variance is s_u^2 + s_e^2 / m
-    # minus nothing; D's variance is var(g) per run, exactly what is needed for the mean change.
+    # minus nothing; D's variance is var(g) per run, exactly what the mean change needs (the median: below).
     # The common change is the median of the cases' changes, not their mean: a gross slowdown of a few
     # cases drags the mean, and every unchanged case above the band would then be flagged as part of a
     # uniform slowdown. A shift shared by all cases moves the median as it moves the mean; the case-specific
@@ -716,7 +721,10 @@ def _time_result(
         needed = _runs_needed(e, alpha_one, min_effect, policy)
         base["runs_needed"] = needed
         more = (f"about {needed} runs per side would settle it (MDE {policy.target_mde:.0%}, interval ±"
-                f"{min_effect / 2:.1%})" if needed else "over 100 runs per side would be needed to settle it")
+                f"{min_effect / 2:.1%})" if needed
+                else "more runs cannot settle it across machines (the machine-to-machine variance stays): compare "
+                "on one machine, --ab REF or a baseline recorded on this one" if e.machine_var or e.machine_case_var
+                else "over 100 runs per side would be needed to settle it")
         reasons.append(
             f"interval [{lo - 1:+.1%}, {hi - 1:+.1%}] reaches beyond the ±{min_effect:.1%} band and no change "
             f"beyond it is significant after {policy.correction} (MDE {m_e:.1%}); {more}"
@@ -828,7 +836,7 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     if not by_pair and on_new_machine(baseline, candidate):
         c_meds = np.log([np.median(r) for r in c_runs])
         ref = float(np.median(c_meds)) if c_meds.size >= 3 else None
-        against = "the other candidate runs' (a machine none of the baseline's runs came from)"
+        against = "the candidate runs' median (a machine none of the baseline's runs came from)"
     disturbed = []
     for i, (r, cv) in enumerate(zip(c_runs, c_cvs, strict=True)):
         med = float(np.median(r))
@@ -1036,7 +1044,8 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     # On a machine none of the baseline's runs came from, the machine's speed is in every case's change and
     # the canary measures it (code changes cannot move the canary): every change is taken net of the canary's
     # move, its standard error joining the common variance.
-    net_of_canary = control is not None and not paired and on_new_machine(baseline, candidate)
+    new_machine = not paired and on_new_machine(baseline, candidate)
+    net_of_canary = control is not None and new_machine
     if net_of_canary:
         for e in est.values():
             e.d -= control.value
@@ -1052,6 +1061,10 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     for name in judged:
         b, c = baseline.cases[name], candidate.cases[name]
         blockers = [f"environment mismatch: {m}" for m in mismatch]
+        if new_machine and not net_of_canary:
+            blockers.append("the candidate ran on a machine none of the baseline's runs came from, and the canary "
+                            f"cannot take the machine's speed out ({'the environment changed' if changes else 'no canary on both sides'}): "
+                            "compare on one machine, --ab REF or a baseline recorded on this one")
         if b.attention_used and c.attention_used and b.attention_used != c.attention_used:
             blockers.append(f"attention backend used differs: {b.attention_used} vs {c.attention_used}")
         e = est[name]
@@ -1100,7 +1113,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         baseline_label=baseline.label,
         candidate_label=candidate.label,
         not_selected=tuple(not_selected),
-        new_machine=on_new_machine(baseline, candidate),
+        new_machine=new_machine,
         canary=canary,
         paired=paired,
         pairing_narrowing=1 - float(np.median(narrowing)) if narrowing else None,

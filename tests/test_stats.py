@@ -201,31 +201,63 @@ def test_candidate_on_an_unseen_machine_widens_the_interval_and_says_so():
     same = time_of(S.compare(base, make_side(rng, 3, machine="m1")))
     other = time_of(S.compare(base, make_side(rng, 3, machine="m2")))
     policy = S.Policy()
-    # common machine variance, plus the case-specific one less its share in the mean over the 12 cases
-    added = policy.machine_sd**2 + policy.machine_case_sd(ENV) ** 2 * (1 - 1 / N_CASES)
-    assert other.se == pytest.approx(math.sqrt(same.se**2 + added), rel=0.3)
+    # the common machine variance, the case-specific one in the contrast (less its share in the centre over
+    # the 12 cases) and that share in the median change
+    case_var = policy.machine_case_sd(ENV) ** 2
+    added = policy.machine_sd**2 + case_var * (1 - 1 / N_CASES) + case_var * math.pi / 2 / N_CASES
+    assert other.se == pytest.approx(math.sqrt(same.se**2 + added), rel=0.1)
     assert other.mde > same.mde
     assert any("machine none of the baseline's runs came from" in r and "policy default" in r
                for r in other.reasons)
 
 
+def _baseline_on_machines(rng, factors):
+    """A baseline of 3 runs per machine, machine k ``factors[k]`` times as slow on every case."""
+    runs = [make_side(rng, 3, machine=f"m{k + 1}") for k in range(len(factors))]
+    for side, f in zip(runs, factors, strict=True):
+        for cs in side.cases.values():
+            cs.runs = [[v * f for v in r] for r in cs.runs]
+    base = runs[0]
+    for other in runs[1:]:
+        for name, cs in base.cases.items():
+            cs.runs += other.cases[name].runs
+            cs.run_machines += other.cases[name].run_machines
+        base.machines += other.machines
+    base.n_runs = 3 * len(factors)
+    return base
+
+
+def _machine_sds(why):
+    return [float(x) for x in re.findall(r"([\d.]+)% (?:common|per case)", why)]
+
+
 def test_machine_variance_is_estimated_from_a_baseline_spanning_machines():
     rng = np.random.default_rng(15)
-    runs = [make_side(rng, 3, machine=m) for m in ("m1", "m2")]
-    for i, side in enumerate(runs):  # machine m2 is 10% slower on every case
-        for cs in side.cases.values():
-            cs.runs = [[v * (1.10 if i else 1.0) for v in r] for r in cs.runs]
-    base = runs[0]
-    for name, cs in base.cases.items():
-        cs.runs += runs[1].cases[name].runs
-        cs.run_machines += runs[1].cases[name].run_machines
-    base.machines += runs[1].machines
-    base.n_runs = 6
-    m = time_of(S.compare(base, make_side(rng, 3, machine="m3")))
+    # three machine means log(1.1) apart: sd log(1.1) = 9.5% common, nothing case-specific
+    m = time_of(S.compare(_baseline_on_machines(rng, (1.0, 1.1, 1.21)), make_side(rng, 3, machine="new")))
+    why = next(r for r in m.reasons if "estimated from the baseline's 3 machines" in r)
+    common, per_case = _machine_sds(why)
+    assert common == pytest.approx(100 * math.log(1.1), abs=2.0) and per_case < 3.0
+    # from two machines (one degree of freedom) never below the defaults: 6.7% common, 20% per case
+    m = time_of(S.compare(_baseline_on_machines(rng, (1.0, 1.1)), make_side(rng, 3, machine="new")))
     why = next(r for r in m.reasons if "estimated from the baseline's 2 machines" in r)
-    # two machine means log(1.1) apart: sd log(1.1) / sqrt(2) = 6.7% common, nothing case-specific
-    common, per_case = (float(x) for x in re.findall(r"([\d.]+)% (?:common|per case)", why))
-    assert common == pytest.approx(100 * math.log(1.1) / math.sqrt(2), abs=1.5) and per_case < 2.0
+    assert "no lower than the policy defaults" in why
+    common, per_case = _machine_sds(why)
+    assert common == pytest.approx(100 * math.log(1.1) / math.sqrt(2), abs=1.5) and per_case == 20.0
+
+
+def test_a_new_machine_without_the_canary_to_take_it_out_is_inconclusive():
+    # Another machine and another PyTorch: the canary moved with both, so neither can be told from the other.
+    rng = np.random.default_rng(27)
+    base = _with_canary(make_side(rng, 5, machine="m1"), rng, [1.0] * 5)
+    cand = _with_canary(make_side(rng, 5, factor=0.6, slow=range(N_CASES), machine="m2",
+                                  env={**ENV, "torch_version": "2.15.0"}), rng, [0.6] * 5)
+    cmp = S.compare(base, cand)
+    assert {c.verdict for c in cmp.cases} == {S.INCONCLUSIVE} and cmp.new_machine
+    assert "the environment changed" in " ".join(time_of(cmp).reasons)
+    same_machine = S.compare(base, _with_canary(make_side(rng, 5, factor=0.6, slow=range(N_CASES), machine="m1",
+                                                          env={**ENV, "torch_version": "2.15.0"}), rng, [0.6] * 5))
+    assert S.IMPROVEMENT in verdicts(same_machine).values()  # a faster PyTorch on one machine is seen
 
 
 def _on_machine(side, speed):
@@ -300,7 +332,7 @@ def test_on_an_unseen_machine_a_run_is_disturbed_against_the_other_candidate_run
     cand = _with_canary(make_side(rng, 4, machine="m2"), rng, [0.65, 0.66, 0.64, 0.95])  # run 4 busy
     cmp = S.compare(base, cand)
     assert cmp.canary.disturbed_runs == (3,)
-    assert "against the other candidate runs'" in cmp.canary.disturbed[0]
+    assert "against the candidate runs' median" in cmp.canary.disturbed[0]
     assert cmp.canary.left_out == (3,)
 
 
