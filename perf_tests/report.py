@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from perf_tests.stats import (
+    ACROSS_MACHINES_FIX,
     FAILED,
     IMPROVEMENT,
     INCONCLUSIVE,
@@ -89,8 +90,7 @@ def mde_line(cmp: Comparison) -> str:
     text = (f"MDE (smallest slowdown caught with {cmp.policy.power:.0%} power): median {cmp.mde_median:.1%}, "
             f"worst {cmp.mde_worst:.1%}")
     if blind:
-        fix = ("compare on one machine: --ab REF, or a baseline recorded on this one (update-baselines)"
-               if cmp.new_machine else "run more processes")
+        fix = ACROSS_MACHINES_FIX if cmp.new_machine else "run more processes"
         text += f"; WARNING {len(blind)} case(s) could not have seen a {BLIND_MDE:.0%} slowdown: {fix}"
     return text
 

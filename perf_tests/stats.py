@@ -22,7 +22,7 @@ number, ``y = log(median of its rounds)``, which carries the within-run noise to
   from a baseline spanning several machines, else ``Policy.machine_sd`` common and
   ``Policy.machine_case_sds`` per case: machines differ case by case too, by cache sizes and memory) are
   added to the common and the case-specific part. A candidate run's canary is then held against the
-  other candidate runs', not the baseline machine's.
+  candidate runs' median, not the baseline machine's.
 * *Regression*: a one-sided t test of ``d > 0`` significant at ``alpha`` AND the point estimate above
   ``+min_effect``. With the split, two tests at ``alpha / 2`` each: the median change of all cases (a uniform
   slowdown) against the common variance, and the case's contrast to that median (it moved unlike the
@@ -110,6 +110,9 @@ _ENV_NAMES = {"torch_version": "torch", "cuda_version": "CUDA", "cudnn_version":
 # cases), torch1 10.0% (12 cases), rounded up. CUDA: no GPU baseline has been recorded yet; 3% is an
 # assumption (GPU kernels repeat far better than a shared CPU), to be replaced by the first recorded one.
 DEFAULT_RUN_SD_PRIORS = (("cpu", "torch1", 0.10), ("cpu", "*", 0.07), ("cuda", "*", 0.03))
+
+# What settles a comparison across machines, where more runs do not (the machine-to-machine variance stays).
+ACROSS_MACHINES_FIX = "compare on one machine: --ab REF, or a baseline recorded on this one (update-baselines)"
 
 
 @dataclass(frozen=True)
@@ -279,6 +282,7 @@ class CanaryResult:
     disturbed: tuple[str, ...] = ()  # one reason per disturbed candidate run (or pair)
     env_shift: str | None = None  # "plain kernels moved +X% with the environment change"
     left_out: tuple[int, ...] = ()  # candidate runs (pairs) left out of the time verdicts (see compare)
+    by_pair: bool = False  # judged pair by pair (A/B) rather than against the baseline
 
     @property
     def disturbed_runs(self) -> tuple[int, ...]:
@@ -291,7 +295,7 @@ class CanaryResult:
         if len(self.disturbed) <= 2:
             return "; ".join(self.disturbed)
         total = sum(r.side == "candidate" for r in self.runs)
-        what = "pairs" if "pair" in self.disturbed[0] else "candidate runs"
+        what = "pairs" if self.by_pair else "candidate runs"
         return (f"{self.disturbed[0]}; and {len(self.disturbed) - 1} more of the {total} {what}, "
                 "marked ! in the canary line")
 
@@ -447,6 +451,7 @@ def _machine_var(baseline: Side, names: Sequence[str], run_sd: float, environmen
     From a baseline spanning >= 2 machines: per machine the mean log run median of each case, split into the
     machine's mean over the cases (common) and each case's deviation from it (case-specific), pooled over
     the cases measured on every machine, minus the run noise the machine means carry. Else the policy's."""
+    case_default = policy.machine_case_sd(environment)
     by: dict[str | None, dict[str, list[float]]] = {}
     for name in names:
         cs = baseline.cases[name]
@@ -455,12 +460,11 @@ def _machine_var(baseline: Side, names: Sequence[str], run_sd: float, environmen
             continue
         for m, v in zip(cs.run_machines, y, strict=True):
             by.setdefault(m, {}).setdefault(name, []).append(float(v))
-    shared = [n for n in names if len(by) >= 2 and all(n in cases for cases in by.values())]
+    shared = [n for n in names if all(n in cases for cases in by.values())]
     if len(by) < 2 or not shared:
-        case_sd = policy.machine_case_sd(environment)
-        return (policy.machine_sd**2, case_sd**2,
-                f"policy default {policy.machine_sd:.1%} common, {case_sd:.1%} per case (the baseline spans one "
-                "machine)")
+        return (policy.machine_sd**2, case_default**2,
+                f"policy default {policy.machine_sd:.1%} common, {case_default:.1%} per case (the baseline spans "
+                "one machine)")
     means = np.array([[np.mean(cases[n]) for n in shared] for cases in by.values()])  # (machines, cases)
     noise = run_sd**2 * float(np.mean([1.0 / len(cases[n]) for cases in by.values() for n in shared]))
     common = means.mean(axis=1)
@@ -474,7 +478,7 @@ def _machine_var(baseline: Side, names: Sequence[str], run_sd: float, environmen
     how = f"estimated from the baseline's {len(by)} machines"
     if len(by) < 3:  # a variance from two machines has one degree of freedom: never below the defaults
         common_var = max(common_var, policy.machine_sd**2)
-        case_var = max(case_var, policy.machine_case_sd(environment) ** 2)
+        case_var = max(case_var, case_default**2)
         how += ", no lower than the policy defaults"
     return common_var, case_var, f"{how}: {math.sqrt(common_var):.1%} common, {math.sqrt(case_var):.1%} per case"
 
@@ -546,13 +550,12 @@ def on_new_machine(baseline: Side, candidate: Side) -> bool:
     return bool(b_machines and c_machines and not (b_machines & c_machines))
 
 
-def _estimates(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, paired: bool
-               ) -> dict[str, _TimeEstimate]:
+def _estimates(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, paired: bool,
+               new_machine: bool) -> dict[str, _TimeEstimate]:
     """Per case: the log change and its noise, pooled per kind (see the module docstring)."""
     kinds: dict[str, list[str]] = {}
     for name in names:
         kinds.setdefault(candidate.cases[name].kind, []).append(name)
-    new_machine = on_new_machine(baseline, candidate)
     out: dict[str, _TimeEstimate] = {}
     for members in kinds.values():
         yb = {n: baseline.cases[n].log_run_medians() for n in members}
@@ -722,8 +725,8 @@ def _time_result(
         base["runs_needed"] = needed
         more = (f"about {needed} runs per side would settle it (MDE {policy.target_mde:.0%}, interval ±"
                 f"{min_effect / 2:.1%})" if needed
-                else "more runs cannot settle it across machines (the machine-to-machine variance stays): compare "
-                "on one machine, --ab REF or a baseline recorded on this one" if e.machine_var or e.machine_case_var
+                else "more runs cannot settle it across machines (the machine-to-machine variance stays): "
+                + ACROSS_MACHINES_FIX if e.machine_var or e.machine_case_var
                 else "over 100 runs per side would be needed to settle it")
         reasons.append(
             f"interval [{lo - 1:+.1%}, {hi - 1:+.1%}] reaches beyond the ±{min_effect:.1%} band and no change "
@@ -864,7 +867,8 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     if b_meds.size:
         ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"])) - b_meds.mean()))
     env_shift = f"plain kernels moved {ratio - 1:+.1%} with the environment change" if env_changed and ratio else None
-    return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift)
+    return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift,
+                        by_pair=by_pair)
 
 
 def _keep_runs(side: Side, keep: Sequence[int]) -> Side:
@@ -1031,11 +1035,12 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
 
     baseline, candidate, canary = _leave_out_disturbed(baseline, candidate, canary, judged, paired)
     disturbed = (canary.disturbed_summary,) if canary and canary.disturbed and not canary.left_out else ()
-    est = _estimates(baseline, candidate, judged, policy, paired)
+    machines_differ = on_new_machine(baseline, candidate)
+    est = _estimates(baseline, candidate, judged, policy, paired, machines_differ)
     _split(baseline, candidate, est)
     narrowing = []
     if paired:  # the same data analysed unpaired, for the narrowing figure
-        unpaired = _estimates(baseline, candidate, judged, policy, False)
+        unpaired = _estimates(baseline, candidate, judged, policy, False, machines_differ)
         _split(baseline, candidate, unpaired)
         q = 0.5 + policy.confidence_level / 2
         narrowing = [_t(q, est[n].df_total) * est[n].se / (_t(q, unpaired[n].df_total) * unpaired[n].se)
@@ -1044,7 +1049,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     # On a machine none of the baseline's runs came from, the machine's speed is in every case's change and
     # the canary measures it (code changes cannot move the canary): every change is taken net of the canary's
     # move, its standard error joining the common variance.
-    new_machine = not paired and on_new_machine(baseline, candidate)
+    new_machine = not paired and machines_differ
     net_of_canary = control is not None and new_machine
     if net_of_canary:
         for e in est.values():
@@ -1064,7 +1069,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         if new_machine and not net_of_canary:
             blockers.append("the candidate ran on a machine none of the baseline's runs came from, and the canary "
                             f"cannot take the machine's speed out ({'the environment changed' if changes else 'no canary on both sides'}): "
-                            "compare on one machine, --ab REF or a baseline recorded on this one")
+                            + ACROSS_MACHINES_FIX)
         if b.attention_used and c.attention_used and b.attention_used != c.attention_used:
             blockers.append(f"attention backend used differs: {b.attention_used} vs {c.attention_used}")
         e = est[name]

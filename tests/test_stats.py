@@ -249,7 +249,7 @@ def test_machine_variance_is_estimated_from_a_baseline_spanning_machines():
 def test_a_new_machine_without_the_canary_to_take_it_out_is_inconclusive():
     # Another machine and another PyTorch: the canary moved with both, so neither can be told from the other.
     rng = np.random.default_rng(27)
-    base = _with_canary(make_side(rng, 5, machine="m1"), rng, [1.0] * 5)
+    base = _vm_baseline(rng)
     cand = _with_canary(make_side(rng, 5, factor=0.6, slow=range(N_CASES), machine="m2",
                                   env={**ENV, "torch_version": "2.15.0"}), rng, [0.6] * 5)
     cmp = S.compare(base, cand)
@@ -267,6 +267,18 @@ def _on_machine(side, speed):
     return side
 
 
+def _vm_baseline(rng):
+    """5 runs on machine m1, with its canary."""
+    return _with_canary(make_side(rng, 5, machine="m1"), rng, [1.0] * 5)
+
+
+def _other_vm(rng, case_sd=0.12, **kw):
+    """8 runs on machine m2, as seen between two VMs of one CPU model: everything, the canary included,
+    35% faster, and each case by its own lognormal(0, ``case_sd``) factor on top."""
+    cand = _on_machine(make_side(rng, 8, machine="m2", **kw), 0.65 * rng.lognormal(0, case_sd, N_CASES))
+    return _with_canary(cand, rng, [0.65] * 8)
+
+
 def test_on_an_unseen_machine_every_change_is_net_of_the_canary():
     # Seen on the CI smoke: unchanged code on another VM reporting the same CPU model; every case and the
     # canary about 35% faster there, and the cases unlike each other by about 12% (attention +23%, text
@@ -275,9 +287,7 @@ def test_on_an_unseen_machine_every_change_is_net_of_the_canary():
     rng = np.random.default_rng(22)
     alarms = alarms_without_case_sd = covered = total = 0
     for _ in range(40):
-        base = _with_canary(make_side(rng, 5, machine="m1"), rng, [1.0] * 5)
-        cand = _on_machine(make_side(rng, 8, machine="m2"), 0.65 * rng.lognormal(0, 0.12, N_CASES))
-        _with_canary(cand, rng, [0.65] * 8)
+        base, cand = _vm_baseline(rng), _other_vm(rng)
         cmp = S.compare(base, cand)
         assert not cmp.canary.disturbed
         assert cmp.new_machine and "compare on one machine: --ab REF" in R.mde_line(cmp)
@@ -298,10 +308,8 @@ def test_on_an_unseen_machine_a_large_slowdown_is_still_caught():
     rng = np.random.default_rng(23)
     caught = 0
     for _ in range(40):
-        base = _with_canary(make_side(rng, 5, machine="m1"), rng, [1.0] * 5)
-        cand = make_side(rng, 8, factor=3.0, machine="m2")  # case 0 three times as slow
-        _on_machine(cand, 0.65 * rng.lognormal(0, 0.12, N_CASES))
-        cmp = S.compare(base, _with_canary(cand, rng, [0.65] * 8))
+        base = _vm_baseline(rng)
+        cmp = S.compare(base, _other_vm(rng, factor=3.0))  # case 0 three times as slow
         m = time_of(cmp)
         caught += m.verdict == S.REGRESSION
         assert m.ci[0] <= 3.0 <= m.ci[1] or m.verdict == S.REGRESSION
@@ -316,19 +324,17 @@ def test_a_gross_slowdown_of_a_few_cases_is_not_blamed_on_the_others():
     rng = np.random.default_rng(26)
     blamed = caught = 0
     for _ in range(40):
-        base = _with_canary(make_side(rng, 5, machine="m1"), rng, [1.0] * 5)
-        cand = make_side(rng, 8, factor=3.0, slow=(0, 1), machine="m2")
-        _on_machine(cand, 0.65 * rng.lognormal(0, 0.15, N_CASES))
-        flagged = {n for n, v in verdicts(S.compare(base, _with_canary(cand, rng, [0.65] * 8))).items()
-                   if v == S.REGRESSION}
+        base = _vm_baseline(rng)
+        cand = _other_vm(rng, case_sd=0.15, factor=3.0, slow=(0, 1))
+        flagged = {n for n, v in verdicts(S.compare(base, cand)).items() if v == S.REGRESSION}
         caught += flagged >= {case_name(0), case_name(1)}
         blamed += bool(flagged - {case_name(0), case_name(1)})
     assert caught >= 36 and blamed <= 2
 
 
-def test_on_an_unseen_machine_a_run_is_disturbed_against_the_other_candidate_runs():
+def test_on_an_unseen_machine_a_run_is_disturbed_against_the_candidate_runs_median():
     rng = np.random.default_rng(24)
-    base = _with_canary(make_side(rng, 5, machine="m1"), rng, [1.0] * 5)
+    base = _vm_baseline(rng)
     cand = _with_canary(make_side(rng, 4, machine="m2"), rng, [0.65, 0.66, 0.64, 0.95])  # run 4 busy
     cmp = S.compare(base, cand)
     assert cmp.canary.disturbed_runs == (3,)
