@@ -137,8 +137,8 @@ def compile_cache_state(mode: str, directory: str, device: str | torch.device) -
 
     Both modes start from nothing compiled in this process (dynamo reset, Inductor's in-memory caches
     cleared), so each compiled case compiles afresh and its compile time does not depend on the cases
-    before it. "warm": the suite's cache folder ``directory``; :func:`measure` makes sure the measured
-    compile finds every graph there (see ``warm_compile``). "cold": a fresh empty folder inside
+    before it. "warm": the suite's cache folder ``directory`` as earlier runs left it (:func:`measure`
+    records a compile that missed it as cold). "cold": a fresh empty folder inside
     ``directory`` for this compilation, deleted afterwards: a first compile on a fresh machine.
     """
     if mode not in COMPILE_CACHE_MODES:
@@ -321,14 +321,16 @@ def measure(
     check: Callable[[object], dict] | None = None,
     delay_s: float = 0.0,
     after_round: Callable[[], None] | None = None,
+    kernels: Callable[[Callable[[], object]], dict] | None = None,
 ) -> dict:
     """Time ``fn`` with ``benchmark.pedantic``; returns what goes into ``benchmark.extra_info``.
 
     Calls, in order: the first call (timed alone: ``first_call_s``; compiles when ``compiled``, in the
     Inductor cache state ``compile_cache`` (see :func:`compile_cache_state`); its output goes to
-    ``check``, which raises when it is wrong). With ``compile_cache="warm"`` a first call whose compile
-    missed the cache was the warm-up compile (``warmup_compile_s``): it is repeated after a reset, and the
-    repeat, which finds every graph cached, is the measured compile;
+    ``check``, which raises when it is wrong). With ``compile_cache="warm"`` a compile that missed the
+    cache is recorded as ``compile_cache: "cold"``, the state it ran in, and is not repeated;
+    ``kernels``, when given, is called once with ``fn`` after the first call, untimed (it profiles a call:
+    :mod:`perf_tests.kernels`), and its dict joins the result;
     ``warmup_rounds - 1`` more untimed calls (one more when compiled, so a recompile on the second call is
     not timed); the block sizing (see :func:`block_size`); then ``rounds`` timed rounds of
     ``iterations`` calls each with the garbage collector off. ``delay_s`` adds a known delay
@@ -344,7 +346,6 @@ def measure(
     state = contextlib.nullcontext()
     if compiled and compile_cache is not None:
         state = compile_cache_state(compile_cache, cache_dir or tempfile.gettempdir(), device)
-        extra["warmup_compile_s"] = None
     extra_warmups = max(warmup_rounds, 1) - 1 + (1 if compiled else 0)
     with state:
         before = compile_snapshot() if compiled else None
@@ -353,19 +354,18 @@ def measure(
             out, first_call_s = _timed_call(fn, device)
         after_first = compile_snapshot() if compiled else None
         if compile_cache == "warm" and compiled and _missed_cache(before, after_first):
-            # The warm-up compile: this one filled the cache (a fresh machine, or code not compiled here
-            # before), so it is not the measurement. Forget it and compile again: now every graph is in
-            # the cache, as it is on a machine that has compiled this code before.
-            extra["warmup_compile_s"] = first_call_s
-            _forget_compiled()
-            before = compile_snapshot()
-            out, first_call_s = _timed_call(fn, device)
-            after_first = compile_snapshot()
+            # The cache lacked a graph (a fresh machine, or code not compiled here before): this compile
+            # was cold, and is recorded so. Compiling again to measure a warm one would double the
+            # cost of a first run (75 s for the sd21 UNet on an H100, README "GPUs"); the next run of
+            # the same code finds every graph cached and records a warm compile.
+            extra["compile_cache"] = "cold"
     peak_rss = probe.delta
     extra["first_call_s"] = first_call_s
     if check is not None:
         extra.update(check(out))
     del out
+    if kernels is not None:
+        extra.update(kernels(fn))
 
     last_call_s = first_call_s
     for i in range(extra_warmups):

@@ -139,10 +139,11 @@ def test_a_run_where_every_case_fails_still_writes_its_failures(tmp_path, wrong_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile needs PyTorch 2")
-def test_compile_time_is_measured_in_the_same_cache_state_on_a_fresh_and_a_warm_machine(tmp_path):
+def test_compile_time_is_recorded_in_the_cache_state_it_ran_in_on_a_fresh_and_a_warm_machine(tmp_path):
     """The +800% false alarm of a fresh clone: the baseline's compile read a warm Inductor cache, the new
     machine's a cold one. With --inductor-cache warm both runs measure a compile that finds every graph in
-    the cache, whether the folder started empty (a fresh machine) or full (the second run)."""
+    the cache when the folder is full (the second run); the first run on an empty folder compiles once and
+    says so (cold), so the two are never compared as one state."""
     args = ["--case-kind", "attention-self-1024", "--attention", "sdpa", "--compile", "compile", "--rounds", "2",
             "--canary", "off"]
     infos = []
@@ -152,11 +153,9 @@ def test_compile_time_is_measured_in_the_same_cache_state_on_a_fresh_and_a_warm_
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         (bench,) = json.loads(out.read_text())["benchmarks"]
         infos.append(bench["extra_info"])
-    for info in infos:
-        assert info["compile_cache"] == "warm"
-        assert info["fxgraph_cache_misses"] == 0 and info["fxgraph_cache_hits"] >= 1, info
-    # The fresh folder needed the untimed warm-up compile; the warm one did not.
-    assert infos[0]["warmup_compile_s"] > 0 and infos[1]["warmup_compile_s"] is None
+    assert infos[0]["compile_cache"] == "cold" and infos[0]["fxgraph_cache_misses"] >= 1, infos[0]
+    assert infos[1]["compile_cache"] == "warm", infos[1]
+    assert infos[1]["fxgraph_cache_misses"] == 0 and infos[1]["fxgraph_cache_hits"] >= 1, infos[1]
     before = set((tmp_path / "inductor").iterdir())
     assert before
 
