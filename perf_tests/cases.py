@@ -364,11 +364,14 @@ def build_cases(
 
 
 def run_order(case: Case) -> tuple:
-    """Sort key grouping cases that share a model (reference model first) so each is built once;
-    the attention-kernel cases, which need no model, come after all model cases."""
+    """Sort key: eager cases before compiled ones, and within each the attention-kernel cases (no model,
+    a second each on a GPU) before the model cases, grouped so that each model is built once (the
+    reference model's group first). A run stopped at a time limit then keeps every kernel and the eager
+    models, and loses the compiles, the longest part of a first run."""
     return (
         case.profile,
-        case.kind in ATTENTION_SHAPES,  # model-free kernel cases last
+        case.compiled,  # compilations last: a cold one is a minute or more per model
+        case.kind not in ATTENTION_SHAPES,  # model-free kernel cases first
         case.optimized,  # the reference model's group first
         PRECISIONS.index(case.precision) if case.precision in PRECISIONS else 99,
         ATTENTION_BACKENDS.index(case.attention) if case.attention in ATTENTION_BACKENDS else 99,

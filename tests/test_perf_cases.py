@@ -221,19 +221,24 @@ def test_tolerances_order_by_precision():
         assert fp32 < fp16 <= bf16
 
 
-def test_run_order_groups_models_reference_first_kernels_last():
-    g = C.grid("full", "cpu")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_run_order_eager_first_kernels_first_then_models_grouped(device):
+    g = C.grid("full", device)
     all_cases = [c for k in g.kinds
                  for c in C.build_cases(k, g.profile, g.attention, g.compile, g.batch_sizes, g.precisions)]
     ordered = sorted(all_cases, key=C.run_order)
-    assert not ordered[0].optimized and ordered[0].kind == "txt2img"
-    kinds = [c.kind in C.ATTENTION_SHAPES for c in ordered]
-    assert kinds == sorted(kinds)  # all kernel cases after all model cases
-    model_cases = [c for c in ordered if c.kind not in C.ATTENTION_SHAPES]
-    keys = [c.model_key() for c in model_cases]
-    # each model key forms one contiguous block
+    compiled = [c.compiled for c in ordered]
+    assert compiled == sorted(compiled) and any(compiled)  # every eager case before every compiled one
+    for part in (c for c in ordered if not c.compiled), (c for c in ordered if c.compiled):
+        part = list(part)
+        model_case = [c.kind not in C.ATTENTION_SHAPES for c in part]
+        assert model_case == sorted(model_case)  # the kernel cases of the part before its model cases
+    eager_models = [c for c in ordered if not c.compiled and c.kind not in C.ATTENTION_SHAPES]
+    if device == "cpu":  # the CPU full grid has the reference (fp32) among its cases
+        assert not eager_models[0].optimized and eager_models[0].kind == "txt2img"
+    keys = [c.model_key() for c in ordered if c.kind not in C.ATTENTION_SHAPES]
     blocks = [k for k, _ in itertools.groupby(keys)]
-    assert len(blocks) == len(set(keys))
+    assert len(blocks) == len(set(keys))  # each model key forms one contiguous block: built once
 
 
 @pytest.mark.parametrize("name", ["full", "gate"])
