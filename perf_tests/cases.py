@@ -159,12 +159,13 @@ def parse_name(name: str) -> Case:
 # Grid
 
 
-GRID_NAMES = ("gate", "full")
+# "first-run": what a GPU's first, time-limited run measures from an empty Inductor cache (gpu-check).
+GRID_NAMES = ("gate", "full", "first-run")
 
 
 @dataclass(frozen=True)
 class GridDefaults:
-    name: str  # "gate", "full", or "custom" when the command line chose an axis
+    name: str  # "gate", "full", "first-run", or "custom" when the command line chose an axis
     profile: str
     attention: tuple
     compile: tuple  # COMPILE_MODES names
@@ -205,9 +206,11 @@ class GridDefaults:
 
 
 def grid(name: str, device_type: str) -> GridDefaults:
-    """The named grid ("gate" or "full") for a device type ("cuda" or anything else: a CPU)."""
+    """The named grid ("gate", "full", "first-run") for a device type ("cuda" or anything else: a CPU)."""
     if name not in GRID_NAMES:
         raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRID_NAMES)}")
+    if name == "first-run":
+        return _first_run(device_type)
     if device_type == "cuda":
         return _cuda_gate() if name == "gate" else _cuda_full()
     return _cpu_gate() if name == "gate" else _cpu_full()
@@ -243,6 +246,36 @@ def _cuda_full() -> GridDefaults:
         kinds=KINDS,
         rounds=dict.fromkeys(KINDS, 20) | {"txt2img": 10},
         warmup_rounds=dict.fromkeys(KINDS, 3) | {"txt2img": 1},
+    )
+
+
+def _first_run(device_type: str) -> GridDefaults:
+    # A GPU's first run, which has about 10 minutes and an empty Inductor cache: every attention kernel
+    # eager on the three attention shapes, the UNet step and the VAE decode (each records the SDPA kernels
+    # it ran), one end-to-end txt2img (sdpa), then one compiled UNet step, the only compilation (about 75 s
+    # cold for the sd21 UNet on an H100). Batch 1, fewer rounds than the gate. Its estimated time:
+    # perf_tests.estimate (tests/test_estimate.py holds it under 8 minutes on an H100). On a CPU the same
+    # selection on the tiny profile in fp32, so that it runs here too.
+    cuda = device_type == "cuda"
+    eager_everywhere = tuple((a, "eager") for a in ATTENTION_BACKENDS)
+    attention_kinds = KIND_FAMILIES["attention"]
+    return GridDefaults(
+        name="first-run",
+        profile="sd21-base" if cuda else "tiny",
+        attention=ATTENTION_BACKENDS,
+        compile=("eager", "compile"),
+        batch_sizes=(1,),
+        precisions=("fp16",) if cuda else ("fp32",),
+        kinds=("txt2img", "unet-step", "vae-decode", *attention_kinds),
+        rounds=dict.fromkeys(KINDS, 10) | {"txt2img": 3, "vae-decode": 5},
+        warmup_rounds=dict.fromkeys(KINDS, 2) | {"txt2img": 1, "vae-decode": 1},
+        threads=None if cuda else 1,
+        kind_points={
+            "txt2img": (("sdpa", "eager"),),
+            "unet-step": (*eager_everywhere, ("sdpa", "compile")),
+            "vae-decode": eager_everywhere,
+            **dict.fromkeys(attention_kinds, eager_everywhere),
+        },
     )
 
 
