@@ -32,6 +32,11 @@ except ImportError:  # Python 3.10: nox and pytest depend on tomli there
 ROOT = Path(__file__).resolve().parent
 STAMP_FILE = "sd-perf-env.json"
 
+# torch < 2.4's torch/utils/cpp_extension.py (imported by Inductor's C++ codegen) does
+# `from pkg_resources import packaging`: setuptools 82 dropped pkg_resources, and 70.0 left `packaging` out of
+# its namespace (71 put it back), so a venv seeded with a current setuptools fails every compiled case.
+SETUPTOOLS_WITH_PKG_RESOURCES = "setuptools==69.5.1"
+
 # PINS: the releases the suite is tested with; everything else comes from pyproject.toml's ranges.
 PINS = {
     # the current release
@@ -242,6 +247,152 @@ def build_wheelhouse(session, env: Env, dest: Path, preinstalled: list[str], xfo
     reqs.write_text("\n".join([f"# made by `nox -s wheelhouse` from {env.name} (torch {env.torch})",
                                *(f"# preinstalled, not here: {line}" for line in left_out), *keep]) + "\n")
     session.run("python", "-m", "pip", "wheel", "-r", str(reqs), "-w", str(dest))
+    # for a GPU image whose torch needs pkg_resources (gpu-check installs it only then)
+    session.run("python", "-m", "pip", "download", "--no-deps", SETUPTOOLS_WITH_PKG_RESOURCES, "-d", str(dest))
     if xformers:
         session.run("python", "-m", "pip", "download", "--no-deps", xformers, "-d", str(dest))
     session.log(f"wheelhouse ready: {dest}/ (copy it and the repository to the GPU machine)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The wheelhouse against a GPU image (facts from `python -m perf_tests.preflight --json`)
+# ---------------------------------------------------------------------------------------------------------
+# Packages whose version an image's torch and torchvision were built or resolved with: where the image has
+# them, its own are kept (a wheelhouse pin of sympy, networkx or NumPy 2 can break an older torch).
+IMAGE_KEEPS = {"numpy", "pillow"}
+
+
+@dataclass(frozen=True)
+class Fit:
+    install: list[str]  # requirement lines to install from the wheelhouse
+    notes: list[str]  # what was left out, and why
+    problems: list[str]  # what stops the install, each with its fix
+
+
+def _wheel_tags(filename: str) -> tuple[str, str, str] | None:
+    """(python tag, abi tag, platform tag) of a wheel file name, or None for another file."""
+    parts = filename[: -len(".whl")].split("-") if filename.endswith(".whl") else []
+    return tuple(parts[-3:]) if len(parts) >= 5 else None
+
+
+def wheelhouse_fit(requirements: str, wheels: list[str], facts: dict) -> Fit:
+    """Which of the wheelhouse's requirement lines to install on the image the facts describe.
+
+    A pinned package that the image has and its torch requires (or NumPy, Pillow) is left out: the image's
+    version is the one its torch was built and tested with. A pin that contradicts a requirement of the
+    image's torch on a package the image lacks is a problem; so is a binary wheel for another CPython or
+    another processor than the image's."""
+    from packaging.requirements import Requirement  # nox depends on packaging
+
+    torch_reqs = {}
+    for raw in facts.get("torch_requires", []):
+        req = Requirement(raw)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            torch_reqs[req_name(req.name)] = req
+    installed = facts.get("installed", {})
+    install, notes, problems = [], [], []
+    for line in requirements.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, version = req_name(line), line.split("==", 1)[-1].strip()
+        if name in installed and (name in torch_reqs or name in IMAGE_KEEPS):
+            if installed[name] != version:
+                notes.append(f"{name}: the image's {installed[name]} kept (the wheelhouse has {version})")
+            continue
+        if name in torch_reqs and "==" in line and not torch_reqs[name].specifier.contains(version, prereleases=True):
+            problems.append(f"{line} contradicts the image's torch {facts.get('torch')}, which requires "
+                            f"{torch_reqs[name]}; rebuild the wheelhouse with SD_PERF_EXTRA_PACKAGES="
+                            f"'{torch_reqs[name]}'")
+            continue
+        install.append(line)
+    python_tag, machine = facts.get("python_tag", ""), facts.get("machine", "")
+    for wheel in wheels:
+        tags = _wheel_tags(wheel)
+        if tags is None or tags[1] == "none":
+            continue  # pure Python
+        py, abi, plat = tags
+        if abi != "abi3" and python_tag not in py.split("."):
+            problems.append(f"{wheel} is for {py}, the image's Python is {facts.get('python')}: rebuild the "
+                            f"wheelhouse with SD_PERF_TORCH2_PYTHON={'.'.join(facts.get('python', '').split('.')[:2])}")
+        elif machine and plat != "any" and machine not in plat:
+            problems.append(f"{wheel} is for {plat}, the image runs on {machine}: build the wheelhouse on a "
+                            f"{machine} machine")
+    return Fit(install, notes, problems)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gpu-check: a GPU machine's first run, within its time
+# ---------------------------------------------------------------------------------------------------------
+GPU_TESTS_LIMIT_S = 150  # the gpu unit tests; what they have not done by then is reported as not run
+REPORT_RESERVE_S = 30  # kept at the end for the study table from a stopped run's journal
+
+
+def inductor_cache_state(environ=os.environ) -> tuple[str, str]:
+    """("cold" | "warm", folder) of the suite's Inductor cache folder (perf_tests.suite's default)."""
+    folder = environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.expanduser(os.path.join("~", ".cache", "sd-perf",
+                                                                                      "inductor"))
+    warm = os.path.isdir(folder) and any(os.scandir(folder))
+    return ("warm" if warm else "cold"), folder
+
+
+def gpu_check(session, wheelhouse: Path, out: Path, run_args: list[str], pytest_args: list[str], grid: str,
+              limit_s: float, clock=None) -> None:
+    """Preflight, the fitted offline install, the gpu tests (a failure is reported, not fatal), then one run
+    of ``grid`` stopped by SIGINT at what is left of ``limit_s``; its journal keeps every finished case."""
+    import time
+
+    from nox.command import CommandFailed
+
+    clock = clock or time.monotonic
+    start = clock()
+    out.mkdir(parents=True, exist_ok=True)
+    facts_path = out / "preflight.json"
+    session.run("python", "-m", "perf_tests.preflight", "--json", str(facts_path))  # exit 2: nothing can run
+    facts = json.loads(facts_path.read_text(encoding="utf-8"))
+    fit = wheelhouse_fit((wheelhouse / "requirements.txt").read_text(encoding="utf-8"),
+                         sorted(p.name for p in wheelhouse.glob("*.whl")), facts)
+    for note in fit.notes:
+        session.log(note)
+    if fit.problems:
+        session.error("the wheelhouse does not fit this image:\n  " + "\n  ".join(fit.problems))
+    fitted = out / "requirements-fitted.txt"
+    fitted.write_text("\n".join(fit.install) + "\n", encoding="utf-8")
+    offline = ["--no-index", "--find-links", str(wheelhouse)]
+    session.install(*offline, "-r", str(fitted))
+    if facts.get("needs_pkg_resources"):
+        session.install(*offline, SETUPTOOLS_WITH_PKG_RESOURCES)
+    xformers = xformers_wheel(wheelhouse, facts.get("torch", ""))
+    if xformers:
+        session.install(*offline, "--no-deps", str(xformers))
+    else:
+        session.log(f"no xformers wheel for torch {facts.get('torch')} in {wheelhouse}: the xformers cases skip")
+    failed = []
+    try:
+        session.run("python", "-c", "import torch._inductor.codecache")
+    except CommandFailed:
+        failed.append("torch._inductor.codecache does not import: the compiled cases fail (output above)")
+    try:
+        session.run("timeout", "--signal=INT", "--kill-after=20", str(GPU_TESTS_LIMIT_S), "python", "-m", "pytest",
+                    "tests", "-m", "gpu", "-rs", "-p", "no:cacheprovider", "--junitxml", str(out / "gpu-tests.xml"),
+                    external=True)
+    except CommandFailed as exc:
+        failed.append(f"the gpu unit tests ({exc.reason}; {out / 'gpu-tests.xml'} and the output above say which)")
+    state, folder = inductor_cache_state()
+    session.log(f"Inductor cache {folder}: {state}; the compiled case is measured {state} and recorded so")
+    session.run("python", "-m", "perf_tests.estimate", grid, "--cache", state)
+    left = int(limit_s - (clock() - start) - REPORT_RESERVE_S)
+    try:
+        session.run("timeout", "--signal=INT", "--kill-after=20", str(max(left, 60)), "python", "-m", "perf_tests",
+                    "run", "--runs", "1", "--results", str(out), *run_args, "--", "--grid", grid, *pytest_args,
+                    external=True)
+    except CommandFailed as exc:
+        failed.append(f"the perf run ({exc.reason}): a stopped run's finished cases are in its journal in {out}")
+        journals = sorted(str(p) for p in out.glob("*.journal.jsonl"))
+        if journals and not list(out.glob("study-*.md")):
+            try:
+                session.run("python", "-m", "perf_tests", "report", *journals, "--output", str(out / "study-partial.md"))
+            except CommandFailed:
+                failed.append("no study table from the journal (output above)")
+    if failed:
+        session.error("gpu-check: " + "; ".join(failed) + f". Results so far: {out}/")

@@ -125,31 +125,23 @@ def wheelhouse(session: nox.Session) -> None:
 
 @nox.session(name="gpu-check", python=GPU_PYTHON, venv_params=["--system-site-packages"])
 def gpu_check(session: nox.Session) -> None:
-    """On a GPU machine without a registry: the gpu tests, then one gate-grid run on sd21-base.
+    """On a GPU machine without a registry: preflight, the gpu tests, then the first-run grid, in 10 minutes.
 
-    nox -s gpu-check -- --wheelhouse DIR --out DIR [run options] [-- pytest args]
-    PyTorch and torchvision come preinstalled with the interpreter (SD_PERF_GPU_PYTHON, default python3);
-    everything else from the wheelhouse built by `nox -s wheelhouse`, xformers too when it has a wheel for
-    this torch. Writes the result JSON, study table and verdict to --out.
+    nox -s gpu-check -- --wheelhouse DIR --out DIR [--grid first-run|gate|full] [--limit MIN] [run options]
+                        [-- pytest args]
+    PyTorch and torchvision come preinstalled with the interpreter (SD_PERF_GPU_PYTHON, default python3); the
+    preflight (python -m perf_tests.preflight) checks the image and the wheelhouse's fit, then the rest comes
+    from the wheelhouse built by `nox -s wheelhouse`. A failing gpu test is reported at the end; the perf run
+    is stopped at --limit (default 9.5 min from the start) and keeps every finished case. All in --out.
     """
     parser = argparse.ArgumentParser(prog="nox -s gpu-check --", allow_abbrev=False)
     parser.add_argument("--wheelhouse", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--grid", choices=["first-run", "gate", "full"], default="first-run")
+    parser.add_argument("--limit", type=float, default=9.5, help="minutes for the whole check")
     own, pytest_args = noxenvs.split_posargs(session.posargs)
     opts, own = parser.parse_known_args(own)
-    offline = ["--no-index", "--find-links", str(opts.wheelhouse)]
-    session.install(*offline, "-r", str(opts.wheelhouse / "requirements.txt"))
-    out = session.run("python", "-c", "import torch; assert torch.cuda.is_available(), 'no CUDA device visible';"
-                      " print(torch.__version__)", silent=True)
-    torch = str(out).strip().splitlines()[-1] if out else ""
-    xformers = noxenvs.xformers_wheel(opts.wheelhouse, torch) if torch else None
-    if xformers:
-        session.install(*offline, "--no-deps", str(xformers))
-    else:
-        session.log(f"no xformers wheel for torch {torch} in {opts.wheelhouse}: the xformers cases skip")
-    session.run("python", "-m", "pytest", "tests", "-m", "gpu", "-rs")
-    session.run("python", "-m", "perf_tests", "run", "--grid", "gate", "--runs", "1", "--require-all",
-                "--results", str(opts.out), *own, "--", "--profile", "sd21-base", *pytest_args)
+    noxenvs.gpu_check(session, opts.wheelhouse, opts.out, own, pytest_args, opts.grid, opts.limit * 60)
 
 
 def _install_analysis(session: nox.Session) -> None:

@@ -121,3 +121,23 @@ def selection_s(selection: Iterable[C.Case], grid: C.GridDefaults, gpu: str = "H
 def grid_cases(grid: C.GridDefaults) -> list[C.Case]:
     """Every case of the grid, in run order (skips are not known without the device: all are counted)."""
     return sorted((c for kind in grid.kinds for c in grid.cases(kind)), key=C.run_order)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m perf_tests.estimate GRID [--cache cold|warm]``: the CUDA grid's estimated minutes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m perf_tests.estimate", description=main.__doc__)
+    parser.add_argument("grid", choices=C.GRID_NAMES)
+    parser.add_argument("--cache", choices=("cold", "warm"), default="cold")
+    opts = parser.parse_args(argv)
+    g = C.grid(opts.grid, "cuda")
+    cases = grid_cases(g)
+    minutes = ", ".join(f"{gpu} {selection_s(cases, g, gpu, opts.cache) / 60:.1f} min" for gpu in FIGURES)
+    print(f"{opts.grid} grid, {len(cases)} cases, Inductor cache {opts.cache}: estimated {minutes} "
+          "(perf_tests.estimate, from the README's per-call figures)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
