@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from perf_tests import cases as C
+from perf_tests import kernels as K
 from perf_tests import turns
 from perf_tests.canary import Canary
 from perf_tests.machine import env_label
@@ -344,9 +345,20 @@ class PerfSession:
             cache_dir=self.options.inductor_cache_dir,
             check=lambda out: self.check(case, out), delay_s=self.options.delay_s,
             after_round=turns.pass_turn if turns.active() else None,
+            kernels=lambda f: self.attention_kernels(case, built, f),
         ))
         if turns.active():
             info["interleaved"] = True  # its rounds alternated with the A/B partner's (perf_tests.turns)
+
+    def attention_kernels(self, case: C.Case, built, fn) -> dict:
+        """The SDPA kernels one profiled call of ``fn`` ran, per model part (perf_tests.kernels). A profiler
+        that cannot run here is recorded as such; the case is measured all the same."""
+        parts = None if case.kind in C.ATTENTION_SHAPES else K.model_parts(built.model)
+        try:
+            return K.attention_kernels(fn, self.device, parts, default_part="unet")
+        except Exception as exc:  # the profiler's failure (no CUPTI, ...) is not the case's
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            return {"attention_kernels": None, "attention_kernels_error": f"{type(exc).__name__}: {first_line}"}
 
     # -----------------------------------------------------------------------------------------------------
 

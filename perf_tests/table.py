@@ -121,6 +121,7 @@ class _Entry:
     device: str
     samples: list
     vae_attention: str | None = None  # the VAE's kernel where it is not the case's (its head is too wide)
+    kernels: dict | None = None  # extra_info.attention_kernels: {part: [kernel family, ...]} (perf_tests.kernels)
 
 
 def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
@@ -139,11 +140,34 @@ def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
             device = run.machine.get("device_slug") or "?"
             key = (name, env, device)
             vae = result.vae_attention_used if result.vae_attention_used not in (None, case.attention) else None
+            kernels = result.extra.get("attention_kernels")
+            key = (*key, kernel_note(case.attention, vae, kernels))  # another kernel ran: another row
             if key in pooled:
                 pooled[key].samples.extend(result.samples)
             else:
-                pooled[key] = _Entry(case, env, device, list(result.samples), vae)
+                pooled[key] = _Entry(case, env, device, list(result.samples), vae, kernels)
     return list(pooled.values())
+
+
+# The kernel family a forced backend must run (perf_tests.kernels names them).
+_FORCED = {"sdpa-flash": "flash", "sdpa-mem-efficient": "mem-efficient", "sdpa-cudnn": "cudnn",
+           "sdpa-math": "math"}
+
+
+def kernel_note(attention: str, vae_attention: str | None, kernels: Mapping | None) -> str:
+    """What a row label adds about the kernels that ran: the kernel plain ``sdpa`` dispatched to (or a
+    forced backend that ran another), and the VAE's where it is not the UNet's. "" when nothing is known
+    or everything is as asked."""
+    if not kernels:
+        return ""
+    notes = []
+    unet = list(kernels.get("unet") or [])
+    if unet and (attention == "sdpa" or (attention in _FORCED and unet != [_FORCED[attention]])):
+        notes.append(f"ran {'+'.join(unet)}")
+    vae = list(kernels.get("vae") or [])
+    if vae and (vae_attention or vae != unet):
+        notes.append(f"VAE ran {'+'.join(vae)}")
+    return f" <{'; '.join(notes)}>" if notes else ""
 
 
 def _sort_key(config_attention: str, compile: str, qualifiers: dict, label: str) -> tuple:
@@ -191,6 +215,7 @@ def build_study_table(runs: list[Run], reference: str = "original", kind: str | 
         if e.vae_attention:  # the UNet ran the kernel asked for, the VAE another one: say so in the row
             label += f" (VAE: {e.vae_attention})"
             vae_rows.add(label)
+        label += kernel_note(e.case.attention, e.vae_attention, e.kernels)
         row = rows.get(label)
         if row is None:
             row = rows[label] = Row(label, config, qualifiers, _sort_key(e.case.attention, e.case.compile,
@@ -215,6 +240,9 @@ def build_study_table(runs: list[Run], reference: str = "original", kind: str | 
     if vae_rows:
         notes.append("(VAE: k): the VAE's attention has one head of width 512, which the requested kernel does "
                      "not run; the UNet used the requested kernel, the VAE kernel k (sd.attention's fallback order)")
+    if any("<" in r.label for r in ordered):
+        notes.append("<ran k>: the SDPA kernel the profiler saw in one call of the case (perf_tests.kernels): "
+                     "the one plain sdpa dispatched to, or the VAE's where it differs from the UNet's")
     rounds = sorted({c.rounds for r in ordered for c in r.cells.values()})
     if rounds:
         notes.append("median of " + (f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}")
