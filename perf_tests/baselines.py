@@ -172,6 +172,7 @@ def baseline_doc(baseline: Baseline) -> dict:
             case["runs"].append({
                 "run": index, "samples": list(r.samples), "iterations": r.iterations,
                 "compile_cache": r.compile_cache, "correct": r.correct,
+                "attention_kernels": r.extra.get("attention_kernels"),  # perf_tests.kernels; None before
                 **{k: r.extra.get(k) for k in PER_RUN_FIELDS},
                 "compile_time_s": r.compile_time_s, "peak_memory_bytes": r.peak_memory_bytes,
             })

@@ -501,7 +501,8 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
             per_run[index][name] = _case_result(
                 path, name, _samples(path, f"{at}.samples", entry.get("samples"), fix, missing_fix=fix),
                 {**{k: case.get(k) for k in ("case", "definition_hash", "attention_used", "vae_attention_used")},
-                 **{k: entry.get(k) for k in (*PER_RUN_FIELDS, "iterations", "compile_cache", "correct")}},
+                 **{k: entry.get(k) for k in (*PER_RUN_FIELDS, "iterations", "compile_cache", "correct",
+                                              "attention_kernels")}},
                 f"{where} (runs[{i}]): ", fix)
     runs = []
     for i, (entry, cases) in enumerate(zip(run_docs, per_run, strict=True)):
@@ -554,6 +555,9 @@ def _merge_cases(runs: Sequence[Run]) -> dict[str, CaseSamples]:
                 )
             cs.runs.append(list(r.samples))
             cs.run_machines.append(run.machine_id)
+            kernels = r.extra.get("attention_kernels")
+            if isinstance(kernels, dict) and kernels.get("unet"):
+                cs.unet_kernels.add("+".join(kernels["unet"]))
             if r.compile_time_s is not None:
                 cs.compile_time_s.append(r.compile_time_s)
                 cs.compile_cache.append(r.compile_cache)

@@ -104,3 +104,37 @@ def test_the_suite_records_the_kernels_of_each_part_in_the_result(tmp_path):
     assert infos["test_vae_decode"]["attention_kernels"] == {"vae": ["math"]}
     txt2img = infos["test_txt2img"]["attention_kernels"]
     assert txt2img["unet"] == ["math"] and txt2img["vae"] == ["math"] and set(txt2img) <= {"unet", "vae", "text"}
+
+
+def test_a_change_of_the_kernel_that_ran_blocks_the_time_verdict_and_survives_a_baseline(tmp_path):
+    """Baseline: sdpa ran flash; candidate: the same sdpa ran cuDNN (a new cuDNN, another GPU). The time is
+    not judged as the code's doing: the verdict says which kernels ran. The kernels go through a baseline
+    file unchanged."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from perf_json import CASES, write_run
+
+    from perf_tests import baselines as B
+    from perf_tests import results as R
+    from perf_tests import stats
+
+    sdpa = CASES[2]  # test_unet_step[tiny-sdpa-eager-bs2-fp32]
+
+    def side(label, kernel, seeds):
+        paths = [write_run(tmp_path / f"{label}{s}.json", s,
+                           extra={sdpa: {"attention_kernels": {"unet": [kernel]}}}) for s in seeds]
+        return paths
+
+    base_paths, cand_paths = side("b", "flash", (1, 2, 3)), side("c", "cudnn", (4, 5, 6))
+    (update,) = B.update_baselines(base_paths, tmp_path / "baselines")
+    base = R.side_from_baseline(R.read_baseline(update.path), "baseline")
+    assert base.cases[sdpa].unet_kernels == {"flash"}
+    verdict = stats.compare(base, R.load_side(cand_paths, "candidate"))
+    case = next(v for v in verdict.cases if v.name == sdpa)
+    time_reasons = " ".join(case.metrics["time"].reasons)
+    assert case.metrics["time"].verdict == stats.INCONCLUSIVE
+    assert "the attention kernel that ran differs: flash vs cudnn" in time_reasons
+    other = next(v for v in verdict.cases if v.name == CASES[0])  # no kernels recorded: judged as before
+    assert "kernel that ran" not in " ".join(other.metrics["time"].reasons)
