@@ -11,7 +11,9 @@ Which attention *kernels* actually run on a device/dtype is decided in `sd.atten
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -86,7 +88,33 @@ def sdpa_kernel_context(kernel: str) -> Callable[[], contextlib.AbstractContextM
         "enable_flash": kernel == "flash",
         "enable_mem_efficient": kernel == "mem-efficient",
     }
+    # Where sdp_kernel knows cuDNN attention (PyTorch 2.3 and later, deprecated there), it is enabled by
+    # default and preferred on sm90: it must be switched off too, or "flash" may run cuDNN.
+    if "enable_cudnn" in inspect.signature(torch.backends.cuda.sdp_kernel).parameters:
+        flags["enable_cudnn"] = kernel == "cudnn"
     return lambda: torch.backends.cuda.sdp_kernel(**flags)
+
+
+@functools.lru_cache(maxsize=None)
+def sdpa_kernel_compile_missing() -> str | None:
+    """None if torch.compile(fullgraph=True) traces a kernel restriction (the context of
+    `sdpa_kernel_context`), else why not. Dynamo of PyTorch 2.0 cannot ("Unsupported torch.* op returned
+    non-Tensor _GeneratorContextManager"). Probed by tracing a tiny call once per process (Dynamo only,
+    backend "eager": a few seconds, most of them importing Dynamo)."""
+    if not has_compile() or not has_sdpa() or sdpa_kernel_missing("math") is not None:
+        return None  # nothing to restrict under compile: the other checks say why
+    context = sdpa_kernel_context("math")
+
+    def restricted(q: torch.Tensor) -> torch.Tensor:
+        with context():
+            return F.scaled_dot_product_attention(q, q, q)
+
+    try:
+        torch.compile(restricted, backend="eager", fullgraph=True)(torch.zeros(1, 1, 4, 8))
+    except Exception as exc:  # Dynamo's refusal is the reason reported
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"torch.compile(fullgraph=True) cannot trace {sdpa_kernel_api()} in this PyTorch ({first_line})"
+    return None
 
 
 def has_compile() -> bool:
