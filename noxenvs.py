@@ -248,7 +248,8 @@ def build_wheelhouse(session, env: Env, dest: Path, preinstalled: list[str], xfo
                                *(f"# preinstalled, not here: {line}" for line in left_out), *keep]) + "\n")
     session.run("python", "-m", "pip", "wheel", "-r", str(reqs), "-w", str(dest))
     # for a GPU image whose torch needs pkg_resources (gpu-check installs it only then)
-    session.run("python", "-m", "pip", "download", "--no-deps", SETUPTOOLS_WITH_PKG_RESOURCES, "-d", str(dest))
+    session.run("python", "-m", "pip", "download", "--no-deps", SETUPTOOLS_WITH_PKG_RESOURCES,
+                "-d", str(dest))
     if xformers:
         session.run("python", "-m", "pip", "download", "--no-deps", xformers, "-d", str(dest))
     session.log(f"wheelhouse ready: {dest}/ (copy it and the repository to the GPU machine)")
@@ -300,7 +301,8 @@ def wheelhouse_fit(requirements: str, wheels: list[str], facts: dict) -> Fit:
             if installed[name] != version:
                 notes.append(f"{name}: the image's {installed[name]} kept (the wheelhouse has {version})")
             continue
-        if name in torch_reqs and "==" in line and not torch_reqs[name].specifier.contains(version, prereleases=True):
+        allowed = name not in torch_reqs or torch_reqs[name].specifier.contains(version, prereleases=True)
+        if "==" in line and not allowed:
             problems.append(f"{line} contradicts the image's torch {facts.get('torch')}, which requires "
                             f"{torch_reqs[name]}; rebuild the wheelhouse with SD_PERF_EXTRA_PACKAGES="
                             f"'{torch_reqs[name]}'")
@@ -313,8 +315,9 @@ def wheelhouse_fit(requirements: str, wheels: list[str], facts: dict) -> Fit:
             continue  # pure Python
         py, abi, plat = tags
         if abi != "abi3" and python_tag not in py.split("."):
+            minor = ".".join(facts.get("python", "").split(".")[:2])
             problems.append(f"{wheel} is for {py}, the image's Python is {facts.get('python')}: rebuild the "
-                            f"wheelhouse with SD_PERF_TORCH2_PYTHON={'.'.join(facts.get('python', '').split('.')[:2])}")
+                            f"wheelhouse with SD_PERF_TORCH2_PYTHON={minor}")
         elif machine and plat != "any" and machine not in plat:
             problems.append(f"{wheel} is for {plat}, the image runs on {machine}: build the wheelhouse on a "
                             f"{machine} machine")
@@ -330,8 +333,8 @@ REPORT_RESERVE_S = 30  # kept at the end for the study table from a stopped run'
 
 def inductor_cache_state(environ=os.environ) -> tuple[str, str]:
     """("cold" | "warm", folder) of the suite's Inductor cache folder (perf_tests.suite's default)."""
-    folder = environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.expanduser(os.path.join("~", ".cache", "sd-perf",
-                                                                                      "inductor"))
+    default = os.path.join("~", ".cache", "sd-perf", "inductor")
+    folder = environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.expanduser(default)
     warm = os.path.isdir(folder) and any(os.scandir(folder))
     return ("warm" if warm else "cold"), folder
 
@@ -366,32 +369,36 @@ def gpu_check(session, wheelhouse: Path, out: Path, run_args: list[str], pytest_
     if xformers:
         session.install(*offline, "--no-deps", str(xformers))
     else:
-        session.log(f"no xformers wheel for torch {facts.get('torch')} in {wheelhouse}: the xformers cases skip")
+        session.log(f"no xformers wheel for torch {facts.get('torch')} in {wheelhouse}: "
+                    "the xformers cases skip")
     failed = []
     try:
         session.run("python", "-c", "import torch._inductor.codecache")
     except CommandFailed:
         failed.append("torch._inductor.codecache does not import: the compiled cases fail (output above)")
     try:
-        session.run("timeout", "--signal=INT", "--kill-after=20", str(GPU_TESTS_LIMIT_S), "python", "-m", "pytest",
-                    "tests", "-m", "gpu", "-rs", "-p", "no:cacheprovider", "--junitxml", str(out / "gpu-tests.xml"),
-                    external=True)
+        session.run("timeout", "--signal=INT", "--kill-after=20", str(GPU_TESTS_LIMIT_S),
+                    "python", "-m", "pytest", "tests", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
+                    "--junitxml", str(out / "gpu-tests.xml"), external=True)
     except CommandFailed as exc:
-        failed.append(f"the gpu unit tests ({exc.reason}; {out / 'gpu-tests.xml'} and the output above say which)")
+        failed.append(f"the gpu unit tests ({exc.reason}; {out / 'gpu-tests.xml'} and the output above "
+                      "say which)")
     state, folder = inductor_cache_state()
     session.log(f"Inductor cache {folder}: {state}; the compiled case is measured {state} and recorded so")
     session.run("python", "-m", "perf_tests.estimate", grid, "--cache", state)
     left = int(limit_s - (clock() - start) - REPORT_RESERVE_S)
     try:
-        session.run("timeout", "--signal=INT", "--kill-after=20", str(max(left, 60)), "python", "-m", "perf_tests",
-                    "run", "--runs", "1", "--results", str(out), *run_args, "--", "--grid", grid, *pytest_args,
-                    external=True)
+        session.run("timeout", "--signal=INT", "--kill-after=20", str(max(left, 60)),
+                    "python", "-m", "perf_tests", "run", "--runs", "1", "--results", str(out), *run_args,
+                    "--", "--grid", grid, *pytest_args, external=True)
     except CommandFailed as exc:
-        failed.append(f"the perf run ({exc.reason}): a stopped run's finished cases are in its journal in {out}")
+        failed.append(f"the perf run ({exc.reason}): a stopped run's finished cases are in its journal "
+                      f"in {out}")
         journals = sorted(str(p) for p in out.glob("*.journal.jsonl"))
         if journals and not list(out.glob("study-*.md")):
             try:
-                session.run("python", "-m", "perf_tests", "report", *journals, "--output", str(out / "study-partial.md"))
+                session.run("python", "-m", "perf_tests", "report", *journals,
+                            "--output", str(out / "study-partial.md"))
             except CommandFailed:
                 failed.append("no study table from the journal (output above)")
     if failed:

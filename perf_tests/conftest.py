@@ -59,9 +59,9 @@ def pytest_addoption(parser):
     g.addoption("--canary", dest="perf_canary", default=None,
                 help="on (default) or off: time a fixed plain-torch workload before every case and at the end")
     g.addoption("--inductor-cache", dest="perf_inductor_cache", default=None,
-                help="state each measured compilation starts from: warm (default: the suite's cache folder as "
-                     "earlier runs left it; a compile that missed it is recorded as cold) or cold (a fresh empty cache "
-                     "folder per compiled case)")
+                help="state each measured compilation starts from: warm (default: the suite's cache folder "
+                     "as earlier runs left it; a compile that missed it is recorded as cold) or cold (a "
+                     "fresh empty cache folder per compiled case)")
     g.addoption("--inductor-cache-dir", dest="perf_inductor_cache_dir", default=None,
                 help="the suite's Inductor cache folder, Triton's in its triton/ subfolder (default: "
                      f"$TORCHINDUCTOR_CACHE_DIR when set, else {INDUCTOR_CACHE_DIR})")

@@ -90,8 +90,13 @@ def case_s(case: C.Case, rounds: int, warmup_rounds: int, gpu: GpuFigures, min_r
     return one * (untimed + iterations + rounds * iterations)
 
 
-def selection_s(selection: Iterable[C.Case], grid: C.GridDefaults, gpu: str = "H100", cache: str = "cold",
-                min_round_s: float = CUDA_MIN_ROUND_S) -> float:
+def selection_s(
+    selection: Iterable[C.Case],
+    grid: C.GridDefaults,
+    gpu: str = "H100",
+    cache: str = "cold",
+    min_round_s: float = CUDA_MIN_ROUND_S,
+) -> float:
     """Seconds for the selection run in suite order (perf_tests.cases.run_order) in one process."""
     if cache not in ("cold", "warm"):
         raise ValueError(f"unknown Inductor cache state {cache!r}; choose cold or warm")
@@ -111,8 +116,11 @@ def selection_s(selection: Iterable[C.Case], grid: C.GridDefaults, gpu: str = "H
                 reference_built = True
         if case.compiled:  # each compiled case compiles afresh (perf_tests.timing.compile_cache_state)
             unet = case.kind in ("txt2img", "unet-step")
-            cold, warm = ((fig.compile_cold_s, fig.compile_warm_s) if unet
-                          else (fig.small_compile_cold_s, fig.small_compile_warm_s))
+            cold, warm = (
+                (fig.compile_cold_s, fig.compile_warm_s)
+                if unet
+                else (fig.small_compile_cold_s, fig.small_compile_warm_s)
+            )
             total += cold if cache == "cold" else warm
         total += case_s(case, grid.rounds[case.kind], grid.warmup_rounds[case.kind], fig, min_round_s)
     return total
@@ -134,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     g = C.grid(opts.grid, "cuda")
     cases = grid_cases(g)
     minutes = ", ".join(f"{gpu} {selection_s(cases, g, gpu, opts.cache) / 60:.1f} min" for gpu in FIGURES)
-    print(f"{opts.grid} grid, {len(cases)} cases, Inductor cache {opts.cache}: estimated {minutes} "
-          "(perf_tests.estimate, from the README's per-call figures)")
+    print(
+        f"{opts.grid} grid, {len(cases)} cases, Inductor cache {opts.cache}: estimated {minutes} "
+        "(perf_tests.estimate, from the README's per-call figures)"
+    )
     return 0
 
 

@@ -37,7 +37,9 @@ def kernel_family(op_name: str) -> str | None:
     """The kernel family of a profiler event name, or None when it is not an attention implementation."""
     if op_name in SDPA_OPS:
         return SDPA_OPS[op_name]
-    if op_name.startswith(("xformers::", "xformers_flash::", "xformers_flash3::")) and ("fw" in op_name or "forward" in op_name):
+    if op_name.startswith(("xformers::", "xformers_flash::", "xformers_flash3::")) and (
+        "fw" in op_name or "forward" in op_name
+    ):
         return "xformers:" + op_name.split("::", 1)[1]
     return None
 
@@ -65,13 +67,14 @@ def classify(events: Iterable, default_part: str) -> tuple[dict, dict]:
         family = kernel_family(event.name)
         if family is None or any(kernel_family(p.name) for p in _parents(event)):
             continue
-        part = next((p.name[len(RANGE_PREFIX):] for p in _parents(event) if p.name.startswith(RANGE_PREFIX)),
-                    default_part)
+        part = next(
+            (p.name[len(RANGE_PREFIX) :] for p in _parents(event) if p.name.startswith(RANGE_PREFIX)),
+            default_part,
+        )
         families.setdefault(part, set()).add(family)
         for e in (event, *_descendants(event)):
             device.setdefault(part, set()).update(k.name for k in getattr(e, "kernels", []))
-    return ({p: sorted(f) for p, f in families.items()},
-            {p: sorted(n)[:8] for p, n in device.items() if n})
+    return ({p: sorted(f) for p, f in families.items()}, {p: sorted(n)[:8] for p, n in device.items() if n})
 
 
 @contextlib.contextmanager
@@ -96,8 +99,12 @@ def _ranges(parts: Mapping[str, torch.nn.Module]) -> Iterator[None]:
             h.remove()
 
 
-def attention_kernels(fn: Callable[[], object], device: str, parts: Mapping[str, torch.nn.Module] | None,
-                      default_part: str = "unet") -> dict:
+def attention_kernels(
+    fn: Callable[[], object],
+    device: str,
+    parts: Mapping[str, torch.nn.Module] | None,
+    default_part: str = "unet",
+) -> dict:
     """Profile one call of ``fn`` and return what goes into ``extra_info`` (see the module docstring)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     is_cuda = torch.device(device).type == "cuda"

@@ -53,14 +53,30 @@ def run_checks(cuda_needed: bool = True, importer: Callable[[str], object] = imp
     checks: list[dict] = []
 
     def check(name: str, ok: bool, detail: str, fix: str = "", blocking: bool = True) -> None:
-        checks.append({"name": name, "ok": ok, "detail": detail, "fix": "" if ok else fix,
-                       "blocking": blocking and not ok})
+        checks.append(
+            {
+                "name": name,
+                "ok": ok,
+                "detail": detail,
+                "fix": "" if ok else fix,
+                "blocking": blocking and not ok,
+            }
+        )
 
-    facts: dict = {"python": platform.python_version(), "machine": platform.machine(),
-                   "python_tag": f"cp{sys.version_info[0]}{sys.version_info[1]}", "installed": {}, "checks": checks}
+    facts: dict = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "python_tag": f"cp{sys.version_info[0]}{sys.version_info[1]}",
+        "installed": {},
+        "checks": checks,
+    }
     facts["installed"] = installed_distributions()
-    check("python", sys.version_info >= (3, 10), f"Python {facts['python']} on {facts['machine']}",
-          "the suite needs Python 3.10 or later; point SD_PERF_GPU_PYTHON at one")
+    check(
+        "python",
+        sys.version_info >= (3, 10),
+        f"Python {facts['python']} on {facts['machine']}",
+        "the suite needs Python 3.10 or later; point SD_PERF_GPU_PYTHON at one",
+    )
     try:
         torch = importer("torch")
     except Exception as exc:
@@ -73,40 +89,68 @@ def run_checks(cuda_needed: bool = True, importer: Callable[[str], object] = imp
         facts["torch_requires"] = []
     check("torch", True, f"torch {torch.__version__} (CUDA {torch.version.cuda})")
     cuda = bool(torch.cuda.is_available())
-    detail = (f"{torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)}, cuDNN "
-              f"{torch.backends.cudnn.version()}" if cuda else "torch.cuda.is_available() is False")
-    check("cuda", cuda, detail, "a CUDA build of PyTorch and a visible GPU (nvidia-smi; CUDA_VISIBLE_DEVICES)",
-          blocking=cuda_needed)
+    detail = (
+        f"{torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)}, cuDNN "
+        f"{torch.backends.cudnn.version()}"
+        if cuda
+        else "torch.cuda.is_available() is False"
+    )
+    check(
+        "cuda",
+        cuda,
+        detail,
+        "a CUDA build of PyTorch and a visible GPU (nvidia-smi; CUDA_VISIBLE_DEVICES)",
+        blocking=cuda_needed,
+    )
     try:
         tv = importer("torchvision")
         built_for = [r for r in (importlib.metadata.requires("torchvision") or []) if r.startswith("torch")]
         check("torchvision", True, f"torchvision {tv.__version__} ({', '.join(built_for) or 'no torch pin'})")
     except Exception as exc:
-        check("torchvision", False, _first_line(exc), "install the torchvision built for this torch in the image, "
-              "or build the wheelhouse with --preinstalled torch so that it carries one")
+        check(
+            "torchvision",
+            False,
+            _first_line(exc),
+            "install the torchvision built for this torch in the image, "
+            "or build the wheelhouse with --preinstalled torch so that it carries one",
+        )
     try:
         np = importer("numpy")
         torch.from_numpy(np.zeros(2))
         check("numpy", True, f"numpy {np.__version__} hands arrays to torch")
     except Exception as exc:
-        check("numpy", False, _first_line(exc), "a NumPy of the major version this torch was built with "
-              "(NumPy 1 for torch < 2.3): the image's own, or SD_PERF_EXTRA_PACKAGES='numpy<2' in the wheelhouse")
+        check(
+            "numpy",
+            False,
+            _first_line(exc),
+            "a NumPy of the major version this torch was built with "
+            "(NumPy 1 for torch < 2.3): the image's own, or SD_PERF_EXTRA_PACKAGES='numpy<2' in the "
+            "wheelhouse",
+        )
     torch_dir = Path(torch.__file__).parent
     facts["needs_pkg_resources"] = needs_pkg_resources(torch_dir)
     try:
         importer("torch._inductor.codecache")
         check("inductor", True, "torch._inductor.codecache imports")
     except Exception as exc:
-        fix = ("setuptools with pkg_resources (the wheelhouse carries one; gpu-check installs it)"
-               if facts["needs_pkg_resources"] else "torch.compile cannot run with this image")
+        fix = (
+            "setuptools with pkg_resources (the wheelhouse carries one; gpu-check installs it)"
+            if facts["needs_pkg_resources"]
+            else "torch.compile cannot run with this image"
+        )
         # not blocking: the eager cases run; gpu-check installs setuptools and checks again
         check("inductor", False, _first_line(exc), fix, blocking=False)
     try:
         importer("triton")
         check("triton", True, "triton imports")
     except Exception as exc:
-        check("triton", False, _first_line(exc), "torch.compile on CUDA needs the triton that came with torch",
-              blocking=False)
+        check(
+            "triton",
+            False,
+            _first_line(exc),
+            "torch.compile on CUDA needs the triton that came with torch",
+            blocking=False,
+        )
     return facts
 
 
@@ -114,14 +158,22 @@ def report(facts: dict) -> str:
     lines = []
     for c in facts["checks"]:
         mark = "ok     " if c["ok"] else ("MISSING" if c["blocking"] else "warning")
-        lines.append(f"{mark} {c['name']:<12} {c['detail']}" + (f"\n        fix: {c['fix']}" if c["fix"] else ""))
+        lines.append(
+            f"{mark} {c['name']:<12} {c['detail']}" + (f"\n        fix: {c['fix']}" if c["fix"] else "")
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf_tests.preflight", description=__doc__.split("\n")[0])
-    parser.add_argument("--json", type=Path, help="write the facts and checks here (for noxenvs.wheelhouse_fit)")
-    parser.add_argument("--no-cuda-needed", action="store_true", help="a missing GPU is a warning, not an error")
+    parser = argparse.ArgumentParser(
+        prog="python -m perf_tests.preflight", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--json", type=Path, help="write the facts and checks here (for noxenvs.wheelhouse_fit)"
+    )
+    parser.add_argument(
+        "--no-cuda-needed", action="store_true", help="a missing GPU is a warning, not an error"
+    )
     opts = parser.parse_args(argv)
     facts = run_checks(cuda_needed=not opts.no_cuda_needed)
     print(report(facts))

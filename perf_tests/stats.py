@@ -204,7 +204,7 @@ class CaseSamples:
     compile_cache: list[str | None] = field(default_factory=list)  # "warm" | "cold" | None, parallel to above
     peak_memory_bytes: list[float] = field(default_factory=list)
     attention_used: str | None = None
-    unet_kernels: set = field(default_factory=set)  # the UNet's SDPA kernels each run saw (perf_tests.kernels)
+    unet_kernels: set = field(default_factory=set)  # UNet SDPA kernels the runs saw (perf_tests.kernels)
     correct: bool | None = None  # False if any run reported a wrong output
     case: dict = field(default_factory=dict)  # extra_info["case"]: kind, profile, attention, ...
 
@@ -1074,8 +1074,9 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         if b.attention_used and c.attention_used and b.attention_used != c.attention_used:
             blockers.append(f"attention backend used differs: {b.attention_used} vs {c.attention_used}")
         if b.unet_kernels and c.unet_kernels and b.unet_kernels != c.unet_kernels:
-            blockers.append(f"the attention kernel that ran differs: {', '.join(sorted(b.unet_kernels))} vs "
-                            f"{', '.join(sorted(c.unet_kernels))} (the same backend dispatched to another kernel)")
+            ran = [", ".join(sorted(side.unet_kernels)) for side in (b, c)]
+            blockers.append(f"the attention kernel that ran differs: {ran[0]} vs {ran[1]} (the same backend "
+                            "dispatched to another kernel)")
         e = est[name]
         metrics = {"time": _time_result(name, b, c, e, adj_reg.get(name), adj_imp.get(name), alpha_one, policy,
                                         blockers, disturbed)}

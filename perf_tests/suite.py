@@ -358,7 +358,8 @@ class PerfSession:
             return K.attention_kernels(fn, self.device, parts, default_part="unet")
         except Exception as exc:  # the profiler's failure (no CUPTI, ...) is not the case's
             first_line = (str(exc).strip().splitlines() or [""])[0]
-            return {"attention_kernels": None, "attention_kernels_error": f"{type(exc).__name__}: {first_line}"}
+            error = f"{type(exc).__name__}: {first_line}"
+            return {"attention_kernels": None, "attention_kernels_error": error}
 
     # -----------------------------------------------------------------------------------------------------
 

@@ -121,7 +121,7 @@ class _Entry:
     device: str
     samples: list
     vae_attention: str | None = None  # the VAE's kernel where it is not the case's (its head is too wide)
-    kernels: dict | None = None  # extra_info.attention_kernels: {part: [kernel family, ...]} (perf_tests.kernels)
+    kernels: dict | None = None  # extra_info.attention_kernels: {part: [kernel, ...]} (perf_tests.kernels)
 
 
 def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
@@ -241,8 +241,8 @@ def build_study_table(runs: list[Run], reference: str = "original", kind: str | 
         notes.append("(VAE: k): the VAE's attention has one head of width 512, which the requested kernel does "
                      "not run; the UNet used the requested kernel, the VAE kernel k (sd.attention's fallback order)")
     if any("<" in r.label for r in ordered):
-        notes.append("<ran k>: the SDPA kernel the profiler saw in one call of the case (perf_tests.kernels): "
-                     "the one plain sdpa dispatched to, or the VAE's where it differs from the UNet's")
+        notes.append("<ran k>: the SDPA kernel the profiler saw in one call of the case (perf_tests.kernels):"
+                     " the one plain sdpa dispatched to, or the VAE's where it differs from the UNet's")
     rounds = sorted({c.rounds for r in ordered for c in r.cells.values()})
     if rounds:
         notes.append("median of " + (f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}")

@@ -95,7 +95,7 @@ def sdpa_kernel_context(kernel: str) -> Callable[[], contextlib.AbstractContextM
     return lambda: torch.backends.cuda.sdp_kernel(**flags)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sdpa_kernel_compile_missing() -> str | None:
     """None if torch.compile(fullgraph=True) traces a kernel restriction (the context of
     `sdpa_kernel_context`), else why not. Dynamo of PyTorch 2.0 cannot ("Unsupported torch.* op returned
@@ -113,7 +113,8 @@ def sdpa_kernel_compile_missing() -> str | None:
         torch.compile(restricted, backend="eager", fullgraph=True)(torch.zeros(1, 1, 4, 8))
     except Exception as exc:  # Dynamo's refusal is the reason reported
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"torch.compile(fullgraph=True) cannot trace {sdpa_kernel_api()} in this PyTorch ({first_line})"
+        api = sdpa_kernel_api()
+        return f"torch.compile(fullgraph=True) cannot trace {api} in this PyTorch ({first_line})"
     return None
 
 

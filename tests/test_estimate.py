@@ -37,7 +37,10 @@ def test_the_gate_grid_estimate_agrees_with_the_readme_figures():
     g = C.grid("gate", "cuda")
     readme = {("H100", "warm"): 8.75, ("H100", "cold"): 23, ("A100", "warm"): 10.5, ("A100", "cold"): 25}
     for (gpu, cache), minutes in readme.items():
-        assert E.selection_s(E.grid_cases(g), g, gpu, cache) / 60 == pytest.approx(minutes, rel=0.2), (gpu, cache)
+        assert E.selection_s(E.grid_cases(g), g, gpu, cache) / 60 == pytest.approx(minutes, rel=0.2), (
+            gpu,
+            cache,
+        )
 
 
 def test_case_cost_follows_the_timing_protocol():
@@ -46,9 +49,11 @@ def test_case_cost_follows_the_timing_protocol():
     unet = C.Case("unet-step", "sd21-base", "sdpa", "eager", 1, "fp16", height=p.height, width=p.width)
     # 18 ms a call: a 20 ms round holds 2 calls; first + profiled + 2 warm-up + sizing block + 10 rounds
     assert E.case_s(unet, rounds=10, warmup_rounds=3, gpu=fig, min_round_s=0.02) == pytest.approx(
-        0.018 * (1 + 1 + 2 + 2 + 10 * 2))
+        0.018 * (1 + 1 + 2 + 2 + 10 * 2)
+    )
     assert E.call_s(C.Case("unet-step", "sd21-base", "original", "eager", 4, "fp16"), fig) == pytest.approx(
-        0.018 * 3.5 * 1.6)
+        0.018 * 3.5 * 1.6
+    )
     steps20 = C.Case("txt2img", "sd21-base", "sdpa", "eager", 1, "fp16", steps=20)
     assert E.call_s(steps20, fig) == pytest.approx(0.4)
 

@@ -10,6 +10,7 @@ Run them with ``pytest tests/test_gpu.py`` on a machine with a GPU; ``nox -s gpu
 from __future__ import annotations
 
 import dataclasses
+import gc
 import re
 import time
 from types import SimpleNamespace
@@ -119,16 +120,29 @@ def run(s: PerfSession, c: C.Case) -> dict:
     return b.extra_info
 
 
+def release(s: PerfSession) -> None:
+    """Everything a session put on the device leaves it (its models; the reference goes to the CPU)."""
+    s.cache.release()
+    s.cache.park_reference()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def test_a_cases_peak_memory_does_not_depend_on_the_grid():
     """The fp32 reference model leaves the device before a case is measured: the same case measured after
-    the reference case (full grid) and alone (reference computed on demand) reports the same peak."""
+    the reference case (full grid) and alone (reference computed on demand) reports the same peak. Each
+    session's models leave the device before the other measures, so that "alone" is alone."""
     after_reference = session()
     run(after_reference, case(precision="fp32", attention="original"))
     with_grid = run(after_reference, case())
-    alone = run(session(), case())
+    fp32_weights = sum(p.numel() * 4 for p in after_reference.cache._reference["tiny"].model.parameters())
+    release(after_reference)
+    assert torch.cuda.memory_allocated() < fp32_weights / 4, torch.cuda.memory_allocated()
+    s = session()
+    alone = run(s, case())
+    release(s)
     assert with_grid["correct"] and alone["correct"]
     assert with_grid["peak_memory_bytes"] == pytest.approx(alone["peak_memory_bytes"], rel=0.05)
-    fp32_weights = sum(p.numel() * 4 for p in after_reference.cache._reference["tiny"].model.parameters())
     assert alone["peak_memory_bytes"] < fp32_weights + with_grid["peak_memory_bytes"] / 2
 
 
@@ -212,6 +226,8 @@ def test_kernel_agrees_with_original_and_is_the_kernel_that_ran(backend):
     if backend in KERNEL_OPS:
         ran = ops_run(lambda: attend(q, k, v))
         assert KERNEL_OPS[backend] in ran, sorted(o for o in ran if "attention" in o)
+        others = {op for b, op in KERNEL_OPS.items() if b != backend and op != KERNEL_OPS[backend]}
+        assert not others & ran, sorted(others & ran)  # every other kernel, cuDNN included, was off
 
 
 @needs_sdpa
@@ -231,7 +247,58 @@ def test_sdp_kernel_fallback_of_pytorch_2_0_to_2_2_restricts_the_kernel(monkeypa
             with context():
                 torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-        assert op in ops_run(call)
+        ran = ops_run(call)
+        assert op in ran and KERNEL_OPS["sdpa-cudnn"] not in ran, sorted(o for o in ran if "attention" in o)
+
+
+@needs_sdpa
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn"])
+def test_the_recorded_kernels_are_what_the_profiler_saw_in_the_unet_and_the_vae(backend):
+    """A case's attention_kernels (one profiled call, perf_tests.kernels: the operator tree with ranges
+    around the parts) against a second profile of the same workload read as a flat operator list. Plain
+    sdpa names the kernel it dispatched to (cuDNN on sm90 with a recent cuDNN)."""
+    from perf_tests.kernels import SDPA_OPS
+    from perf_tests.workloads import make_workload
+
+    s = session()
+    forced = {"sdpa-flash": "flash", "sdpa-mem-efficient": "mem-efficient", "sdpa-cudnn": "cudnn"}
+    for kind, part in (("unet-step", "unet"), ("vae-decode", "vae")):
+        c = case(kind=kind, attention=backend)
+        reason = C.skip_reason(c, s.caps)
+        if reason:
+            pytest.skip(reason)
+        recorded = run(s, c)["attention_kernels"]
+        fn, _ = make_workload(s.cache, c)
+        seen = {SDPA_OPS[o] for o in ops_run(fn) if o in SDPA_OPS}
+        assert list(recorded) == [part] and set(recorded[part]) == seen, (kind, recorded, seen)
+        if part == "unet" and backend in forced:
+            assert recorded["unet"] == [forced[backend]]
+    release(s)
+
+
+@needs_sdpa
+@pytest.mark.parametrize("backend", ["sdpa-flash", "sdpa-cudnn"])
+def test_the_vae_wide_head_runs_the_fallback_kernel_on_the_gpu(backend):
+    """SD 2.1's VAE head is 512 wide, past the flash and cuDNN kernels: sd hands it to the next kernel of
+    the fallback order, and that kernel is the one the profiler sees at d=512."""
+    from perf_tests.kernels import SDPA_OPS
+    from sd.config import load_config
+    from sd.errors import AttentionUnavailable
+    from sd.model import resolve_model_attention
+
+    try:
+        _, vae_name, vae_attend = resolve_model_attention(load_config("sd21-base"), backend, None,
+                                                          torch.device("cuda"), torch.float16)
+    except AttentionUnavailable as exc:
+        pytest.skip(str(exc))
+    assert vae_name != backend
+    q = torch.randn(1, 1, 4096, 512, device="cuda", dtype=torch.float16)
+    ran = {SDPA_OPS[o] for o in ops_run(lambda: vae_attend(q, q, q)) if o in SDPA_OPS}
+    expected = {"sdpa-mem-efficient": {"mem-efficient"}, "sdpa-math": {"math"}, "original": set()}
+    if vae_name in expected:
+        assert ran == expected[vae_name], (vae_name, ran)
+    else:  # plain sdpa: PyTorch's choice, but never the kernel that refused the head
+        assert ran and {"flash": "sdpa-flash", "cudnn": "sdpa-cudnn"}.get(next(iter(ran))) != backend
 
 
 # ---------------------------------------------------------------------------------------------------------

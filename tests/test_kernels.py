@@ -11,13 +11,15 @@ from perf_tests import kernels as K
 from perf_tests.table import kernel_note
 from sd.attention import resolve_attention
 
-needs_sdpa = pytest.mark.skipif(not hasattr(torch.nn.functional, "scaled_dot_product_attention"),
-                                reason="SDPA needs PyTorch 2")
+needs_sdpa = pytest.mark.skipif(
+    not hasattr(torch.nn.functional, "scaled_dot_product_attention"), reason="SDPA needs PyTorch 2"
+)
 
 
 def event(name, parent=None, kernels=()):
-    e = SimpleNamespace(name=name, cpu_parent=parent, cpu_children=[],
-                        kernels=[SimpleNamespace(name=k) for k in kernels])
+    e = SimpleNamespace(
+        name=name, cpu_parent=parent, cpu_children=[], kernels=[SimpleNamespace(name=k) for k in kernels]
+    )
     if parent is not None:
         parent.cpu_children.append(e)
     return e
@@ -27,18 +29,28 @@ def test_classify_names_each_implementation_once_under_its_part():
     unet = event("sd-perf.unet")
     sdpa = event("aten::scaled_dot_product_attention", unet)
     outer = event("aten::_scaled_dot_product_efficient_attention", sdpa)
-    inner = event("aten::_efficient_attention_forward", outer, kernels=["fmha_cutlassF_f16_aligned_64x64_rf_sm80"])
+    inner = event(
+        "aten::_efficient_attention_forward", outer, kernels=["fmha_cutlassF_f16_aligned_64x64_rf_sm80"]
+    )
     vae = event("sd-perf.vae")
-    cudnn = event("aten::_scaled_dot_product_cudnn_attention", event("aten::scaled_dot_product_attention", vae),
-                  kernels=["cudnn_generated_fort_native_sdpa_sm90_flash_fprop"])
+    cudnn = event(
+        "aten::_scaled_dot_product_cudnn_attention",
+        event("aten::scaled_dot_product_attention", vae),
+        kernels=["cudnn_generated_fort_native_sdpa_sm90_flash_fprop"],
+    )
     bare = event("aten::_scaled_dot_product_flash_attention")  # no range: the default part
     xf = event("xformers::efficient_attention_forward_cutlass", event("sd-perf.text"))
     events = [unet, sdpa, outer, inner, vae, cudnn, bare, xf, event("aten::softmax", unet)]
     families, device = K.classify(events, default_part="unet")
-    assert families == {"unet": ["flash", "mem-efficient"], "vae": ["cudnn"],
-                        "text": ["xformers:efficient_attention_forward_cutlass"]}
-    assert device == {"unet": ["fmha_cutlassF_f16_aligned_64x64_rf_sm80"],
-                      "vae": ["cudnn_generated_fort_native_sdpa_sm90_flash_fprop"]}
+    assert families == {
+        "unet": ["flash", "mem-efficient"],
+        "vae": ["cudnn"],
+        "text": ["xformers:efficient_attention_forward_cutlass"],
+    }
+    assert device == {
+        "unet": ["fmha_cutlassF_f16_aligned_64x64_rf_sm80"],
+        "vae": ["cudnn_generated_fort_native_sdpa_sm90_flash_fprop"],
+    }
 
 
 @needs_sdpa
@@ -68,16 +80,23 @@ def test_plain_sdpa_on_a_cpu_is_one_of_the_cpu_kernels_and_the_parts_are_told_ap
     assert not unet._forward_pre_hooks and not unet._forward_hooks  # the ranges are gone after the call
 
 
-@pytest.mark.parametrize("attention, vae, kernels, note", [
-    ("sdpa", None, {"unet": ["cudnn"], "vae": ["mem-efficient"]}, " <ran cudnn; VAE ran mem-efficient>"),
-    ("sdpa", None, {"unet": ["flash"], "vae": ["flash"]}, " <ran flash>"),
-    ("sdpa-flash", "sdpa-mem-efficient", {"unet": ["flash"], "vae": ["mem-efficient"]},
-     " <VAE ran mem-efficient>"),
-    ("sdpa-flash", None, {"unet": ["cudnn"]}, " <ran cudnn>"),  # a forced kernel that did not run: said
-    ("sdpa-flash", None, {"unet": ["flash"]}, ""),
-    ("original", None, {}, ""),
-    ("sdpa", None, None, ""),  # not recorded (older results)
-])
+@pytest.mark.parametrize(
+    "attention, vae, kernels, note",
+    [
+        ("sdpa", None, {"unet": ["cudnn"], "vae": ["mem-efficient"]}, " <ran cudnn; VAE ran mem-efficient>"),
+        ("sdpa", None, {"unet": ["flash"], "vae": ["flash"]}, " <ran flash>"),
+        (
+            "sdpa-flash",
+            "sdpa-mem-efficient",
+            {"unet": ["flash"], "vae": ["mem-efficient"]},
+            " <VAE ran mem-efficient>",
+        ),
+        ("sdpa-flash", None, {"unet": ["cudnn"]}, " <ran cudnn>"),  # a forced kernel that did not run: said
+        ("sdpa-flash", None, {"unet": ["flash"]}, ""),
+        ("original", None, {}, ""),
+        ("sdpa", None, None, ""),  # not recorded (older results)
+    ],
+)
 def test_the_row_note_says_which_kernel_ran_where_it_is_not_the_name(attention, vae, kernels, note):
     assert kernel_note(attention, vae, kernels) == note
 
@@ -93,17 +112,44 @@ def test_the_suite_records_the_kernels_of_each_part_in_the_result(tmp_path):
     from pathlib import Path
 
     out = tmp_path / "run.json"
-    cmd = [sys.executable, "-m", "pytest", "perf_tests", "-q", "-p", "no:cacheprovider", "--inductor-cache-dir",
-           str(tmp_path / "inductor"), "--case-kind", "txt2img,unet-step,vae-decode", "--attention", "sdpa-math",
-           "--compile", "eager", "--steps", "1", "--rounds", "1", "--warmup-rounds", "1", "--canary", "off",
-           "--benchmark-json", str(out)]
-    res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "perf_tests",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--inductor-cache-dir",
+        str(tmp_path / "inductor"),
+        "--case-kind",
+        "txt2img,unet-step,vae-decode",
+        "--attention",
+        "sdpa-math",
+        "--compile",
+        "eager",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--warmup-rounds",
+        "1",
+        "--canary",
+        "off",
+        "--benchmark-json",
+        str(out),
+    ]
+    res = subprocess.run(
+        cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     infos = {b["name"].split("[")[0]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
     assert infos["test_unet_step"]["attention_kernels"] == {"unet": ["math"]}
     assert infos["test_vae_decode"]["attention_kernels"] == {"vae": ["math"]}
     txt2img = infos["test_txt2img"]["attention_kernels"]
-    assert txt2img["unet"] == ["math"] and txt2img["vae"] == ["math"] and set(txt2img) <= {"unet", "vae", "text"}
+    assert (
+        txt2img["unet"] == ["math"] and txt2img["vae"] == ["math"] and set(txt2img) <= {"unet", "vae", "text"}
+    )
 
 
 def test_a_change_of_the_kernel_that_ran_blocks_the_time_verdict_and_survives_a_baseline(tmp_path):
@@ -123,8 +169,12 @@ def test_a_change_of_the_kernel_that_ran_blocks_the_time_verdict_and_survives_a_
     sdpa = CASES[2]  # test_unet_step[tiny-sdpa-eager-bs2-fp32]
 
     def side(label, kernel, seeds):
-        paths = [write_run(tmp_path / f"{label}{s}.json", s,
-                           extra={sdpa: {"attention_kernels": {"unet": [kernel]}}}) for s in seeds]
+        paths = [
+            write_run(
+                tmp_path / f"{label}{s}.json", s, extra={sdpa: {"attention_kernels": {"unet": [kernel]}}}
+            )
+            for s in seeds
+        ]
         return paths
 
     base_paths, cand_paths = side("b", "flash", (1, 2, 3)), side("c", "cudnn", (4, 5, 6))
