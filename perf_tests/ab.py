@@ -9,7 +9,8 @@ both members of a pair cancels in the paired analysis (per-pair log ratios of th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,3 +35,41 @@ def ab_trees(ref: str, root: Path) -> Iterator[tuple[Tree, Tree]]:
         if not (other.path / "perf_tests").is_dir():
             raise InputError(f"{ref} ({other.commit[:12]}) has no perf_tests/ folder; pick a newer ref.")
         yield Tree("A", root, "current tree"), Tree("B", other.path, f"{ref} ({other.commit[:12]})")
+
+
+def gpu_visible(environ=os.environ) -> bool:
+    """Whether the NVIDIA driver lists a GPU this process may use: files only, no torch import (the driver
+    of `python -m perf_tests run` does not load PyTorch)."""
+    if environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    try:
+        return any(os.scandir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return False
+
+
+def suite_device(suite_cmd: Sequence[str], gpu: Callable[[], bool] = gpu_visible) -> str:
+    """"cuda" or "cpu": the suite's --device when the command gives one, else its default (CUDA where
+    present)."""
+    for i, arg in enumerate(suite_cmd):
+        if arg == "--device" and i + 1 < len(suite_cmd):
+            return "cuda" if suite_cmd[i + 1].startswith("cuda") else "cpu"
+        if arg.startswith("--device="):
+            return "cuda" if arg.split("=", 1)[1].startswith("cuda") else "cpu"
+    return "cuda" if gpu() else "cpu"
+
+
+def pair_cpus(suite_cmd: Sequence[str], allowed: set[int] | None = None,
+              gpu: Callable[[], bool] = gpu_visible) -> set[int] | None:
+    """The CPUs both processes of an A/B pair are pinned to (Linux), else None.
+
+    On a CPU run, one core: two processes alive at once are otherwise kept on different cores by the
+    scheduler, and cores of a shared machine differ in speed (measured here: one side of an A/A pair ran a
+    case 30% slower in every round). On CUDA the time is the device's, and a compile needs the host's
+    cores (Inductor compiles in parallel workers; a cold max-autotune compile on one core can outlast the
+    partner's wait, perf_tests.turns.WAIT_S): both get every core this process may use."""
+    if allowed is None:
+        if not hasattr(os, "sched_getaffinity"):
+            return None
+        allowed = os.sched_getaffinity(0)
+    return set(allowed) if suite_device(suite_cmd, gpu) == "cuda" else {min(allowed)}

@@ -54,6 +54,12 @@ def read_side(paths: list[str | os.PathLike], label: str | None = None) -> tuple
         return side_from_baseline(records[0], label), []
     warnings = []
     for run in records:
+        alone = [n for n, c in run.cases.items() if c.extra.get("alone")]
+        if alone:
+            reason = run.cases[alone[0]].extra["alone"]
+            warnings.append(f"{run.source}: {len(alone)} case(s) measured without the A/B partner taking "
+                            f"turns ({reason}), from {alone[0]}: their rounds did not alternate with the "
+                            "other side's")
         if not run.complete:
             lacking = run.lacking
             shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
@@ -144,7 +150,10 @@ def exit_code(outcome: Outcome, *, fail_on_inconclusive: bool = False, require_a
 def render(outcome: Outcome, fmt: str) -> str:
     """The report in one format; without a comparison, the reason why (e.g. for the pull request's summary)."""
     if outcome.comparison is not None:
-        return RENDERERS[fmt](outcome.comparison)
+        text = RENDERERS[fmt](outcome.comparison)
+        if fmt != "json" and outcome.warnings:  # what the verdict rests on: said with it
+            text += "".join(f"\nwarning: {w}" for w in outcome.warnings) + "\n"
+        return text
     if fmt == "json":
         return json.dumps({"baseline_missing": True, "warnings": outcome.warnings}, indent=2) + "\n"
     prefix = "**No comparison:** " if fmt == "markdown" else ""

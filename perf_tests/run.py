@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perf_tests import turns
-from perf_tests.ab import Tree, ab_trees
+from perf_tests.ab import Tree, ab_trees, pair_cpus
 from perf_tests.baselines import locate_baselines, update_baselines
 from perf_tests.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
 from perf_tests.machine import env_label
@@ -157,13 +157,10 @@ class Job:
     log: Path  # the process's output (both of a pair run at once: their output would interleave)
 
 
-def shared_cpu() -> set[int] | None:
-    """The one CPU both processes of a pair run on (Linux), else None. Two processes alive at once are
-    otherwise kept on different cores by the scheduler, and cores of a shared machine differ in speed:
-    measured here, one side of an A/A pair ran a case 30% slower in every one of its rounds."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    return {min(os.sched_getaffinity(0))}
+def shared_cpu(suite_cmd: Sequence[str] = ()) -> set[int] | None:
+    """The CPUs both processes of a pair run on (Linux), else None: one core on a CPU run, every core on
+    CUDA (perf_tests.ab.pair_cpus says why)."""
+    return pair_cpus(suite_cmd)
 
 
 def run_side_by_side(jobs: Sequence[Job]) -> list[int]:
@@ -172,14 +169,14 @@ def run_side_by_side(jobs: Sequence[Job]) -> list[int]:
     a_read, b_write = os.pipe()  # B -> A
     b_read, a_write = os.pipe()  # A -> B
     os.write(b_write, turns.TOKEN)  # A starts
-    cpu = shared_cpu()
+    cpu = shared_cpu(jobs[0].cmd)
     procs: list[subprocess.Popen] = []
     try:
         for job, (r, w) in zip(jobs, ((a_read, a_write), (b_read, b_write)), strict=True):
             with open(job.log, "wb") as out:
                 procs.append(subprocess.Popen(job.cmd, cwd=job.cwd, env={**job.env, turns.ENV: f"{r},{w}"},
                                               pass_fds=(r, w), stdout=out, stderr=subprocess.STDOUT))
-            if cpu is not None:  # still one thread (the interpreter starting): its later threads inherit it
+            if cpu is not None:  # still one thread (the interpreter starting): its later threads inherit them
                 os.sched_setaffinity(procs[-1].pid, cpu)
     except BaseException:
         for proc in procs:

@@ -349,6 +349,8 @@ class PerfSession:
         ))
         if turns.active():
             info["interleaved"] = True  # its rounds alternated with the A/B partner's (perf_tests.turns)
+        elif turns.alone_reason():
+            info["alone"] = turns.alone_reason()  # one of an A/B pair, measured after its partner went
 
     def attention_kernels(self, case: C.Case, built, fn) -> dict:
         """The SDPA kernels one profiled call of ``fn`` ran, per model part (perf_tests.kernels). A profiler

@@ -39,6 +39,7 @@ class Turns:
     write_fd: int
     alone: bool = False  # the partner has gone (or never answered): no more waiting
     holding: bool = False  # this process has the token: waiting for it again would block forever
+    alone_reason: str | None = None  # why the partner is gone, when it went before this process ended
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Turns | None:
@@ -61,7 +62,8 @@ class Turns:
         ready, _, _ = select.select([self.read_fd], [], [], WAIT_S)
         got = os.read(self.read_fd, 1) if ready else b""
         if got != TOKEN:
-            self._go_alone()
+            self._go_alone(f"the partner did not hand over within {WAIT_S:g} s (hung, or a compile longer "
+                           "than that)" if not ready else "the partner process ended (finished or died)")
             return
         self.holding = True
 
@@ -82,11 +84,13 @@ class Turns:
         try:
             os.write(self.write_fd, TOKEN)
         except BrokenPipeError:  # the partner has gone
-            self._go_alone()
+            self._go_alone("the partner process ended (finished or died)")
             return
         self.holding = False
 
-    def _go_alone(self) -> None:
+    def _go_alone(self, reason: str | None = None) -> None:
+        if not self.alone and reason is not None:
+            self.alone_reason = reason
         self.alone, self.holding = True, False
         for fd in (self.read_fd, self.write_fd):
             if fd >= 0:
@@ -123,3 +127,9 @@ def end() -> None:
 
 def active() -> bool:
     return _turns is not None and not _turns.alone
+
+
+def alone_reason() -> str | None:
+    """Why this process, one of an A/B pair, now runs without its partner (None: it is not in a pair, or
+    the partner is still there). The suite records it on every case measured since (extra_info.alone)."""
+    return _turns.alone_reason if _turns is not None and _turns.alone else None
