@@ -93,6 +93,7 @@ def test_plain_sdpa_on_a_cpu_is_one_of_the_cpu_kernels_and_the_parts_are_told_ap
         ),
         ("sdpa-flash", None, {"unet": ["cudnn"]}, " <ran cudnn>"),  # a forced kernel that did not run: said
         ("sdpa-flash", None, {"unet": ["flash"]}, ""),
+        ("sdpa-flash", None, {"unet": ["flash-cpu"]}, ""),  # PyTorch's flash backend on a CPU
         ("original", None, {}, ""),
         ("sdpa", None, None, ""),  # not recorded (older results)
     ],
