@@ -64,18 +64,34 @@ def _dynamo_utils():
     return du if hasattr(du, "counters") else None
 
 
+def _compile_seconds(metrics: dict) -> float | None:
+    """Dynamo's frame-compile seconds from its timing metrics: the key is "..._compile.compile_inner" in
+    PyTorch 2.1 and later, "_compile" in 2.0. None when metrics exist under neither name (unknown: the
+    caller estimates from the first call instead of reporting 0 s); 0 when there are none at all
+    (torch._dynamo.reset() clears them: nothing compiled since)."""
+    inner = [sum(v) for k, v in metrics.items() if k.endswith("compile_inner")]
+    if inner:
+        return sum(inner)
+    if "_compile" in metrics:
+        return sum(metrics["_compile"])
+    return None if metrics else 0.0
+
+
 def compile_snapshot() -> dict | None:
-    """Cumulative dynamo counters now: graph breaks, graphs compiled, compile seconds, cache hits.
-    torch._dynamo.reset() clears the compile-time metrics, so a missing metric counts as 0 s."""
+    """Cumulative dynamo counters now: graph breaks, graphs compiled, compile seconds, cache hits."""
     du = _dynamo_utils()
     if du is None:
         return None
     c = du.counters
-    metrics = getattr(du, "compilation_time_metrics", {})
+    # compilation_time_metrics in PyTorch 2.1 and later; compilation_metrics, a dict of the same, in 2.0
+    metrics = getattr(du, "compilation_time_metrics", None)
+    if not isinstance(metrics, dict):
+        metrics = getattr(du, "compilation_metrics", None)
+    metrics = metrics if isinstance(metrics, dict) else {}
     return {
         "graph_breaks": sum(c["graph_break"].values()),
         "graphs": c["stats"]["unique_graphs"],
-        "compile_s": sum(sum(v) for k, v in metrics.items() if k.endswith("compile_inner")),
+        "compile_s": _compile_seconds(metrics),
         "fxgraph_cache_hit": c["inductor"]["fxgraph_cache_hit"],
         "fxgraph_cache_miss": c["inductor"]["fxgraph_cache_miss"],
     }

@@ -253,6 +253,16 @@ def test_peak_rss_of_a_block_that_allocates_nothing_is_small():
     assert probe.delta < 16 * 2**20
 
 
+@pytest.mark.parametrize("metrics, seconds", [
+    ({"_compile.<locals>.compile_inner": [2.0, 1.5], "OutputGraph.call_user_compiler": [3.0]}, 3.5),  # 2.1+
+    ({"_compile": [4.0], "OutputGraph.compile_and_call_fx_graph": [3.0]}, 4.0),  # 2.0.x
+    ({"OutputGraph.call_user_compiler": [3.0]}, None),  # neither name: unknown, never 0 s
+    ({}, 0.0),  # cleared by torch._dynamo.reset(): nothing compiled since
+])
+def test_compile_seconds_are_read_under_the_name_of_each_release(metrics, seconds):
+    assert timing._compile_seconds(metrics) == seconds
+
+
 def test_compile_snapshot_has_counters_on_torch2():
     snap = timing.compile_snapshot()
     if not hasattr(torch, "compile"):
