@@ -13,7 +13,7 @@ environment fingerprint, each case's ``definition_hash`` and a schema version. L
      "cases": {name: {"definition_hash": ..., "case": {...}, "attention_used": ..., "vae_attention_used"*: ...,
                       "runs": [{"run": index into runs, "samples": [seconds, ...], "iterations"*: calls per
                                 round, "compile_cache"*: "warm"|"cold"|null, "correct"*: true|false|null,
-                                "compile_time_s": ...,
+                                "attention_kernels"*: {part: [kernel, ...]}, "compile_time_s": ...,
                                 "peak_memory_bytes": ..., "peak_reserved_bytes": ..., "graph_breaks": ...,
                                 "recompiles": ...}]}}}
 

@@ -8,7 +8,8 @@ SDPA dispatched to, or xformers' operator) is named by its kernel family, with t
 encoder, marked by profiler ranges around those modules' calls (their hooks are outside any compiled
 region, so compiled code is unchanged). The original attention (einsum and softmax) has no such
 operator: its list is empty. A compiled model whose attention Inductor generated itself shows no
-operator either. Result: ``extra_info.attention_kernels = {part: [kernel, ...]}`` and
+operator either, nor does a CUDA-graph replay (reduce-overhead, max-autotune), which dispatches none.
+Result: ``extra_info.attention_kernels = {part: [kernel, ...]}`` and
 ``extra_info.attention_device_kernels = {part: [device kernel name, ...]}`` (GPU only).
 """
 
