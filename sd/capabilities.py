@@ -89,6 +89,13 @@ def sdpa_kernel_context(kernel: str) -> Callable[[], contextlib.AbstractContextM
     return lambda: torch.backends.cuda.sdp_kernel(**flags)
 
 
+def sdpa_kernel_context_traceable() -> bool:
+    """Whether torch.compile traces the context of `sdpa_kernel_context` inside a graph: torch.nn.attention's
+    sdpa_kernel, yes; torch.backends.cuda.sdp_kernel of PyTorch 2.0-2.2, no (Dynamo 2.0.1: "torch.* op
+    returned non-Tensor _GeneratorContextManager"), so sd.compile holds that one around the compiled call."""
+    return sdpa_kernel_api() == "torch.nn.attention.sdpa_kernel"
+
+
 def has_compile() -> bool:
     """True if `torch.compile` exists (PyTorch 2.0+)."""
     return hasattr(torch, "compile")
