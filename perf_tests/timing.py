@@ -71,14 +71,23 @@ def compile_snapshot() -> dict | None:
     if du is None:
         return None
     c = du.counters
-    metrics = getattr(du, "compilation_time_metrics", {})
     return {
         "graph_breaks": sum(c["graph_break"].values()),
         "graphs": c["stats"]["unique_graphs"],
-        "compile_s": sum(sum(v) for k, v in metrics.items() if k.endswith("compile_inner")),
+        "compile_s": _frame_compile_s(du),
         "fxgraph_cache_hit": c["inductor"]["fxgraph_cache_hit"],
         "fxgraph_cache_miss": c["inductor"]["fxgraph_cache_miss"],
     }
+
+
+def _frame_compile_s(du) -> float:
+    """Seconds Dynamo spent compiling frames, from its per-function timers: `compilation_time_metrics`,
+    key `..._compile.compile_inner`; in PyTorch 2.0, `compilation_metrics`, key `_compile`."""
+    metrics = getattr(du, "compilation_time_metrics", None)
+    if metrics is None:
+        metrics = getattr(du, "compilation_metrics", {})
+    inner = [v for k, v in metrics.items() if k.endswith("compile_inner")]
+    return float(sum(sum(v) for v in (inner or [v for k, v in metrics.items() if k == "_compile"])))
 
 
 def _delta(after: dict, before: dict, key: str):

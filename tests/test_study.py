@@ -288,3 +288,16 @@ def test_the_configurations_table_orders_environments_by_release_and_the_ladder_
     assert [r.label for r in table.rows if r.config == "sdpa-math"] == ["sdpa-math [torch20]", "sdpa-math [torch2]"]
     ladder = build_ladder(runs, kind="txt2img")
     assert ladder.title.endswith("torch2)") and ladder.rungs  # not torch20, which sorts after it as text
+
+
+@pytest.mark.parametrize("name, metrics, seconds", [
+    ("compilation_time_metrics", {"_compile.<locals>.compile_inner": [1.5, 2.0], "compile_fx": [9.0]}, 3.5),
+    ("compilation_metrics", {"_compile": [1.5, 2.0], "compile_fx": [9.0]}, 3.5),  # PyTorch 2.0.1
+    ("compilation_metrics", {}, 0.0),
+])
+def test_frame_compile_time_is_read_from_dynamos_timers_of_either_release(name, metrics, seconds):
+    from types import SimpleNamespace
+
+    from perf_tests.timing import _frame_compile_s
+
+    assert _frame_compile_s(SimpleNamespace(**{name: metrics})) == seconds
