@@ -79,9 +79,9 @@ def split_posargs(posargs: list[str]) -> tuple[list[str], list[str]]:
 def study_sessions(posargs: list[str], now: datetime.datetime | None = None) -> list[tuple[str, list[str]]]:
     """(session, posargs) of `nox -s study -- ...`: each environment's perf session, then the report."""
     parser = argparse.ArgumentParser(prog="nox -s study --", allow_abbrev=False)
-    parser.add_argument("--results", help="folder of the runs and the table (default results/study-<UTC time>)")
-    parser.add_argument("--runs", type=int, default=2, help="processes per environment (default 2: the fewest "
-                        "that give an interval)")
+    parser.add_argument("--results", help="folder of the runs and the table (default results/study-<time>)")
+    parser.add_argument("--runs", type=int, default=2,
+                        help="processes per environment (default 2: the fewest that give an interval)")
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--batch-size", default="1,2,4")
     parser.add_argument("--env", default=",".join(STUDY_POINTS), help="environments (default: all three)")
@@ -90,11 +90,12 @@ def study_sessions(posargs: list[str], now: datetime.datetime | None = None) -> 
     envs = [e for e in opts.env.split(",") if e]
     unknown = [e for e in envs if e not in STUDY_POINTS]
     if unknown or opts.runs < 1:
-        parser.error(f"--env: choose from {', '.join(STUDY_POINTS)}" if unknown else "--runs must be at least 1")
+        parser.error(f"--env: choose from {', '.join(STUDY_POINTS)}" if unknown
+                     else "--runs must be at least 1")
     now = now or datetime.datetime.now(datetime.timezone.utc)
     out = opts.results or f"results/study-{now:%Y%m%d-%H%M%S}"
-    sessions = [(f"perf-{env}", study_run_args(env, out, opts.runs, opts.profile, opts.batch_size, pytest_args))
-                for env in envs]
+    sessions = [(f"perf-{env}", study_run_args(env, out, opts.runs, opts.profile, opts.batch_size,
+                                                pytest_args)) for env in envs]
     return [*sessions, ("report", [out, "--layout", "study"])]
 
 
@@ -106,8 +107,8 @@ def study_run_args(env: str, results: str, runs: int, profile: str, batch_sizes:
     deselect = " and ".join(f"not {a}-compile" for a in not_compiled)
     return ["--results", results, "--runs", str(runs), "--grid", "full", "--gate", "warn", "--",
             "--case-kind", "txt2img", "--profile", profile, "--batch-size", batch_sizes,
-            "--attention", ",".join(attention), "--compile", ",".join(compile), *(["-k", deselect] if deselect else []),
-            *pytest_args]
+            "--attention", ",".join(attention), "--compile", ",".join(compile),
+            *(["-k", deselect] if deselect else []), *pytest_args]
 
 
 def req_name(req: str) -> str:

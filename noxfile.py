@@ -93,7 +93,7 @@ def perf_torch1(session: nox.Session) -> None:
 def update_baselines(session: nox.Session) -> None:
     """Record this device's baselines: the full grid, 3 runs per environment, merged into baselines/.
 
-    nox -s update-baselines -- [--env torch2|torch20|torch1|both] [run options, e.g. --runs 5] [-- pytest args]
+    nox -s update-baselines -- [--env torch2|torch20|torch1|both] [run options, e.g. --runs 5] [-- pytest]
     Runs the perf sessions with `--update-baselines --grid full --runs 3` (each overridable).
     """
     parser = argparse.ArgumentParser(prog="nox -s update-baselines --", allow_abbrev=False)

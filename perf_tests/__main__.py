@@ -235,8 +235,8 @@ def add_report(sub) -> None:
     p.add_argument("--output", type=Path)
     p.add_argument("--plot", type=Path, help="write the bar chart PNG here")
     p.add_argument("--layout", choices=("configurations", "study"), default="configurations",
-                   help="study: the PyTorch 2 study's tables, one per batch size, its release pair against the"
-                        " current one (runs of torch1, torch20 and torch2)")
+                   help="study: the PyTorch 2 study's tables, one per batch size, its release pair against "
+                        "the current one (runs of torch1, torch20 and torch2)")
     p.set_defaults(func=cmd_report)
 
 

@@ -3,8 +3,8 @@
 Rows are configurations — original, original+xformers, sdpa-math, sdpa-mem-efficient,
 sdpa-mem-efficient+compile (the PyTorch blog study's five), then every other backend/compile mode that
 ran — columns are batch sizes, and a cell is the median time with the % improvement against a reference
-row, ``(t_ref - t) / t_ref``, as in the study. Runs from several environments (torch1/torch20/torch2), precisions,
-devices or profiles can be mixed: whatever differs between benchmarks is added to the row label in
+row, ``(t_ref - t) / t_ref``, as in the study. Runs from several environments (torch1/torch20/torch2),
+precisions, devices or profiles can be mixed: whatever differs between benchmarks is added to the row label in
 brackets (``original [torch1]``). Samples of the same benchmark from several runs are pooled. Nothing is
 rerun: only the result files are read, through ``results.read_run`` (each cell from the raw samples).
 
@@ -390,7 +390,8 @@ STUDY_COLUMNS = (
                "sdpa-mem-efficient": "torch20", "sdpa-mem-efficient+compile": "torch20"}),
     ("current", dict.fromkeys(STUDY_ROWS, "torch2")),
 )
-STUDY_REFERENCES = ("original+xformers", "original")  # the study's reference, then the one where xFormers fails
+# The study's reference, then the one where xFormers does not run.
+STUDY_REFERENCES = ("original+xformers", "original")
 
 
 @dataclass
@@ -435,7 +436,8 @@ class StudyLayout:
         out = []
         for bs in self.batch_sizes:
             out += [f"### {self.kind}, batch {bs} — {self.where}", "",
-                    "| configuration | " + " | ".join(self.columns) + " |", "|---|" + "---:|" * len(self.columns)]
+                    "| configuration | " + " | ".join(self.columns) + " |",
+                    "|---|" + "---:|" * len(self.columns)]
             out += [f"| {STUDY_NAMES[config]} | " + " | ".join(self.cell_text(config, col, bs)
                                                                for col in range(len(self.columns))) + " |"
                     for config in STUDY_ROWS]
@@ -454,7 +456,8 @@ class StudyLayout:
                     rows.append(Row(label, config, {}, (col, STUDY_ROWS.index(config)), cells))
         reference = self.references.get(self.batch_sizes[0]) if self.batch_sizes else None
         ref_label = f"{reference} [{self.columns[0].split(':')[0]}]" if reference else None
-        return StudyTable(self.kind, f"{self.kind} — {self.where}", self.batch_sizes, rows, ref_label, self.notes)
+        title = f"{self.kind} — {self.where}"
+        return StudyTable(self.kind, title, self.batch_sizes, rows, ref_label, self.notes)
 
 
 def build_study_layout(runs: list[Run], kind: str = "txt2img") -> StudyLayout:
@@ -469,9 +472,9 @@ def build_study_layout(runs: list[Run], kind: str = "txt2img") -> StudyLayout:
     for run in runs:
         env = run.machine.get("env") or "?"
         versions.setdefault(env, set()).add(str(run.machine.get("torch_version", "?")).split("+")[0])
-        named = [(n, r.case, r) for n, r in run.cases.items()]
-        named += [(n, _parsed(n), s) for n, s in (*run.skipped.items(), *run.failed.items())]
-        for name, case_dict, record in named:
+        named = [(r.case, r) for r in run.cases.values()]
+        named += [(_parsed(n), s) for n, s in (*run.skipped.items(), *run.failed.items())]
+        for case_dict, record in named:
             try:
                 case = Case(**case_dict)
             except TypeError:
@@ -488,8 +491,9 @@ def build_study_layout(runs: list[Run], kind: str = "txt2img") -> StudyLayout:
             else:
                 why_not.setdefault(key, ("failed: " if hasattr(record, "kind") else "") + record.reason)
     if len(where) > 1:
-        raise InputError(f"the runs mix profiles, devices or precisions ({sorted(where)}); the study's table "
-                         f"compares configurations of one: pass the runs of one profile, device and precision.")
+        raise InputError(f"the runs mix profiles, devices or precisions ({sorted(where)}); the study's "
+                         f"table compares configurations of one: pass the runs of one profile, device and "
+                         f"precision.")
     batch_sizes = sorted({bs for _, _, bs in (*per_run, *why_not)})
     cells, columns = {}, []
     for col, (heading, envs) in enumerate(STUDY_COLUMNS):
@@ -513,7 +517,7 @@ def build_study_layout(runs: list[Run], kind: str = "txt2img") -> StudyLayout:
             continue
         references[bs] = ref
         base = cells[(ref, 0, bs)].time_s
-        for (config, col, b), c in cells.items():
+        for (_, _, b), c in cells.items():
             if b == bs and c.time_s is not None:
                 c.improvement = (base - c.time_s) / base
     used = set(references.values())
@@ -521,10 +525,10 @@ def build_study_layout(runs: list[Run], kind: str = "txt2img") -> StudyLayout:
         notes.append("% = (t_ref - t) / t_ref against the original code with xFormers on the study's release "
                      "(as the study), in both columns; positive is faster")
     if "original" in used:
-        sizes = ", ".join(str(b) for b, r in references.items() if r == "original")
-        notes.append(f"batch {sizes}: xFormers did not run with the study's release here "
-                     f"({cells[('original+xformers', 0, min(b for b, r in references.items() if r == 'original'))].why_not}),"
-                     " so % is against the original code without it")
+        sizes = [b for b, r in references.items() if r == "original"]
+        why = cells[("original+xformers", 0, sizes[0])].why_not
+        notes.append(f"batch {', '.join(map(str, sizes))}: xFormers did not run with the study's release "
+                     f"here ({why}), so % is against the original code without it")
     n_runs = sorted({c.runs for c in cells.values() if c.runs})
     if n_runs:
         counts = f"{n_runs[0]}" if len(n_runs) == 1 else f"{n_runs[0]}–{n_runs[-1]}"
@@ -533,9 +537,11 @@ def build_study_layout(runs: list[Run], kind: str = "txt2img") -> StudyLayout:
     else:
         notes.append("no configuration of the study ran in these runs")
     if compiles:
-        notes.append("compile: median time of the first call (tracing and compilation), excluded from the time")
+        notes.append("compile: median time of the first call (tracing and compilation), excluded from the "
+                     "time")
     profile, device, precision = next(iter(where)) if where else ("?", "?", "?")
-    return StudyLayout(kind, f"{profile}, {device}, {precision}", columns, batch_sizes, cells, references, notes)
+    where_text = f"{profile}, {device}, {precision}"
+    return StudyLayout(kind, where_text, columns, batch_sizes, cells, references, notes)
 
 
 def _parsed(name: str) -> dict:

@@ -267,7 +267,7 @@ class CrossAttention(nn.Module):
         b = x.shape[0]
         context = x if context is None else context
         # (B, N, heads*d) -> (B, heads, N, d): channels split as (heads, d), heads outer, as the original.
-        # A list, not a generator: Dynamo 2.0.1 cannot unpack a generator ("UNPACK_SEQUENCE ListIteratorVariable").
+        # A list, not a generator: Dynamo 2.0.1 cannot unpack one (UNPACK_SEQUENCE ListIteratorVariable).
         q, k, v = [
             t.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2) for t in self._project(x, context)
         ]

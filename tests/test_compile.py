@@ -76,9 +76,10 @@ def test_unet_compiles_fullgraph_once_for_all_timesteps(tiny_config, attention, 
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(capabilities.sdpa_kernel_missing("math") is not None, reason="no SDPA kernel selection here")
+@pytest.mark.skipif(capabilities.sdpa_kernel_missing("math") is not None, reason="no SDPA kernel selection")
 @pytest.mark.parametrize("traceable", [True, False])
-def test_a_kernel_context_compile_cannot_trace_is_held_around_the_compiled_call(monkeypatch, tiny_config, traceable):
+def test_a_kernel_context_compile_cannot_trace_is_held_around_the_compiled_call(monkeypatch, tiny_config,
+                                                                                 traceable):
     """PyTorch 2.0's torch.backends.cuda.sdp_kernel cannot be traced: the compiled UNet is called inside it
     (its graph traced there), and the kernel's own `with` is skipped while compiling. Here a recording
     context stands for the kernel's and an eager pass for the compiled function."""

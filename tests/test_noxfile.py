@@ -247,9 +247,10 @@ def test_study_runs_each_environment_at_its_configurations_then_the_report(noxfi
     names = [name for name, _ in session.notified]
     assert names == ["perf-torch1", "perf-torch20", "perf-torch2", "report"]
     args = dict(session.notified)
-    common = ["--results", "out", "--runs", "2", "--grid", "full", "--gate", "warn", "--", "--case-kind", "txt2img",
-              "--profile", "tiny", "--batch-size", "1,2,4"]
-    assert args["perf-torch1"] == [*common, "--attention", "original,xformers", "--compile", "eager", "--rounds", "3"]
+    common = ["--results", "out", "--runs", "2", "--grid", "full", "--gate", "warn", "--", "--case-kind",
+              "txt2img", "--profile", "tiny", "--batch-size", "1,2,4"]
+    assert args["perf-torch1"] == [*common, "--attention", "original,xformers", "--compile", "eager",
+                                   "--rounds", "3"]
     assert args["perf-torch20"] == [*common, "--attention", "sdpa-math,sdpa-mem-efficient", "--compile",
                                     "eager,compile", "-k", "not sdpa-math-compile", "--rounds", "3"]
     assert args["perf-torch2"][-4:] == ["-k", "not original-compile and not xformers-compile and not "
