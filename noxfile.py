@@ -74,13 +74,12 @@ def perf_torch2(session: nox.Session) -> None:
 
 @env_session(TORCH20, "perf-torch20")
 def perf_torch20(session: nox.Session) -> None:
-    """The suite on PyTorch 2.0.1 (Python 3.10): the study's release, judged against the torch2 baseline.
+    """The suite on PyTorch 2.0.1 (Python 3.10), the study's release, against the torch20 baseline.
 
-    Its runs are labelled torch2 like the current release's, so the verdict compares the two releases on
-    this machine under an "environment changed" label; files are named torch20-*. Options as perf-torch2.
+    Its runs, files and baselines are labelled torch20 (perf_tests.machine.env_label). Options as perf-torch2.
     """
     noxenvs.install(session, TORCH20, ("perf",))
-    perf_run(session, "--label", "torch20")
+    perf_run(session)
 
 
 @env_session(TORCH1, "perf-torch1")
@@ -94,16 +93,30 @@ def perf_torch1(session: nox.Session) -> None:
 def update_baselines(session: nox.Session) -> None:
     """Record this device's baselines: the full grid, 3 runs per environment, merged into baselines/.
 
-    nox -s update-baselines -- [--env torch2|torch1|both] [run options, e.g. --runs 5 --replace] [-- pytest args]
+    nox -s update-baselines -- [--env torch2|torch20|torch1|both] [run options, e.g. --runs 5] [-- pytest]
     Runs the perf sessions with `--update-baselines --grid full --runs 3` (each overridable).
     """
     parser = argparse.ArgumentParser(prog="nox -s update-baselines --", allow_abbrev=False)
-    parser.add_argument("--env", choices=["torch2", "torch1", "both"], default="both")
+    parser.add_argument("--env", choices=["torch2", "torch20", "torch1", "both"], default="both",
+                        help="both: torch2 and torch1")
     own, pytest_args = noxenvs.split_posargs(session.posargs)
     opts, own = parser.parse_known_args(own)
     defaults = [arg for opt, value in (("--grid", "full"), ("--runs", "3")) if opt not in own for arg in (opt, value)]
     for name in ["torch2", "torch1"] if opts.env == "both" else [opts.env]:
         session.notify(f"perf-{name}", posargs=["--update-baselines", *defaults, *own, "--", *pytest_args])
+
+
+@nox.session(name="study", python=False)
+def study(session: nox.Session) -> None:
+    """The PyTorch 2 study's table: its five configurations on its releases and on the current one.
+
+    nox -s study -- [--results DIR] [--runs N] [--profile tiny] [--batch-size 1,2,4] [--env torch1,...]
+    txt2img per batch size: original code with and without xFormers on 1.12.1 (perf-torch1), SDPA math,
+    memory-efficient, and memory-efficient compiled on 2.0.1 (perf-torch20), all five on the current
+    release (perf-torch2); then DIR/study.md and study.png (`nox -s report -- DIR --layout study`).
+    """
+    for name, posargs in noxenvs.study_sessions(session.posargs):
+        session.notify(name, posargs=posargs)
 
 
 @env_session(TORCH2, "wheelhouse")

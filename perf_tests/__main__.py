@@ -167,6 +167,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from perf_tests.table import available_kinds, build_ladder, build_study_table, plot_study
 
     runs = [read_run(p) for p in args.runs]
+    if args.layout == "study":
+        return _study_layout(runs, args)
     kinds = [args.kind] if args.kind else available_kinds(runs)
     tables = [build_study_table(runs, args.reference, kind) for kind in kinds]
     text = "\n".join(t.to_markdown() if args.format == "markdown" else t.to_text() for t in tables)
@@ -181,6 +183,22 @@ def cmd_report(args: argparse.Namespace) -> int:
         for t in tables:  # FILE.png for a single table, FILE-<kind>.png for several
             path = args.plot if len(tables) == 1 else args.plot.with_name(f"{args.plot.stem}-{t.kind}{args.plot.suffix}")
             print(f"plot: {plot_study(t, path)}", file=sys.stderr)
+    return 0
+
+
+def _study_layout(runs: list, args: argparse.Namespace) -> int:
+    """The study's tables (perf_tests.table.build_study_layout) as Markdown, and its figure."""
+    from perf_tests.table import build_study_layout, plot_study
+
+    layout = build_study_layout(runs, args.kind or "txt2img")
+    text = layout.to_markdown()
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    if args.plot and layout.batch_sizes:
+        print(f"plot: {plot_study(layout.as_study_table(), args.plot)}", file=sys.stderr)
     return 0
 
 
@@ -216,6 +234,9 @@ def add_report(sub) -> None:
     p.add_argument("--format", choices=("markdown", "text"), default="markdown")
     p.add_argument("--output", type=Path)
     p.add_argument("--plot", type=Path, help="write the bar chart PNG here")
+    p.add_argument("--layout", choices=("configurations", "study"), default="configurations",
+                   help="study: the PyTorch 2 study's tables, one per batch size, its release pair against "
+                        "the current one (runs of torch1, torch20 and torch2)")
     p.set_defaults(func=cmd_report)
 
 

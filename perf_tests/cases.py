@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 # The vocabulary is sd's: one spelling each, shared by the CLI, case ids and baselines.
 from sd.attention import ATTENTION_BACKENDS
-from sd.capabilities import DeviceCapabilities, sdpa_kernel_compile_missing
+from sd.capabilities import DeviceCapabilities
 from sd.compile import COMPILE_MODES
 from sd.precision import PRECISIONS
 
@@ -447,8 +447,6 @@ def skip_reason(case: Case, caps: DeviceCapabilities) -> str | None:
             return "compile mode reduce-overhead uses CUDA graphs; no CUDA device here"
         if caps.cuda_capability is not None and caps.cuda_capability < (7, 0):
             return f"torch.compile (Triton) needs CUDA capability >= 7.0, this GPU has {caps.cuda_capability}"
-        if case.attention.startswith("sdpa-") and (reason := sdpa_kernel_compile_missing()) is not None:
-            return f"{case.attention} restricts SDPA inside the compiled UNet, and {reason}"
     if caps.device_type == "cpu" and case.precision in ("fp16", "autocast"):
         return f"precision {case.precision} is a CUDA measurement (fp16 kernels); use fp32 or bf16 on a CPU"
     if case.precision == "bf16" and not caps.bf16:

@@ -20,6 +20,7 @@ Formats read:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from perf_tests.cases import parse_name
+from perf_tests.machine import env_label
 from perf_tests.stats import DEFAULT_ENV_FIELDS, CaseSamples, Side, environment_mismatch
 
 SCHEMA = "sd-perf-baseline"
@@ -214,6 +216,30 @@ def fingerprint(machine_info: Mapping) -> dict:
     return {k: machine_info[k] for k in FINGERPRINT_FIELDS if k in machine_info}
 
 
+# Labels written before torch 2.0.x had its own environment: env_label gave 2.0.1 the current release's.
+LEGACY_LABELS = {("torch2", "torch20")}
+
+
+def checked_env(path, where: str, machine: Mapping, fix: str = RERUN_HINT) -> dict:
+    """``machine`` with its ``env`` label agreeing with its ``torch_version``: a legacy label (a torch 2.0.x
+    run recorded as 'torch2') is corrected; any other disagreement is an error, since the label picks the
+    baseline file and the study table's column."""
+    machine = dict(machine)
+    env, version = machine.get("env"), machine.get("torch_version")
+    if not isinstance(env, str) or not isinstance(version, str):
+        return machine
+    try:
+        label = env_label(version)
+    except ValueError:  # no release to hold the label against (a hand-made or foreign file)
+        return machine
+    if env != label:
+        if (env, label) not in LEGACY_LABELS:
+            raise _fail(path, f"{where}.env", f"{env!r} does not name the environment of torch {version} "
+                        f"({label!r}); the file was edited or written by another tool", fix)
+        machine["env"] = label
+    return machine
+
+
 # --- reading files ----------------------------------------------------------------------------------------
 
 
@@ -385,9 +411,12 @@ def _build_run(path, machine_info, section, cases, skips, failures, canary, *, d
     cases = _unique(path, cases, "case")
     if not cases and not skips and not failures and (complete and not selected):
         raise InputError(f"{path}: the run holds no benchmarks (every case skipped or deselected?). {RERUN_HINT}")
+    machine = checked_env(path, "machine_info", fingerprint(machine_info))
+    if "env" in machine:  # each case repeats the run's label in extra_info.env
+        cases = {n: _with_env(path, c, machine["env"]) for n, c in cases.items()}
     return Run(
         source=Path(path).name,
-        machine=fingerprint(machine_info),
+        machine=machine,
         machine_id=_str(path, "machine_info.machine_id", machine_info.get("machine_id")),
         datetime=doc_datetime,
         git_commit=_str(path, "machine_info.git_commit", machine_info.get("git_commit")) or commit,
@@ -400,6 +429,17 @@ def _build_run(path, machine_info, section, cases, skips, failures, canary, *, d
         grid_name=_str(path, "perf_tests.grid_name", section.get("grid_name")),
         complete=complete,
     )
+
+
+def _with_env(path, result: CaseResult, env: str) -> CaseResult:
+    """The case's ``extra_info.env`` set to its run's (corrected) label; a label of another environment
+    is an error."""
+    own = result.extra.get("env")
+    if own is None or own == env:
+        return result
+    if (own, env) not in LEGACY_LABELS:
+        raise _fail(path, f"benchmark {result.name!r}: extra_info.env", f"{own!r}, but its run is {env!r}")
+    return dataclasses.replace(result, extra={**result.extra, "env": env})
 
 
 def run_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Run:
@@ -511,7 +551,8 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
         canary = tuple(_samples(path, f"{at}.canary", entry["canary"], fix)) if entry.get("canary") else ()
         runs.append(Run(
             source=_str(path, f"{at}.source", entry.get("source"), fix) or f"run {i}",
-            machine=fingerprint(_dict(path, f"{at}.machine_info", entry.get("machine_info"), fix)) or dict(environment),
+            machine=checked_env(path, f"{at}.machine_info", fingerprint(
+                _dict(path, f"{at}.machine_info", entry.get("machine_info"), fix)) or environment, fix),
             machine_id=_str(path, f"{at}.machine_id", entry.get("machine_id"), fix),
             datetime=_str(path, f"{at}.datetime", entry.get("datetime"), fix),
             git_commit=_str(path, f"{at}.git_commit", entry.get("git_commit"), fix),
@@ -520,11 +561,27 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
             grid_name=_str(path, f"{at}.grid_name", entry.get("grid_name"), fix),
             content_hash=_str(path, f"{at}.content_hash", entry.get("content_hash"), fix),
         ))
+    environment = checked_env(path, "environment", environment, fix)
+    env = written = _str(path, "env", doc.get("env"), fix, optional=False)
+    env = environment.get("env", env) if (env, environment.get("env")) in LEGACY_LABELS else env
+    if env != written and Path(path).name.startswith(f"{written}-"):
+        renamed = Path(path).name.replace(written, env, 1)
+        raise _fail(path, "env", f"the file is named for {written!r} but its runs are torch "
+                    f"{environment.get('torch_version')} ({env!r}; recorded before that release had its own "
+                    f"label)", f"Rename it to {renamed} (`git mv`), where the store looks for {env!r} runs; "
+                    f"its labels are corrected when it is read.")
+    mixed = sorted({r.machine.get("env") for r in runs} - {env, None})
+    if mixed or environment.get("env", env) != env:
+        others = ", ".join(mixed) or environment["env"]
+        raise _fail(path, "env", f"the baseline is {env!r} but holds runs of {others}; a baseline holds one "
+                    f"environment (torch 2.0.x runs were once labelled torch2)",
+                    "Record each environment's runs into its own file: `nox -s update-baselines -- --env ENV "
+                    "--replace`, or restore the file from git (`git checkout -- FILE`).")
     return Baseline(
         source=str(path),
         schema_version=version,
         device_slug=_str(path, "device_slug", doc.get("device_slug"), fix, optional=False),
-        env=_str(path, "env", doc.get("env"), fix, optional=False),
+        env=env,
         profile=_str(path, "profile", doc.get("profile"), fix, optional=False),
         environment=dict(environment),
         created=_str(path, "created", doc.get("created"), fix),

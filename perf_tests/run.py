@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ab: 'rounds' (default) starts both processes of a pair together and they take "
                         "turns after every timed round; 'runs' runs A, then B")
     p.add_argument("--results", type=Path, help="output folder (default results/<UTC timestamp>)")
-    p.add_argument("--label", help="file name prefix (default: torch1 or torch2, from the installed torch)")
+    p.add_argument("--label", help="file name prefix (default: the environment, torch1, torch20 or torch2, "
+                                   "from the installed torch: perf_tests.machine.env_label)")
     p.add_argument("--baseline-dir", type=Path, default=Path("baselines"), help="baseline store (default baselines)")
     p.add_argument("--gate", choices=("fail", "warn"), default="fail",
                    help="warn: report timing regressions without failing (failed cases still fail)")

@@ -386,6 +386,18 @@ def _t(q: float, df: float) -> float:
     return float(special.ndtri(q) if math.isinf(df) else special.stdtrit(df, q))
 
 
+def run_interval(runs: Sequence[Sequence[float]], confidence: float = Policy.confidence_level
+                 ) -> tuple[float, float | None, float | None]:
+    """One case's time on one side, by this model: (exp of the mean log run median, and its two-sided
+    ``confidence`` t interval over runs); no interval from a single run."""
+    y = np.log([float(np.median(r)) for r in runs])
+    center = float(np.exp(y.mean()))
+    if y.size < 2:
+        return center, None, None
+    half = _t(0.5 + confidence / 2, y.size - 1) * float(y.std(ddof=1)) / math.sqrt(y.size)
+    return center, float(np.exp(y.mean() - half)), float(np.exp(y.mean() + half))
+
+
 def mde(se: float, df: float, alpha: float, min_effect: float, power: float) -> float:
     """Smallest relative slowdown flagged with ``power``: significant at one-sided ``alpha`` (already
     corrected) AND a point estimate above ``min_effect``."""

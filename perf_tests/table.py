@@ -3,13 +3,17 @@
 Rows are configurations — original, original+xformers, sdpa-math, sdpa-mem-efficient,
 sdpa-mem-efficient+compile (the PyTorch blog study's five), then every other backend/compile mode that
 ran — columns are batch sizes, and a cell is the median time with the % improvement against a reference
-row, ``(t_ref - t) / t_ref``, as in the study. Runs from several environments (torch1/torch2), precisions,
-devices or profiles can be mixed: whatever differs between benchmarks is added to the row label in
+row, ``(t_ref - t) / t_ref``, as in the study. Runs from several environments (torch1/torch20/torch2),
+precisions, devices or profiles can be mixed: whatever differs between benchmarks is added to the row label in
 brackets (``original [torch1]``). Samples of the same benchmark from several runs are pooled. Nothing is
 rerun: only the result files are read, through ``results.read_run`` (each cell from the raw samples).
 
     table = build_study_table(load_runs(paths), reference="original")
     print(table.to_markdown()); plot_study(table, "study.png")
+
+The study's own layout (``build_study_layout``, ``report --layout study``): one table per batch size, its five
+configurations as rows, the study's release pair (original code on torch1, optimized on torch20) and the
+current release (torch2) as columns, each cell the time over runs with its interval (stats.run_interval).
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from perf_tests.cases import (
     PRECISIONS,
     PROJECTIONS,
     Case,
+    parse_name,
 )
-from perf_tests.results import Run, format_seconds, read_run, run_from_doc
+from perf_tests.machine import ENV_LABELS
+from perf_tests.results import InputError, Run, format_seconds, read_run, run_from_doc
+from perf_tests.stats import Policy, run_interval
 
 STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient", "sdpa-mem-efficient+compile")
 _COMPILE_ORDER = ("eager", *COMPILE_MODES)
@@ -177,6 +184,7 @@ def _sort_key(config_attention: str, compile: str, qualifiers: dict, label: str)
     a = ATTENTION_BACKENDS.index(config_attention) if config_attention in ATTENTION_BACKENDS else 99
     c = _COMPILE_ORDER.index(compile) if compile in _COMPILE_ORDER else 99
     env = qualifiers.get("env", "")
+    env = (ENV_LABELS.index(env), env) if env in ENV_LABELS else (len(ENV_LABELS), env)
     prec = qualifiers.get("precision", "")
     p = PRECISIONS.index(prec) if prec in PRECISIONS else 99
     return (study, a, c, env, p, qualifiers.get("device", ""), qualifiers.get("profile", ""), label)
@@ -309,7 +317,7 @@ def build_ladder(runs: list[Run], kind: str = "unet-step", batch_size: int | Non
     """The ladder's rows (LADDER) that these runs measured, for one kind and batch size (default: the
     smallest that has the reference rung), each with its median time and its gain over the row above."""
     entries = [e for e in _entries(runs) if e.case.kind == kind]
-    envs = sorted({e.env for e in entries})
+    envs = sorted({e.env for e in entries}, key=lambda e: (ENV_LABELS.index(e) if e in ENV_LABELS else -1, e))
     entries = [e for e in entries if e.env == envs[-1]] if envs else []  # one environment: the newest label
     sizes = sorted({e.case.batch_size for e in entries})
     batch_size = batch_size if batch_size is not None else (sizes[0] if sizes else 1)
@@ -392,3 +400,181 @@ def write_study(runs: list[Run], out_dir: str | Path, reference: str = "original
     for t in tables:
         written.append(plot_study(t, out / f"study-{t.kind}.png"))
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The study's layout: per batch size, its five configurations on its releases and on the current one
+
+
+STUDY_NAMES = {
+    "original": "original (no xFormers)",
+    "original+xformers": "original with xFormers",
+    "sdpa-math": "optimized, math SDPA",
+    "sdpa-mem-efficient": "optimized, memory-efficient SDPA",
+    "sdpa-mem-efficient+compile": "optimized, memory-efficient SDPA + compile",
+}
+# (column, {configuration: the environment it is measured in}): the study's pair, then the current release.
+STUDY_COLUMNS = (
+    ("study", {"original": "torch1", "original+xformers": "torch1", "sdpa-math": "torch20",
+               "sdpa-mem-efficient": "torch20", "sdpa-mem-efficient+compile": "torch20"}),
+    ("current", dict.fromkeys(STUDY_ROWS, "torch2")),
+)
+# The study's reference, then the one where xFormers does not run.
+STUDY_REFERENCES = ("original+xformers", "original")
+
+
+@dataclass
+class StudyCell:
+    time_s: float | None = None  # stats.run_interval's centre: exp(mean log run median)
+    low_s: float | None = None
+    high_s: float | None = None
+    runs: int = 0
+    improvement: float | None = None  # (t_ref - t) / t_ref; positive is faster
+    compile_s: float | None = None  # median first-call compile time, excluded from time_s
+    why_not: str | None = None  # why the configuration did not run here
+
+
+@dataclass
+class StudyLayout:
+    """The study's tables: one per batch size, rows its configurations, one column per STUDY_COLUMNS."""
+
+    kind: str
+    where: str  # profile, device, precision
+    columns: list[str]  # headings, with the torch releases that ran
+    batch_sizes: list[int]
+    cells: dict  # (configuration, column index, batch size) -> StudyCell
+    references: dict  # batch size -> configuration of the reference cell (column 0)
+    notes: list = field(default_factory=list)
+
+    def cell_text(self, config: str, col: int, bs: int) -> str:
+        c = self.cells.get((config, col, bs))
+        if c is None or c.time_s is None:
+            return f"not run: {c.why_not}" if c is not None and c.why_not else "not run"
+        text = format_seconds(c.time_s)
+        if c.low_s is not None:
+            text += f" [{format_seconds(c.low_s)}, {format_seconds(c.high_s)}]"
+        if col == 0 and config == self.references.get(bs):
+            text += " (ref)"
+        elif c.improvement is not None:
+            text += f" ({c.improvement * 100:+.1f}%)"
+        if c.compile_s is not None:
+            text += f"; compile {format_seconds(c.compile_s)}"
+        return text
+
+    def to_markdown(self) -> str:
+        out = []
+        for bs in self.batch_sizes:
+            out += [f"### {self.kind}, batch {bs} — {self.where}", "",
+                    "| configuration | " + " | ".join(self.columns) + " |",
+                    "|---|" + "---:|" * len(self.columns)]
+            out += [f"| {STUDY_NAMES[config]} | " + " | ".join(self.cell_text(config, col, bs)
+                                                               for col in range(len(self.columns))) + " |"
+                    for config in STUDY_ROWS]
+            out.append("")
+        return "\n".join([*out, *[f"- {n}" for n in self.notes]]).rstrip() + "\n"
+
+    def as_study_table(self) -> StudyTable:
+        """The measured cells as a StudyTable (rows `configuration [column]`), for plot_study."""
+        rows = []
+        for col, heading in enumerate(self.columns):
+            for config in STUDY_ROWS:
+                label = f"{config} [{heading.split(':')[0]}]"
+                cells = {bs: Cell(c.time_s, c.runs, c.improvement) for bs in self.batch_sizes
+                         if (c := self.cells.get((config, col, bs))) is not None and c.time_s is not None}
+                if cells:
+                    rows.append(Row(label, config, {}, (col, STUDY_ROWS.index(config)), cells))
+        reference = self.references.get(self.batch_sizes[0]) if self.batch_sizes else None
+        ref_label = f"{reference} [{self.columns[0].split(':')[0]}]" if reference else None
+        title = f"{self.kind} — {self.where}"
+        return StudyTable(self.kind, title, self.batch_sizes, rows, ref_label, self.notes)
+
+
+def build_study_layout(runs: list[Run], kind: str = "txt2img") -> StudyLayout:
+    """The study's tables from runs of several environments (torch1, torch20, torch2): per batch size and
+    configuration, the time over runs with its interval, the % against the study's reference, the compile
+    time apart, and for a configuration that did not run, the reason its runs recorded."""
+    per_run: dict[tuple, list] = {}  # (config, env, bs) -> [samples of one run, ...]
+    compiles: dict[tuple, list] = {}
+    why_not: dict[tuple, str] = {}
+    versions: dict[str, set] = {}
+    where: set = set()
+    for run in runs:
+        env = run.machine.get("env") or "?"
+        versions.setdefault(env, set()).add(str(run.machine.get("torch_version", "?")).split("+")[0])
+        named = [(r.case, r) for r in run.cases.values()]
+        named += [(_parsed(n), s) for n, s in (*run.skipped.items(), *run.failed.items())]
+        for case_dict, record in named:
+            try:
+                case = Case(**case_dict)
+            except TypeError:
+                continue
+            config = config_label(case.attention, case.compile, case.memory_format, case.projections)
+            if case.kind != kind or config not in STUDY_ROWS:
+                continue
+            key = (config, env, case.batch_size)
+            where.add((case.profile, run.machine.get("device_slug") or "?", case.precision))
+            if hasattr(record, "samples"):
+                per_run.setdefault(key, []).append(record.samples)
+                if record.compile_time_s is not None:
+                    compiles.setdefault(key, []).append(record.compile_time_s)
+            else:
+                why_not.setdefault(key, ("failed: " if hasattr(record, "kind") else "") + record.reason)
+    if len(where) > 1:
+        raise InputError(f"the runs mix profiles, devices or precisions ({sorted(where)}); the study's "
+                         f"table compares configurations of one: pass the runs of one profile, device and "
+                         f"precision.")
+    batch_sizes = sorted({bs for _, _, bs in (*per_run, *why_not)})
+    cells, columns = {}, []
+    for col, (heading, envs) in enumerate(STUDY_COLUMNS):
+        releases = [f"{'/'.join(sorted(versions[e]))}" for e in dict.fromkeys(envs.values()) if e in versions]
+        columns.append(f"{heading}: PyTorch {' / '.join(releases) if releases else '(not run)'}")
+        for config, env in envs.items():
+            for bs in batch_sizes:
+                key = (config, env, bs)
+                if key in per_run:
+                    t, lo, hi = run_interval(per_run[key])
+                    compile_s = statistics.median(compiles[key]) if key in compiles else None
+                    cells[(config, col, bs)] = StudyCell(t, lo, hi, len(per_run[key]), compile_s=compile_s)
+                else:
+                    reason = why_not.get(key) or (f"no {env} run in these files" if env not in versions
+                                                  else f"not selected in the {env} runs")
+                    cells[(config, col, bs)] = StudyCell(why_not=reason)
+    references, notes = {}, []
+    for bs in batch_sizes:
+        ref = next((r for r in STUDY_REFERENCES if cells[(r, 0, bs)].time_s is not None), None)
+        if ref is None:
+            continue
+        references[bs] = ref
+        base = cells[(ref, 0, bs)].time_s
+        for (_, _, b), c in cells.items():
+            if b == bs and c.time_s is not None:
+                c.improvement = (base - c.time_s) / base
+    used = set(references.values())
+    if "original+xformers" in used:
+        notes.append("% = (t_ref - t) / t_ref against the original code with xFormers on the study's release "
+                     "(as the study), in both columns; positive is faster")
+    if "original" in used:
+        sizes = [b for b, r in references.items() if r == "original"]
+        why = cells[("original+xformers", 0, sizes[0])].why_not
+        notes.append(f"batch {', '.join(map(str, sizes))}: xFormers did not run with the study's release "
+                     f"here ({why}), so % is against the original code without it")
+    n_runs = sorted({c.runs for c in cells.values() if c.runs})
+    if n_runs:
+        counts = f"{n_runs[0]}" if len(n_runs) == 1 else f"{n_runs[0]}–{n_runs[-1]}"
+        notes.append(f"time: exp(mean log median) over {counts} run(s) (processes) "
+                     f"[{Policy.confidence_level:.0%} interval over runs; none from one run]")
+    else:
+        notes.append("no configuration of the study ran in these runs")
+    if compiles:
+        notes.append("compile: median time of the first call (tracing and compilation), excluded from the "
+                     "time")
+    profile, device, precision = next(iter(where)) if where else ("?", "?", "?")
+    where_text = f"{profile}, {device}, {precision}"
+    return StudyLayout(kind, where_text, columns, batch_sizes, cells, references, notes)
+
+
+def _parsed(name: str) -> dict:
+    try:
+        return parse_name(name).as_dict()
+    except ValueError:
+        return {}

@@ -64,12 +64,21 @@ def attend_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def _sdpa_with_kernel(kernel: str) -> AttendFn:
     context = capabilities.sdpa_kernel_context(kernel)
+    if capabilities.sdpa_kernel_context_traceable() or not capabilities.has_compile():
+        compiling = lambda: False  # noqa: E731
+    else:
+        import torch._dynamo
+
+        compiling = torch._dynamo.is_compiling
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if compiling():  # a graph traced inside `context`, which sd.compile holds around the compiled call
+            return F.scaled_dot_product_attention(q, k, v)
         with context():  # only this kernel may run: an unsupported call raises instead of falling back
             return F.scaled_dot_product_attention(q, k, v)
 
     attend.__name__ = attend.__qualname__ = f"attend_sdpa_{kernel.replace('-', '_')}"
+    attend.kernel_context = context  # type: ignore[attr-defined]
     return attend
 
 
@@ -258,9 +267,10 @@ class CrossAttention(nn.Module):
         b = x.shape[0]
         context = x if context is None else context
         # (B, N, heads*d) -> (B, heads, N, d): channels split as (heads, d), heads outer, as the original.
-        q, k, v = (
+        # A list, not a generator: Dynamo 2.0.1 cannot unpack one (UNPACK_SEQUENCE ListIteratorVariable).
+        q, k, v = [
             t.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2) for t in self._project(x, context)
-        )
+        ]
         out = self.attend(q, k, v)  # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(b, -1, self.heads * self.dim_head)  # (B, N, heads*d)
         return self.to_out(out)

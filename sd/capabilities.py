@@ -11,7 +11,6 @@ Which attention *kernels* actually run on a device/dtype is decided in `sd.atten
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -95,27 +94,11 @@ def sdpa_kernel_context(kernel: str) -> Callable[[], contextlib.AbstractContextM
     return lambda: torch.backends.cuda.sdp_kernel(**flags)
 
 
-@functools.cache
-def sdpa_kernel_compile_missing() -> str | None:
-    """None if torch.compile(fullgraph=True) traces a kernel restriction (the context of
-    `sdpa_kernel_context`), else why not. Dynamo of PyTorch 2.0 cannot ("Unsupported torch.* op returned
-    non-Tensor _GeneratorContextManager"). Probed by tracing a tiny call once per process (Dynamo only,
-    backend "eager": a few seconds, most of them importing Dynamo)."""
-    if not has_compile() or not has_sdpa() or sdpa_kernel_missing("math") is not None:
-        return None  # nothing to restrict under compile: the other checks say why
-    context = sdpa_kernel_context("math")
-
-    def restricted(q: torch.Tensor) -> torch.Tensor:
-        with context():
-            return F.scaled_dot_product_attention(q, q, q)
-
-    try:
-        torch.compile(restricted, backend="eager", fullgraph=True)(torch.zeros(1, 1, 4, 8))
-    except Exception as exc:  # Dynamo's refusal is the reason reported
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        api = sdpa_kernel_api()
-        return f"torch.compile(fullgraph=True) cannot trace {api} in this PyTorch ({first_line})"
-    return None
+def sdpa_kernel_context_traceable() -> bool:
+    """Whether torch.compile traces the context of `sdpa_kernel_context` inside a graph: torch.nn.attention's
+    sdpa_kernel, yes; torch.backends.cuda.sdp_kernel of PyTorch 2.0-2.2, no (Dynamo 2.0.1: "torch.* op
+    returned non-Tensor _GeneratorContextManager"), so sd.compile holds that one around the compiled call."""
+    return sdpa_kernel_api() == "torch.nn.attention.sdpa_kernel"
 
 
 def has_compile() -> bool:

@@ -71,10 +71,34 @@ def compile_model(model: Any, mode: str = "compile", *, vae: bool = False) -> An
             f"This model is already compiled (mode {model.compile_mode!r}); build a new one."
         )
     unet = model.unet
-    unet.denoise = compile_fn(unet.denoise, mode)
+    unet.denoise = _in_kernel_context(compile_fn(unet.denoise, mode), unet)
     unet.clone_outputs = mode != "compile"
     if vae:
         decoder = model.vae.decoder
-        decoder.forward = compile_fn(decoder.forward, mode)
+        decoder.forward = _in_kernel_context(compile_fn(decoder.forward, mode), decoder)
     model.compile_mode = mode
     return model
+
+
+def _in_kernel_context(compiled: Any, module: torch.nn.Module) -> Any:
+    """`compiled`, called inside the SDPA kernel context of `module`'s attention where torch.compile cannot
+    trace that context (capabilities.sdpa_kernel_context_traceable): the graph is traced, and its kernel
+    chosen, within it."""
+    if capabilities.sdpa_kernel_context_traceable():
+        return compiled
+    contexts = {getattr(m.attend, "kernel_context", None) for m in module.modules() if hasattr(m, "attend")}
+    contexts.discard(None)
+    if not contexts:
+        return compiled
+    if len(contexts) > 1:
+        raise CompileUnavailable(
+            f"{type(module).__name__} restricts SDPA to {len(contexts)} different kernels; with PyTorch "
+            f"{torch.__version__} a compiled module can hold one (build it with one attention backend)."
+        )
+    (context,) = contexts
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with context():
+            return compiled(*args, **kwargs)
+
+    return call

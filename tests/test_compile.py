@@ -74,3 +74,47 @@ def test_unet_compiles_fullgraph_once_for_all_timesteps(tiny_config, attention, 
     assert list(model.state_dict()) == keys and model.compile_mode == "compile"
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(capabilities.sdpa_kernel_missing("math") is not None, reason="no SDPA kernel selection")
+@pytest.mark.parametrize("traceable", [True, False])
+def test_a_kernel_context_compile_cannot_trace_is_held_around_the_compiled_call(monkeypatch, tiny_config,
+                                                                                 traceable):
+    """PyTorch 2.0's torch.backends.cuda.sdp_kernel cannot be traced: the compiled UNet is called inside it
+    (its graph traced there), and the kernel's own `with` is skipped while compiling. Here a recording
+    context stands for the kernel's and an eager pass for the compiled function."""
+    import contextlib
+
+    import torch
+
+    import sd.compile
+
+    events = []
+
+    @contextlib.contextmanager
+    def kernel():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    monkeypatch.setattr(capabilities, "sdpa_kernel_context", lambda name: kernel)
+    monkeypatch.setattr(capabilities, "sdpa_kernel_context_traceable", lambda: traceable)
+
+    def fake_compile(fn, mode):
+        def compiled(*args):
+            events.append("compiled call")
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(sd.compile, "compile_fn", fake_compile)
+    model = load_model(micro_config(tiny_config), attention="sdpa-math")
+    compile_model(model)
+    events.clear()  # the backend's probe at build ran the kernel once
+    with torch.no_grad():
+        model.unet(torch.randn(1, 4, 16, 16), 999, torch.randn(1, 77, 256))
+    attention_calls = events.count("enter") - (0 if traceable else 1)
+    assert attention_calls > 0 and events.count("enter") == events.count("exit")
+    if traceable:  # each attention call holds its own context; the compiled call is not wrapped
+        assert events[0] == "compiled call"
+    else:
+        assert events[:2] == ["enter", "compiled call"] and events[-1] == "exit"

@@ -18,7 +18,7 @@ from noxenvs import PINS, Env
 
 REPO = Path(__file__).resolve().parents[1]
 SESSIONS = {"perf-torch2", "perf-torch20", "perf-torch1", "update-baselines", "compare", "report", "tests",
-            "tests-torch1", "lint", "wheelhouse", "gpu-check"}
+            "tests-torch1", "lint", "wheelhouse", "gpu-check", "study"}
 
 
 @pytest.fixture
@@ -62,6 +62,16 @@ def test_each_package_is_required_once_and_pinned_where_a_pin_exists(name, clean
     for pin in env.packages:
         assert pin in reqs  # the pin replaced pyproject's range
     assert {"pytest", "pytest-benchmark", "scipy", "omegaconf"} <= set(names)
+
+
+@pytest.mark.parametrize("name", ["torch20", "torch1"])
+def test_torch_before_2_4_gets_a_setuptools_with_pkg_resources_packaging(name, clean_env):
+    """torch.utils.cpp_extension (Inductor's C++ codegen) of torch < 2.4 does `from pkg_resources import
+    packaging`: setuptools 82 removed pkg_resources, 70.x left `packaging` out of it."""
+    pins = [r for r in Env.pinned(name).requirements(("perf",)) if noxenvs.req_name(r) == "setuptools"]
+    assert len(pins) == 1 and pins[0].startswith("setuptools==")
+    major = int(pins[0].split("==")[1].split(".")[0])
+    assert major < 70 or 71 <= major < 82
 
 
 def test_extra_packages_and_the_interpreter_come_from_the_environment(monkeypatch, clean_env, tmp_path):
@@ -229,6 +239,41 @@ def test_update_baselines_runs_the_perf_sessions_on_the_full_grid(noxfile):
     noxfile.module.update_baselines(session)
     assert session.notified == [("perf-torch1", ["--update-baselines", "--grid", "full", "--runs", "5", "--",
                                                  "--case-kind", "unet-step"])]
+
+
+def test_study_runs_each_environment_at_its_configurations_then_the_report(noxfile):
+    session = FakeSession("--results", "out", "--", "--rounds", "3")
+    noxfile.module.study(session)
+    names = [name for name, _ in session.notified]
+    assert names == ["perf-torch1", "perf-torch20", "perf-torch2", "report"]
+    args = dict(session.notified)
+    common = ["--results", "out", "--runs", "2", "--grid", "full", "--gate", "warn", "--", "--case-kind",
+              "txt2img", "--profile", "tiny", "--batch-size", "1,2,4"]
+    assert args["perf-torch1"] == [*common, "--attention", "original,xformers", "--compile", "eager",
+                                   "--rounds", "3"]
+    assert args["perf-torch20"] == [*common, "--attention", "sdpa-math,sdpa-mem-efficient", "--compile",
+                                    "eager,compile", "-k", "not sdpa-math-compile", "--rounds", "3"]
+    assert args["perf-torch2"][-4:] == ["-k", "not original-compile and not xformers-compile and not "
+                                        "sdpa-math-compile", "--rounds", "3"]
+    assert args["report"] == ["out", "--layout", "study"]
+
+
+def test_study_refuses_an_unknown_environment(noxfile):
+    with pytest.raises(SystemExit):
+        noxfile.module.study(FakeSession("--env", "torch3"))
+
+
+def test_study_cases_are_the_five_configurations_once_each():
+    """The -k filters leave, over the three environments, every study configuration on the current release
+    and the study's pair: original code on 1.12.1, optimized on 2.0.1."""
+    from perf_tests.table import STUDY_COLUMNS, config_label
+
+    measured = set()
+    for env, (attention, compile, not_compiled) in noxenvs.STUDY_POINTS.items():
+        measured |= {(config_label(a, c), env) for a in attention for c in compile
+                     if c == "eager" or a not in not_compiled}
+    wanted = {(config, env) for _, column in STUDY_COLUMNS for config, env in column.items()}
+    assert measured == wanted
 
 
 def test_nox_lists_the_sessions_without_starting_an_interpreter(tmp_path):
