@@ -24,7 +24,8 @@ from noxenvs import TOOLS, Env  # noqa: E402
 
 TORCH2, TORCH20, TORCH1 = Env.pinned("torch2"), Env.pinned("torch20"), Env.pinned("torch1")
 GPU_PYTHON = os.environ.get("SD_PERF_GPU_PYTHON", "python3")  # the interpreter with the preinstalled PyTorch
-WORKFLOWS = [".github/workflows/perf-gate.yml", ".github/workflows/update-baselines.yml"]
+WORKFLOWS = [".github/workflows/perf-gate.yml", ".github/workflows/perf-comment.yml",
+             ".github/workflows/update-baselines.yml"]
 # Default of the perf sessions: the suite's gate grid, as many runs as fit in 8 minutes of suite time. The
 # first run (cold Inductor cache) always runs; a later one starts only when its estimate fits in what is
 # left, so on the 2-core CI machine the suite stays within 10 minutes with 2 minutes for a slow run.

@@ -241,6 +241,13 @@ class OperatorDiff:
             row["added_us"] = r.added_us
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> OperatorDiff:
+        """The inverse of :meth:`as_dict` (a verdict JSON's ``explain`` entries)."""
+        fields = {f.name for f in dataclasses.fields(OperatorRow)}
+        rows = [OperatorRow(**{k: v for k, v in r.items() if k in fields}) for r in d.get("rows", [])]
+        return cls(**{**{k: v for k, v in d.items() if k != "rows"}, "rows": rows})
+
 
 def diff_summaries(case: str, baseline: Sequence[dict], candidate: Sequence[dict], top: int = TOP,
                    labels: tuple[str, str] = ("baseline", "candidate")) -> OperatorDiff:

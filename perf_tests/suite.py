@@ -19,6 +19,7 @@ from perf_tests import cases as C
 from perf_tests import kernels as K
 from perf_tests import turns
 from perf_tests.canary import Canary
+from perf_tests.gpu_state import Probe
 from perf_tests.machine import env_label
 from perf_tests.timing import MIN_ROUND_S, is_oom, measure, sync
 from perf_tests.workloads import ModelCache, make_workload
@@ -234,6 +235,11 @@ class PerfSession:
         self.failed: dict[str, dict] = {}
         self.canary_samples: list[dict] = []
         self._canary: Canary | None = None
+        self._gpu: Probe | None = None
+        self._gpu_unavailable: str | None = None
+        if self.device.startswith("cuda"):
+            index = int(self.device.partition(":")[2] or torch.cuda.current_device())
+            self._gpu, self._gpu_unavailable = Probe.open(index)
         self._t0 = time.perf_counter()
 
     @property
@@ -303,6 +309,7 @@ class PerfSession:
         if reason:
             self._skip(case, reason)
         self.canary(before=case.name)
+        gpu_before = self._gpu.snapshot() if self._gpu else None
         try:
             self._run(benchmark, case)
         except (AttentionUnavailable, CompileUnavailable) as exc:
@@ -316,6 +323,10 @@ class PerfSession:
                 self._fail(case, "oom", f"{case.name}: out of memory (the run goes on): {first_line}")
             self.record_failure(case.name, f"{type(exc).__name__}: {first_line}", "error")
             raise
+        if gpu_before is not None:  # clocks, heat and throttling while the case ran (perf_tests.gpu_state)
+            benchmark.extra_info["gpu_state"] = Probe.case_state(gpu_before, self._gpu.snapshot())
+        elif self._gpu_unavailable:
+            benchmark.extra_info["gpu_state"] = {"unavailable": self._gpu_unavailable}
         self._write({"type": "case", "benchmark": benchmark.stats.as_dict(include_data=True)})
 
     def _run(self, benchmark, case: C.Case) -> None:

@@ -164,3 +164,30 @@ def test_the_vae_kernel_is_sds_choice_and_is_recorded(monkeypatch):
     assert built.attention_used == "sdpa-flash"
     assert built.vae_attention_used not in (None, "sdpa-flash")
     assert fn().shape == (1, 3, 384, 384)
+
+
+def test_a_case_on_a_gpu_records_the_gpu_state_around_it(session, journal, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from perf_tests.gpu_state import Probe, Replay
+
+    recording = json.loads((Path(__file__).parent / "data" / "nvml" / "throttled.json").read_text())
+    session._gpu = Probe(Replay(recording), clock=iter([1.0, 3.0]).__next__)
+    monkeypatch.setattr(session, "_run", lambda benchmark, case: None)
+    bench = FakeBenchmark()
+    bench.stats = SimpleNamespace(as_dict=lambda include_data: {"name": case().name})
+    session.run(bench, case())
+    state = bench.extra_info["gpu_state"]
+    assert state["throttled_ms"]["thermal"] == pytest.approx(1200.0)
+    assert state["sm_clock_mhz"] == 1410 and state["wall_ms"] == pytest.approx(2000.0)
+    assert journal[-1]["type"] == "case"
+
+
+def test_without_nvml_a_gpu_case_says_why_its_state_is_missing(session, monkeypatch):
+    session._gpu_unavailable = "nvidia-ml-py is not installed (pip install nvidia-ml-py)"
+    monkeypatch.setattr(session, "_run", lambda benchmark, case: None)
+    bench = FakeBenchmark()
+    bench.stats = SimpleNamespace(as_dict=lambda include_data: {})
+    session.run(bench, case())
+    assert bench.extra_info["gpu_state"] == {"unavailable": session._gpu_unavailable}
