@@ -119,8 +119,7 @@ def latest_verdicts(series: Series, policy: Policy) -> Comparison | None:
         cases = {}
         for case, by_commit in series.medians.items():
             if i in by_commit:
-                cases[case] = CaseSamples(case, [[m] for m in by_commit[i]],
-                                          run_machines=list(series.machines[case][i]),
+                cases[case] = CaseSamples(case, [[m] for m in by_commit[i]], run_machines=series.machines(case, i),
                                           case={"kind": series.kinds.get(case, "")})
         n = max((len(c.runs) for c in cases.values()), default=0)
         machines = next((c.run_machines for c in cases.values() if len(c.runs) == n), [])

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,27 +42,21 @@ PERMUTATIONS = 199
 # --- E-Divisive means -------------------------------------------------------------------------------------
 
 
-def _block_sums(d: np.ndarray) -> np.ndarray:
-    """2-D prefix sums with a zero row and column: P[..., a, b] = sum of d[..., :a, :b]."""
-    p = np.zeros(d.shape[:-2] + (d.shape[-2] + 1, d.shape[-1] + 1))
-    p[..., 1:, 1:] = d.cumsum(-2).cumsum(-1)
-    return p
-
-
 def energy_q(x: np.ndarray, min_size: int = MIN_SIZE) -> np.ndarray:
     """Q(tau) of every split of each row of ``x`` (shape (..., n)): the energy statistic with alpha = 1,
     scaled by m k / n (Matteson and James, eq. 5, with kappa at the end). Splits closer than ``min_size`` to
-    an end are -inf."""
+    an end are -inf. The sums over pairs are prefix sums over rows of the distance matrix: O(n^2) per row."""
     n = x.shape[-1]
     d = np.abs(x[..., :, None] - x[..., None, :])
-    p = _block_sums(d)
-    tau = np.arange(n + 1)
-    m, k = tau.astype(float), (n - tau).astype(float)
-    within_left = p[..., tau, tau]  # ordered pairs, so each pair twice
-    total = p[..., n, n][..., None]
-    left_all = p[..., tau, n]
+    zero = np.zeros(x.shape[:-1] + (1,), dtype=d.dtype)
+    # sums over the ordered pairs (i, j) with i < tau (left_all), and with both < tau (within_left)
+    left_all = np.concatenate([zero, d.sum(-1).cumsum(-1)], -1)
+    within_left = np.concatenate([zero, 2 * np.einsum("...ij,ij->...i", d, np.tri(n, k=-1, dtype=d.dtype)).cumsum(-1)], -1)
+    total = left_all[..., -1:]
     between = left_all - within_left
     within_right = total - 2 * left_all + within_left
+    tau = np.arange(n + 1)
+    m, k = tau.astype(float), (n - tau).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         e = 2 * between / (m * k) - within_left / (m * (m - 1)) - within_right / (k * (k - 1))
         q = m * k / n * e
@@ -70,30 +64,47 @@ def energy_q(x: np.ndarray, min_size: int = MIN_SIZE) -> np.ndarray:
     return np.where(valid, q, -np.inf)
 
 
-def _significant(x: np.ndarray, q_obs: float, rng: np.random.Generator, alpha: float, permutations: int,
-                 min_size: int) -> tuple[bool, float]:
-    """Permutation test of the best split: (p <= alpha, p). Permutations are drawn in batches and the test
-    stops as soon as enough of them reach ``q_obs`` that p cannot end below ``alpha``."""
-    reached, drawn, batch = 0, 0, 20
+def screen(x: np.ndarray, rng: np.random.Generator, *, alpha: float = ALPHA, permutations: int = PERMUTATIONS,
+           min_size: int = MIN_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best split of each row of ``x`` (shape (rows, n)) and its permutation test, all rows at once:
+    (tau, p-value, significant). Permutations are drawn in batches; a row stops being tested as soon as so
+    many permuted series reach its statistic that its p-value cannot end at or below ``alpha``. In float32,
+    centred (distances do not move): 2.5 times faster than float64 here, and exact enough for a ranking."""
+    x = (x - x.mean(axis=1, keepdims=True)).astype(np.float32)
+    q = energy_q(x, min_size)
+    tau = q.argmax(axis=1)
+    q_obs = q[np.arange(len(x)), tau]
+    reached = np.zeros(len(x), dtype=int)
+    drawn = np.zeros(len(x), dtype=int)
+    alive = np.isfinite(q_obs)
     limit = alpha * (permutations + 1)  # p = (1 + reached) / (permutations + 1) <= alpha
-    while drawn < permutations:
-        size = min(batch, permutations - drawn)
-        perms = rng.permuted(np.broadcast_to(x, (size, x.size)), axis=1)
-        reached += int((energy_q(perms, min_size).max(axis=1) >= q_obs).sum())
-        drawn += size
-        if 1 + reached > limit:
-            return False, (1 + reached) / (drawn + 1)
-    p = (1 + reached) / (permutations + 1)
-    return p <= alpha, p
+    batch = 10  # doubled each round: most rows of a noisy series are settled by the first few permutations
+    while alive.any() and drawn.max(initial=0) < permutations:
+        rows = np.flatnonzero(alive)
+        size = min(batch, permutations - int(drawn[rows[0]]))
+        batch *= 2
+        for chunk in np.array_split(rows, max(1, len(rows) // 32)):  # bounds the (rows, size, n, n) arrays
+            perms = rng.permuted(np.broadcast_to(x[chunk, None, :], (len(chunk), size, x.shape[1])), axis=2)
+            reached[chunk] += (energy_q(perms, min_size).max(axis=2) >= q_obs[chunk, None]).sum(axis=1)
+        drawn[rows] += size
+        alive &= 1 + reached <= limit
+    p = (1 + reached) / (drawn + 1)
+    return tau, p, alive & (drawn >= permutations)
 
 
 def e_divisive(x: Sequence[float], *, alpha: float = ALPHA, permutations: int = PERMUTATIONS,
-               min_size: int = MIN_SIZE, seed: int = 0) -> list[tuple[int, float]]:
-    """Change points of one series: (index of the first value after the change, p-value), in order."""
+               min_size: int = MIN_SIZE, seed: int = 0, rng: np.random.Generator | None = None,
+               first: tuple[int, float] | None = None) -> list[tuple[int, float]]:
+    """Change points of one series: (index of the first value after the change, p-value), in order.
+    ``first``: the whole series' split, already found significant (by :func:`screen`)."""
     x = np.asarray(x, dtype=float)
-    rng = np.random.default_rng(seed)
+    rng = rng or np.random.default_rng(seed)
+    kw = dict(alpha=alpha, permutations=permutations, min_size=min_size)
     found: list[tuple[int, float]] = []
     pending = [(0, x.size)]
+    if first is not None:
+        found.append(first)
+        pending = [(0, first[0]), (first[0], x.size)]
     while pending:
         best = None
         for start, end in pending:
@@ -105,33 +116,41 @@ def e_divisive(x: Sequence[float], *, alpha: float = ALPHA, permutations: int = 
                 best = (q[tau], start, end, tau)
         if best is None:
             break
-        q_obs, start, end, tau = best
-        ok, p = _significant(x[start:end], q_obs, rng, alpha, permutations, min_size)
+        _, start, end, tau = best
+        _, p, ok = screen(x[None, start:end], rng, **kw)
         pending.remove((start, end))
-        if ok:
-            found.append((start + tau, p))
+        if ok[0]:
+            found.append((start + tau, float(p[0])))
             pending += [(start, start + tau), (start + tau, end)]
     return sorted(found)
 
 
-def change_points(x: Sequence[float], *, window: int = WINDOW, stride: int = STRIDE, **kw) -> list[tuple[int, float]]:
-    """E-Divisive over overlapping windows; a step found by two windows (within ``MIN_SIZE // 2``) counts once,
-    with the smaller p-value."""
+def change_points(x: Sequence[float], *, window: int = WINDOW, stride: int = STRIDE, alpha: float = ALPHA,
+                  permutations: int = PERMUTATIONS, min_size: int = MIN_SIZE, seed: int = 0
+                  ) -> list[tuple[int, float]]:
+    """E-Divisive over overlapping windows, screened all at once; a step found by two windows (within
+    ``MIN_SIZE // 2``) counts once, with the smaller p-value."""
     x = np.asarray(x, dtype=float)
-    if x.size <= window:
-        return e_divisive(x, **kw)
+    rng = np.random.default_rng(seed)
+    kw = dict(alpha=alpha, permutations=permutations, min_size=min_size)
+    if x.size < 2 * min_size:
+        return []
+    window = min(window, x.size)
+    starts = sorted(set(range(0, x.size - window, stride)) | {x.size - window})
+    windows = np.stack([x[s:s + window] for s in starts])
+    tau, p, ok = screen(windows, rng, **kw)
     found: list[tuple[int, float]] = []
-    starts = list(range(0, x.size - window, stride)) + [x.size - window]
-    for start in starts:
-        for i, p in e_divisive(x[start:start + window], **kw):
-            found.append((start + i, p))
+    for k in np.flatnonzero(ok):
+        start = starts[k]
+        found += [(start + i, q) for i, q in
+                  e_divisive(windows[k], rng=rng, first=(int(tau[k]), float(p[k])), **kw)]
     merged: list[tuple[int, float]] = []
-    for i, p in sorted(found):
+    for i, q in sorted(found):
         if merged and i - merged[-1][0] <= MIN_SIZE // 2:
-            if p < merged[-1][1]:
-                merged[-1] = (i, p)
+            if q < merged[-1][1]:
+                merged[-1] = (i, q)
             continue
-        merged.append((i, p))
+        merged.append((i, q))
     return merged
 
 
@@ -148,16 +167,20 @@ class Series:
     times: list[str]
     environments: list[dict]  # the fingerprint of the commit's last run
     medians: dict[str, dict[int, list[float]]]  # case -> commit index -> run medians (seconds)
-    machines: dict[str, dict[int, list[str | None]]]
+    run_ids: dict[str, dict[int, list[int]]]  # parallel to medians
+    run_machines: dict[int, str | None]  # run id -> machine_id
     device_type: str | None = None
     kinds: dict[str, str] = field(default_factory=dict)
+
+    def machines(self, case: str, i: int) -> list[str | None]:
+        return [self.run_machines[r] for r in self.run_ids[case][i]]
 
     def values(self, case: str) -> tuple[list[int], np.ndarray]:
         """(commit indices, the median over its runs of log run median at each) for the commits that measured
         ``case``: the median keeps one disturbed run from moving its commit."""
         by_commit = self.medians[case]
         idx = sorted(by_commit)
-        return idx, np.array([np.median(np.log(by_commit[i])) for i in idx])
+        return idx, np.log([statistics.median(by_commit[i]) for i in idx])
 
 
 def load_series(store: Store, device_slug: str, env: str, branch: str | None = None) -> Series:
@@ -171,31 +194,44 @@ def load_series(store: Store, device_slug: str, env: str, branch: str | None = N
         f"SELECT id, commit_sha, COALESCE(commit_time, started_at, recorded_at), recorded_at, environment, "
         f"machine_id, device_type FROM runs WHERE {where}", params).fetchall()
     first_time: dict[str, tuple[str, str]] = {}
-    run_commit: dict[int, str] = {}
-    run_machine: dict[int, str | None] = {}
+    run_sha: dict[int, str] = {}
+    run_machines: dict[int, str | None] = {}
     env_of: dict[str, tuple[str, str]] = {}
     device_type = None
     for run_id, sha, time, recorded, environment, machine_id, dt in runs:
-        run_commit[run_id], run_machine[run_id], device_type = sha, machine_id, dt
+        run_sha[run_id], run_machines[run_id], device_type = sha, machine_id, dt
         if sha not in first_time or (time, recorded) < first_time[sha]:
             first_time[sha] = (time, recorded)
         if sha not in env_of or recorded > env_of[sha][0]:
             env_of[sha] = (recorded, environment)
     commits = sorted(first_time, key=lambda s: first_time[s])
     index = {sha: i for i, sha in enumerate(commits)}
-    medians: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    machines: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
-    kinds: dict[str, str] = {}
+    run_commit = {run_id: index[sha] for run_id, sha in run_sha.items()}
+    medians: dict[str, dict[int, list[float]]] = {}
+    run_ids: dict[str, dict[int, list[int]]] = {}
     rows = store.execute(
-        f"SELECT run_id, name, kind, median_s FROM results WHERE run_id IN (SELECT id FROM runs WHERE {where})",
+        f"SELECT run_id, name, median_s FROM results WHERE run_id IN (SELECT id FROM runs WHERE {where})",
         params).fetchall()
-    for run_id, name, kind, median in rows:
-        i = index[run_commit[run_id]]
-        medians[name][i].append(median)
-        machines[name][i].append(run_machine[run_id])
-        kinds[name] = kind or name.split("[", 1)[0]
+    for run_id, name, median in rows:  # a million rows for 10,000 runs of 100 cases: kept to dict lookups
+        by_commit = medians.get(name)
+        if by_commit is None:
+            by_commit, ids = medians[name], run_ids[name] = {}, {}
+        else:
+            ids = run_ids[name]
+        i = run_commit[run_id]
+        values = by_commit.get(i)
+        if values is None:
+            by_commit[i], ids[i] = [median], [run_id]
+        else:
+            values.append(median)
+            ids[i].append(run_id)
+    latest = [r for r, i in run_commit.items() if i == len(commits) - 1]
+    kinds = {name: kind for name, kind in store.execute(
+        f"SELECT DISTINCT name, kind FROM results WHERE run_id IN ({', '.join('?' * len(latest)) or 'NULL'})",
+        latest) if kind}
+    kinds = {name: kinds.get(name, name.split("[", 1)[0]) for name in medians}
     return Series(device_slug, env, commits, [first_time[c][0] for c in commits],
-                  [json.loads(env_of[c][1]) for c in commits], medians, machines, device_type, kinds)
+                  [json.loads(env_of[c][1]) for c in commits], medians, run_ids, run_machines, device_type, kinds)
 
 
 # --- change points, judged -------------------------------------------------------------------------------
@@ -219,15 +255,15 @@ class ChangePoint:
 
 def _side(series: Series, case: str, commits: Sequence[int], label: str) -> Side:
     runs = [[m] for i in commits for m in series.medians[case][i]]
-    machines = [mid for i in commits for mid in series.machines[case][i]]
+    machines = [mid for i in commits for mid in series.machines(case, i)]
     cs = CaseSamples(case, runs, run_machines=machines, case={"kind": series.kinds.get(case, "")})
     environment = dict(series.environments[commits[-1] if label == "before" else commits[0]])
     return Side(label, environment, {case: cs}, n_runs=len(runs), machines=machines)
 
 
-def judge_step(series: Series, case: str, positions: list[int], k: int, policy: Policy, p: float) -> ChangePoint:
-    """The change point at ``positions[k]`` (index into the case's commits), judged on its neighbours' runs."""
-    idx, _ = series.values(case)
+def judge_step(series: Series, case: str, idx: list[int], positions: list[int], k: int, policy: Policy,
+               p: float) -> ChangePoint:
+    """The change point at ``positions[k]`` (into ``idx``, the case's commits), judged on its neighbours' runs."""
     at = positions[k]
     lo = max(positions[k - 1] if k else 0, at - CONTEXT)
     hi = min(positions[k + 1] if k + 1 < len(positions) else len(idx), at + CONTEXT)
@@ -251,7 +287,7 @@ def find_steps(series: Series, policy: Policy | None = None, **kw) -> list[Chang
             continue
         found = change_points(values, **kw)
         positions = [i for i, _ in found]
-        out += [judge_step(series, case, positions, k, policy, p) for k, (_, p) in enumerate(found)]
+        out += [judge_step(series, case, idx, positions, k, policy, p) for k, (_, p) in enumerate(found)]
     return sorted(out, key=lambda c: (c.index, c.case))
 
 

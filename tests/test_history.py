@@ -34,13 +34,13 @@ def synthetic(rng, n=100, runs=3, step=0.0, at=None) -> np.ndarray:
     return np.array(out)
 
 
-def rates(step: float, histories: int, seed: int) -> tuple[float, float]:
+def rates(step: float, histories: int, seed: int, runs: int = 3) -> tuple[float, float]:
     """(share of histories whose step was found within +-1 commit, false change points per 100 commits)."""
     rng = np.random.default_rng(seed)
     hits = false = 0
     for k in range(histories):
         at = int(rng.integers(20, 80)) if step else None
-        found = [i for i, _ in change_points(synthetic(rng, step=step, at=at), seed=k)]
+        found = [i for i, _ in change_points(synthetic(rng, runs=runs, step=step, at=at), seed=k)]
         near = [i for i in found if at is not None and abs(i - at) <= 1]
         hits += bool(near)
         false += len(found) - min(len(near), 1)
@@ -72,10 +72,11 @@ def test_a_clear_step_is_found_where_it_is_and_noise_mostly_is_not():
 @pytest.mark.slow
 def test_detection_rates_on_100_commit_histories():
     """Targets: +10% found within +-1 commit in >= 90% of histories, +5% in >= 70%, <= 1 false change point
-    per 100 commits on pure noise (docs/store.md has the figures)."""
-    found10, false10 = rates(0.10, 200, seed=10)
-    found5, _ = rates(0.05, 200, seed=11)
-    _, false0 = rates(0.0, 200, seed=12)
+    per 100 commits on pure noise, with 5 runs per commit as the nightly records (docs/store.md has the
+    figures, and those of 3 runs per commit, where a +5% step is placed within +-1 commit in 67%)."""
+    found10, false10 = rates(0.10, 200, seed=10, runs=5)
+    found5, _ = rates(0.05, 200, seed=11, runs=5)
+    _, false0 = rates(0.0, 200, seed=12, runs=5)
     print(f"+10%: {found10:.0%} (other change points {false10:.2f}/100 commits); +5%: {found5:.0%}; "
           f"noise: {false0:.2f} per 100 commits")
     assert found10 >= 0.90 and found5 >= 0.70 and false0 <= 1.0
