@@ -1,4 +1,4 @@
-"""``python -m perf_tests history``: steps in each case's time over the commits, per device type and environment.
+"""``python -m perf_tests history``: steps in each case's time over the commits, per device type and env.
 
     python -m perf_tests history [--store PATH|URL] [--device SLUG] [--env ENV] [--branch main] [--recent N]
 
@@ -51,7 +51,9 @@ def energy_q(x: np.ndarray, min_size: int = MIN_SIZE) -> np.ndarray:
     zero = np.zeros(x.shape[:-1] + (1,), dtype=d.dtype)
     # sums over the ordered pairs (i, j) with i < tau (left_all), and with both < tau (within_left)
     left_all = np.concatenate([zero, d.sum(-1).cumsum(-1)], -1)
-    within_left = np.concatenate([zero, 2 * np.einsum("...ij,ij->...i", d, np.tri(n, k=-1, dtype=d.dtype)).cumsum(-1)], -1)
+    within_left = np.concatenate(
+        [zero, 2 * np.einsum("...ij,ij->...i", d, np.tri(n, k=-1, dtype=d.dtype)).cumsum(-1)], -1
+    )
     total = left_all[..., -1:]
     between = left_all - within_left
     within_right = total - 2 * left_all + within_left
@@ -64,8 +66,14 @@ def energy_q(x: np.ndarray, min_size: int = MIN_SIZE) -> np.ndarray:
     return np.where(valid, q, -np.inf)
 
 
-def screen(x: np.ndarray, rng: np.random.Generator, *, alpha: float = ALPHA, permutations: int = PERMUTATIONS,
-           min_size: int = MIN_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def screen(
+    x: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    alpha: float = ALPHA,
+    permutations: int = PERMUTATIONS,
+    min_size: int = MIN_SIZE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The best split of each row of ``x`` (shape (rows, n)) and its permutation test, all rows at once:
     (tau, p-value, significant). Permutations are drawn in batches; a row stops being tested as soon as so
     many permuted series reach its statistic that its p-value cannot end at or below ``alpha``. In float32,
@@ -92,9 +100,16 @@ def screen(x: np.ndarray, rng: np.random.Generator, *, alpha: float = ALPHA, per
     return tau, p, alive & (drawn >= permutations)
 
 
-def e_divisive(x: Sequence[float], *, alpha: float = ALPHA, permutations: int = PERMUTATIONS,
-               min_size: int = MIN_SIZE, seed: int = 0, rng: np.random.Generator | None = None,
-               first: tuple[int, float] | None = None) -> list[tuple[int, float]]:
+def e_divisive(
+    x: Sequence[float],
+    *,
+    alpha: float = ALPHA,
+    permutations: int = PERMUTATIONS,
+    min_size: int = MIN_SIZE,
+    seed: int = 0,
+    rng: np.random.Generator | None = None,
+    first: tuple[int, float] | None = None,
+) -> list[tuple[int, float]]:
     """Change points of one series: (index of the first value after the change, p-value), in order.
     ``first``: the whole series' split, already found significant (by :func:`screen`)."""
     x = np.asarray(x, dtype=float)
@@ -125,9 +140,16 @@ def e_divisive(x: Sequence[float], *, alpha: float = ALPHA, permutations: int = 
     return sorted(found)
 
 
-def change_points(x: Sequence[float], *, window: int = WINDOW, stride: int = STRIDE, alpha: float = ALPHA,
-                  permutations: int = PERMUTATIONS, min_size: int = MIN_SIZE, seed: int = 0
-                  ) -> list[tuple[int, float]]:
+def change_points(
+    x: Sequence[float],
+    *,
+    window: int = WINDOW,
+    stride: int = STRIDE,
+    alpha: float = ALPHA,
+    permutations: int = PERMUTATIONS,
+    min_size: int = MIN_SIZE,
+    seed: int = 0,
+) -> list[tuple[int, float]]:
     """E-Divisive over overlapping windows, screened all at once; a step found by two windows (within
     ``MIN_SIZE // 2``) counts once, with the smaller p-value."""
     x = np.asarray(x, dtype=float)
@@ -137,13 +159,15 @@ def change_points(x: Sequence[float], *, window: int = WINDOW, stride: int = STR
         return []
     window = min(window, x.size)
     starts = sorted(set(range(0, x.size - window, stride)) | {x.size - window})
-    windows = np.stack([x[s:s + window] for s in starts])
+    windows = np.stack([x[s : s + window] for s in starts])
     tau, p, ok = screen(windows, rng, **kw)
     found: list[tuple[int, float]] = []
     for k in np.flatnonzero(ok):
         start = starts[k]
-        found += [(start + i, q) for i, q in
-                  e_divisive(windows[k], rng=rng, first=(int(tau[k]), float(p[k])), **kw)]
+        found += [
+            (start + i, q)
+            for i, q in e_divisive(windows[k], rng=rng, first=(int(tau[k]), float(p[k])), **kw)
+        ]
     merged: list[tuple[int, float]] = []
     for i, q in sorted(found):
         if merged and i - merged[-1][0] <= MIN_SIZE // 2:
@@ -184,15 +208,19 @@ class Series:
 
 
 def load_series(store: Store, device_slug: str, env: str, branch: str | None = None) -> Series:
-    where = ("device_slug = ? AND env = ? AND mode = 'solo' AND dirty = 0 AND complete = 1 "
-             "AND commit_sha IS NOT NULL")
+    where = (
+        "device_slug = ? AND env = ? AND mode = 'solo' AND dirty = 0 AND complete = 1 "
+        "AND commit_sha IS NOT NULL"
+    )
     params: list = [device_slug, env]
     if branch:
         where += " AND branch = ?"
         params.append(branch)
     runs = store.execute(
         f"SELECT id, commit_sha, COALESCE(commit_time, started_at, recorded_at), recorded_at, environment, "
-        f"machine_id, device_type FROM runs WHERE {where}", params).fetchall()
+        f"machine_id, device_type FROM runs WHERE {where}",
+        params,
+    ).fetchall()
     first_time: dict[str, tuple[str, str]] = {}
     run_sha: dict[int, str] = {}
     run_machines: dict[int, str | None] = {}
@@ -211,7 +239,8 @@ def load_series(store: Store, device_slug: str, env: str, branch: str | None = N
     run_ids: dict[str, dict[int, list[int]]] = {}
     rows = store.execute(
         f"SELECT run_id, name, median_s FROM results WHERE run_id IN (SELECT id FROM runs WHERE {where})",
-        params).fetchall()
+        params,
+    ).fetchall()
     for run_id, name, median in rows:  # a million rows for 10,000 runs of 100 cases: kept to dict lookups
         by_commit = medians.get(name)
         if by_commit is None:
@@ -226,12 +255,28 @@ def load_series(store: Store, device_slug: str, env: str, branch: str | None = N
             values.append(median)
             ids[i].append(run_id)
     latest = [r for r, i in run_commit.items() if i == len(commits) - 1]
-    kinds = {name: kind for name, kind in store.execute(
-        f"SELECT DISTINCT name, kind FROM results WHERE run_id IN ({', '.join('?' * len(latest)) or 'NULL'})",
-        latest) if kind}
+    kinds = {
+        name: kind
+        for name, kind in store.execute(
+            "SELECT DISTINCT name, kind FROM results "
+            f"WHERE run_id IN ({', '.join('?' * len(latest)) or 'NULL'})",
+            latest,
+        )
+        if kind
+    }
     kinds = {name: kinds.get(name, name.split("[", 1)[0]) for name in medians}
-    return Series(device_slug, env, commits, [first_time[c][0] for c in commits],
-                  [json.loads(env_of[c][1]) for c in commits], medians, run_ids, run_machines, device_type, kinds)
+    return Series(
+        device_slug,
+        env,
+        commits,
+        [first_time[c][0] for c in commits],
+        [json.loads(env_of[c][1]) for c in commits],
+        medians,
+        run_ids,
+        run_machines,
+        device_type,
+        kinds,
+    )
 
 
 # --- change points, judged -------------------------------------------------------------------------------
@@ -261,9 +306,10 @@ def _side(series: Series, case: str, commits: Sequence[int], label: str) -> Side
     return Side(label, environment, {case: cs}, n_runs=len(runs), machines=machines)
 
 
-def judge_step(series: Series, case: str, idx: list[int], positions: list[int], k: int, policy: Policy,
-               p: float) -> ChangePoint:
-    """The change point at ``positions[k]`` (into ``idx``, the case's commits), judged on its neighbours' runs."""
+def judge_step(
+    series: Series, case: str, idx: list[int], positions: list[int], k: int, policy: Policy, p: float
+) -> ChangePoint:
+    """The change point at ``positions[k]`` (into ``idx``, the case's commits), judged on nearby runs."""
     at = positions[k]
     lo = max(positions[k - 1] if k else 0, at - CONTEXT)
     hi = min(positions[k + 1] if k + 1 < len(positions) else len(idx), at + CONTEXT)
@@ -272,10 +318,19 @@ def judge_step(series: Series, case: str, idx: list[int], positions: list[int], 
     verdict = cmp.cases[0]
     time = verdict.metrics.get("time")
     return ChangePoint(
-        case=case, before=series.commits[idx[at - 1]], after=series.commits[idx[at]], index=idx[at], p_value=p,
-        ratio=time.ratio if time else None, ci=time.ci if time else None, verdict=verdict.verdict,
-        mde=time.mde if time else None, n_before=sum(len(series.medians[case][i]) for i in before),
-        n_after=sum(len(series.medians[case][i]) for i in after), env_changes=tuple(cmp.env_changes))
+        case=case,
+        before=series.commits[idx[at - 1]],
+        after=series.commits[idx[at]],
+        index=idx[at],
+        p_value=p,
+        ratio=time.ratio if time else None,
+        ci=time.ci if time else None,
+        verdict=verdict.verdict,
+        mde=time.mde if time else None,
+        n_before=sum(len(series.medians[case][i]) for i in before),
+        n_after=sum(len(series.medians[case][i]) for i in after),
+        env_changes=tuple(cmp.env_changes),
+    )
 
 
 def find_steps(series: Series, policy: Policy | None = None, **kw) -> list[ChangePoint]:
@@ -299,8 +354,10 @@ def _fmt(cp: ChangePoint) -> str:
     ci = f" [{cp.ci[0] - 1:+.1%}, {cp.ci[1] - 1:+.1%}]" if cp.ci else ""
     mde = f", MDE {cp.mde:.1%}" if cp.mde is not None else ""
     env = f"; environment: {', '.join(cp.env_changes)}" if cp.env_changes else ""
-    return (f"  {cp.before[:12]}..{cp.after[:12]}  {cp.case}: {ratio}{ci} {cp.verdict} "
-            f"({cp.n_before} v {cp.n_after} runs, p {cp.p_value:.3f}{mde}){env}")
+    return (
+        f"  {cp.before[:12]}..{cp.after[:12]}  {cp.case}: {ratio}{ci} {cp.verdict} "
+        f"({cp.n_before} v {cp.n_after} runs, p {cp.p_value:.3f}{mde}){env}"
+    )
 
 
 def report(store: Store, device: str | None, env: str | None, branch: str | None, recent: int | None):
@@ -322,17 +379,29 @@ def cmd_history(args: argparse.Namespace) -> int:
         groups = report(store, args.device, args.env, args.branch, args.recent)
         where = describe(store.location)
     if not groups:
-        print(f"{where}: no runs" + (f" of {args.device}" if args.device else "")
-              + (f" in {args.env}" if args.env else ""), file=sys.stderr)
+        print(
+            f"{where}: no runs"
+            + (f" of {args.device}" if args.device else "")
+            + (f" in {args.env}" if args.env else ""),
+            file=sys.stderr,
+        )
         return 2
     lines, doc = [], []
     for series, steps in groups:
-        lines.append(f"{series.device_slug} {series.env}: {len(series.commits)} commits, {len(series.medians)} "
-                     f"cases, {len(steps)} change point(s)" + (f" in the last {args.recent} commits" if args.recent
-                                                                else ""))
+        lines.append(
+            f"{series.device_slug} {series.env}: {len(series.commits)} commits, {len(series.medians)} "
+            f"cases, {len(steps)} change point(s)"
+            + (f" in the last {args.recent} commits" if args.recent else "")
+        )
         lines += [_fmt(s) for s in steps]
-        doc.append({"device_slug": series.device_slug, "env": series.env, "commits": len(series.commits),
-                    "change_points": [asdict(s) for s in steps]})
+        doc.append(
+            {
+                "device_slug": series.device_slug,
+                "env": series.env,
+                "commits": len(series.commits),
+                "change_points": [asdict(s) for s in steps],
+            }
+        )
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
     if args.json:
@@ -347,13 +416,19 @@ def cmd_history(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     from perf_tests.store_cli import store_option
 
-    p = sub.add_parser("history", help="change points of each case's time over the commits (E-Divisive means)")
+    p = sub.add_parser(
+        "history", help="change points of each case's time over the commits (E-Divisive means)"
+    )
     store_option(p)
     p.add_argument("--device", help="one device slug (default: every device type in the store)")
     p.add_argument("--env", help="one environment, e.g. torch2 (default: each)")
     p.add_argument("--branch", help="only runs recorded on this branch, e.g. main")
     p.add_argument("--recent", type=int, metavar="N", help="only change points within the last N commits")
     p.add_argument("--json", type=Path, help="also write the change points as JSON here")
-    p.add_argument("--summary", metavar="FILE", help="append a Markdown section here (e.g. $GITHUB_STEP_SUMMARY)")
-    p.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a change point is a regression")
+    p.add_argument(
+        "--summary", metavar="FILE", help="append a Markdown section here (e.g. $GITHUB_STEP_SUMMARY)"
+    )
+    p.add_argument(
+        "--fail-on-regression", action="store_true", help="exit 1 when a change point is a regression"
+    )
     p.set_defaults(func=cmd_history)

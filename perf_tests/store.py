@@ -90,8 +90,15 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 # CaseResult fields that results.case_result reads from extra_info: stored with the raw extra so that a
 # case read back from the store is the case that was recorded, whichever file it came from.
-_CASE_FIELDS = ("definition_hash", "attention_used", "vae_attention_used", "correct", "compile_time_s",
-                "compile_cache", "peak_memory_bytes")
+_CASE_FIELDS = (
+    "definition_hash",
+    "attention_used",
+    "vae_attention_used",
+    "correct",
+    "compile_time_s",
+    "compile_cache",
+    "peak_memory_bytes",
+)
 
 
 def default_location() -> str:
@@ -117,9 +124,12 @@ def _now() -> str:
 
 
 def run_key(run: Run) -> str:
-    """The identity of a run: file name, start time, machine and commit (content hash without a start time)."""
-    parts = (["run", run.source, run.datetime, run.machine_id, run.git_commit] if run.datetime
-             else ["content", run.content_hash])
+    """A run's identity: file name, start time, machine and commit (content hash without a start time)."""
+    parts = (
+        ["run", run.source, run.datetime, run.machine_id, run.git_commit]
+        if run.datetime
+        else ["content", run.content_hash]
+    )
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -167,7 +177,9 @@ class Store:
     def open(cls, location: str | os.PathLike | None = None, migrations=MIGRATIONS) -> Store:
         location = str(location or default_location())
         if location == OFF:
-            raise InputError(f"the store is switched off ({STORE_ENV} or --store is {OFF!r}); pass a path or URL.")
+            raise InputError(
+                f"the store is switched off ({STORE_ENV} or --store is {OFF!r}); pass a path or URL."
+            )
         if location.startswith(PG_SCHEMES):
             try:
                 import psycopg
@@ -190,7 +202,9 @@ class Store:
                 conn.execute("PRAGMA foreign_keys=ON")
             except sqlite3.DatabaseError as exc:
                 conn.close()
-                raise InputError(f"{path}: not a SQLite store ({exc}); pass another --store path.") from None
+                raise InputError(
+                    f"{path}: not a SQLite store ({exc}); pass another --store path."
+                ) from None
             store = cls(conn, "sqlite", str(path))
         try:
             store.migrate(migrations)
@@ -216,7 +230,7 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """One write transaction: SQLite takes the write lock at once (no upgrade deadlock between writers)."""
+        """One write transaction; SQLite takes the write lock at once (no upgrade deadlock of writers)."""
         if self.dialect == "postgresql":
             with self.conn.transaction():
                 yield
@@ -239,20 +253,25 @@ class Store:
         with self.transaction():
             if self.dialect == "postgresql":
                 self.execute("SELECT pg_advisory_xact_lock(?)", (PG_MIGRATION_LOCK,))
-            self.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                         "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+            self.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
             current = self.version()
             if current > len(migrations):
                 raise InputError(
-                    f"{describe(self.location)}: store schema version {current} is newer than this perf_tests "
+                    f"{describe(self.location)}: store schema version {current} is newer than this "
+                    "perf_tests "
                     f"reads ({len(migrations)}): update this checkout, or pass another --store."
                 )
             applied = []
             for version in range(current, len(migrations)):
                 for statement in migrations[version]:
                     self.execute(statement.format(id_type=id_type))
-                self.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                             (version + 1, _now()))
+                self.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version + 1, _now()),
+                )
                 applied.append(version + 1)
         return applied
 
@@ -263,40 +282,79 @@ class Store:
         key = run_key(run)
         commit = run.git_commit.removesuffix("+dirty") if run.git_commit else None
         machine = run.machine
-        row = (key, run.source, _now(), run.datetime, run.git_commit, commit,
-               int(bool(run.git_commit and run.git_commit.endswith("+dirty"))), context.commit_time,
-               context.branch, context.mode, machine.get("device_slug"), machine.get("device_type"),
-               machine.get("env"), run.machine_id, context.host_id, json.dumps(machine, sort_keys=True),
-               run.grid_name, int(run.complete), None if run.selected is None else json.dumps(list(run.selected)),
-               json.dumps(list(run.canary)), json.dumps(list(run.canary_timeline)))
+        row = (
+            key,
+            run.source,
+            _now(),
+            run.datetime,
+            run.git_commit,
+            commit,
+            int(bool(run.git_commit and run.git_commit.endswith("+dirty"))),
+            context.commit_time,
+            context.branch,
+            context.mode,
+            machine.get("device_slug"),
+            machine.get("device_type"),
+            machine.get("env"),
+            run.machine_id,
+            context.host_id,
+            json.dumps(machine, sort_keys=True),
+            run.grid_name,
+            int(run.complete),
+            None if run.selected is None else json.dumps(list(run.selected)),
+            json.dumps(list(run.canary)),
+            json.dumps(list(run.canary_timeline)),
+        )
         with self.transaction():
             cur = self.execute(
                 "INSERT INTO runs (run_key, source, recorded_at, started_at, git_commit, commit_sha, dirty, "
                 "commit_time, branch, mode, device_slug, device_type, env, machine_id, host_id, environment, "
                 "grid_name, complete, selected, canary, canary_timeline) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (run_key) DO NOTHING", row)
+                "ON CONFLICT (run_key) DO NOTHING",
+                row,
+            )
             added = cur.rowcount == 1
             run_id = self.execute("SELECT id FROM runs WHERE run_key = ?", (key,)).fetchone()[0]
             if not added:
                 self._check_same_run(run_id, run)
             new_cases = 0
             for name, r in run.cases.items():
-                extra = {**r.extra, "case": r.case, "iterations": r.iterations,
-                         **{f: getattr(r, f) for f in _CASE_FIELDS}}
+                extra = {
+                    **r.extra,
+                    "case": r.case,
+                    "iterations": r.iterations,
+                    **{f: getattr(r, f) for f in _CASE_FIELDS},
+                }
                 cur = self.execute(
-                    "INSERT INTO results (run_id, name, kind, profile, definition_hash, median_s, iterations, "
-                    "samples, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, name) DO NOTHING",
-                    (run_id, name, r.case.get("kind"), r.case.get("profile"), r.definition_hash,
-                     _median(r.samples), r.iterations, json.dumps(list(r.samples)),
-                     json.dumps(extra, sort_keys=True, default=str)))
+                    "INSERT INTO results (run_id, name, kind, profile, definition_hash, median_s, "
+                    "iterations, samples, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (run_id, name) DO NOTHING",
+                    (
+                        run_id,
+                        name,
+                        r.case.get("kind"),
+                        r.case.get("profile"),
+                        r.definition_hash,
+                        _median(r.samples),
+                        r.iterations,
+                        json.dumps(list(r.samples)),
+                        json.dumps(extra, sort_keys=True, default=str),
+                    ),
+                )
                 new_cases += cur.rowcount == 1
             for s in run.skipped.values():
-                self.execute("INSERT INTO skips (run_id, name, reason) VALUES (?, ?, ?) "
-                             "ON CONFLICT (run_id, name) DO NOTHING", (run_id, s.name, s.reason))
+                self.execute(
+                    "INSERT INTO skips (run_id, name, reason) VALUES (?, ?, ?) "
+                    "ON CONFLICT (run_id, name) DO NOTHING",
+                    (run_id, s.name, s.reason),
+                )
             for f in run.failed.values():
-                self.execute("INSERT INTO failures (run_id, name, kind, reason) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT (run_id, name) DO NOTHING", (run_id, f.name, f.kind, f.reason))
+                self.execute(
+                    "INSERT INTO failures (run_id, name, kind, reason) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (run_id, name) DO NOTHING",
+                    (run_id, f.name, f.kind, f.reason),
+                )
         return Recorded(key, added, new_cases)
 
     def _check_same_run(self, run_id: int, run: Run) -> None:
@@ -305,20 +363,25 @@ class Store:
         for name, samples in self.execute("SELECT name, samples FROM results WHERE run_id = ?", (run_id,)):
             if name in run.cases and tuple(json.loads(samples)) != run.cases[name].samples:
                 raise InputError(
-                    f"{run.source}: has the file name, start time ({run.datetime}), machine and commit of a run "
-                    f"already in the store {describe(self.location)}, but other samples for {name!r}; these are "
-                    "two runs. Give the file another name (it is part of a run's identity) and record it again.")
+                    f"{run.source}: has the file name, start time ({run.datetime}), machine and commit "
+                    f"of a run already in the store {describe(self.location)}, but other samples for "
+                    f"{name!r}; these are two runs. Give the file another name (it is part of a run's "
+                    "identity) and record it again."
+                )
 
     # --- reading ------------------------------------------------------------------------------------------
 
-    def runs(self, where: str = "", params: Sequence = (), *, profiles: Sequence[str] | None = None
-             ) -> list[StoredRun]:
+    def runs(
+        self, where: str = "", params: Sequence = (), *, profiles: Sequence[str] | None = None
+    ) -> list[StoredRun]:
         """Runs matching a SQL condition on ``runs`` (e.g. ``"env = ? AND host_id = ?"``), oldest recorded
         first, with their cases (only those of ``profiles`` when given), skips and failures."""
         rows = self.execute(
             "SELECT id, source, recorded_at, started_at, git_commit, commit_sha, dirty, commit_time, branch, "
             "mode, machine_id, host_id, environment, grid_name, complete, selected, canary, canary_timeline "
-            f"FROM runs {'WHERE ' + where if where else ''} ORDER BY recorded_at, id", params).fetchall()
+            f"FROM runs {'WHERE ' + where if where else ''} ORDER BY recorded_at, id",
+            params,
+        ).fetchall()
         if not rows:
             return []
         ids = [r[0] for r in rows]
@@ -333,28 +396,66 @@ class Store:
                 prof = f" AND profile IN ({', '.join('?' * len(profiles))})"
                 args += list(profiles)
             for run_id, name, iterations, samples, extra in self.execute(
-                    f"SELECT run_id, name, iterations, samples, extra FROM results WHERE run_id IN ({marks}){prof}",
-                    args):
-                bench = {"name": name, "stats": {"data": json.loads(samples), "iterations": iterations},
-                         "extra_info": json.loads(extra)}
+                "SELECT run_id, name, iterations, samples, extra FROM results "
+                f"WHERE run_id IN ({marks}){prof}",
+                args,
+            ):
+                bench = {
+                    "name": name,
+                    "stats": {"data": json.loads(samples), "iterations": iterations},
+                    "extra_info": json.loads(extra),
+                }
                 cases[run_id][name] = case_result(f"{describe(self.location)} run {run_id}", bench)
             for run_id, name, reason in self.execute(
-                    f"SELECT run_id, name, reason FROM skips WHERE run_id IN ({marks})", chunk):
+                f"SELECT run_id, name, reason FROM skips WHERE run_id IN ({marks})", chunk
+            ):
                 skips[run_id][name] = Skip(name, reason)
             for run_id, name, kind, reason in self.execute(
-                    f"SELECT run_id, name, kind, reason FROM failures WHERE run_id IN ({marks})", chunk):
+                f"SELECT run_id, name, kind, reason FROM failures WHERE run_id IN ({marks})", chunk
+            ):
                 failures[run_id][name] = Failure(name, reason, kind)
         out = []
-        for (run_id, source, recorded_at, started_at, git_commit, commit_sha, dirty, commit_time, branch, mode,
-             machine_id, host_id, environment, grid_name, complete, selected, canary, timeline) in rows:
+        for (
+            run_id,
+            source,
+            recorded_at,
+            started_at,
+            git_commit,
+            commit_sha,
+            dirty,
+            commit_time,
+            branch,
+            mode,
+            machine_id,
+            host_id,
+            environment,
+            grid_name,
+            complete,
+            selected,
+            canary,
+            timeline,
+        ) in rows:
             canary_timeline = tuple(json.loads(timeline))
-            run = Run(source=source, machine=json.loads(environment), machine_id=machine_id, datetime=started_at,
-                      git_commit=git_commit, cases=cases[run_id], skipped=skips[run_id], failed=failures[run_id],
-                      selected=None if selected is None else tuple(json.loads(selected)),
-                      canary=tuple(json.loads(canary)), canary_timeline=canary_timeline, grid_name=grid_name,
-                      complete=bool(complete))
-            out.append(StoredRun(run_id, run, recorded_at, commit_sha, bool(dirty), commit_time, branch, mode,
-                                 host_id))
+            run = Run(
+                source=source,
+                machine=json.loads(environment),
+                machine_id=machine_id,
+                datetime=started_at,
+                git_commit=git_commit,
+                cases=cases[run_id],
+                skipped=skips[run_id],
+                failed=failures[run_id],
+                selected=None if selected is None else tuple(json.loads(selected)),
+                canary=tuple(json.loads(canary)),
+                canary_timeline=canary_timeline,
+                grid_name=grid_name,
+                complete=bool(complete),
+            )
+            out.append(
+                StoredRun(
+                    run_id, run, recorded_at, commit_sha, bool(dirty), commit_time, branch, mode, host_id
+                )
+            )
         return out
 
     def count(self, table: str = "runs") -> int:
@@ -364,9 +465,14 @@ class Store:
 
     def groups(self) -> list[tuple[str, str, str, int]]:
         """(device_slug, device_type, env, runs) of every device type and environment in the store."""
-        return [tuple(r) for r in self.execute(
-            "SELECT device_slug, device_type, env, COUNT(*) FROM runs GROUP BY device_slug, device_type, env "
-            "ORDER BY device_slug, env").fetchall()]
+        return [
+            tuple(r)
+            for r in self.execute(
+                "SELECT device_slug, device_type, env, COUNT(*) FROM runs "
+                "GROUP BY device_slug, device_type, env "
+                "ORDER BY device_slug, env"
+            ).fetchall()
+        ]
 
 
 def _median(samples: Sequence[float]) -> float:
@@ -377,4 +483,4 @@ def _median(samples: Sequence[float]) -> float:
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]

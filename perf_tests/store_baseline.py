@@ -36,7 +36,9 @@ def location(option: str | None) -> str | None:
 
 def _git(args: Sequence[str], cwd: Path) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -54,7 +56,9 @@ def run_context(run: Run, root: Path, mode: str) -> RunContext:
     )
 
 
-def record_files(paths: Sequence[Path], where: str, *, mode: str = "solo", root: Path | None = None) -> list[str]:
+def record_files(
+    paths: Sequence[Path], where: str, *, mode: str = "solo", root: Path | None = None
+) -> list[str]:
     """Record result files (a killed process's journal when its JSON is missing) into the store."""
     root = root or Path.cwd()
     added = 0
@@ -79,17 +83,21 @@ def record_invocation(where: str | None, paths: Sequence[Path], *, named: bool, 
         return record_files(paths, where, mode=mode)
     except Exception as exc:  # sqlite3 and psycopg errors share no base class below Exception
         if named or os.environ.get("SD_PERF_STORE"):
-            raise InputError(f"the store {describe(where)} cannot record the runs ({exc}); the results are in "
-                             f"{paths[0].parent}/, record them later with `python -m perf_tests store import "
-                             f"{paths[0].parent}`") from exc
+            raise InputError(
+                f"the store {describe(where)} cannot record the runs ({exc}); the results are in "
+                f"{paths[0].parent}/, record them later with `python -m perf_tests store import "
+                f"{paths[0].parent}`"
+            ) from exc
         return [f"warning: store: not recorded into {describe(where)} ({exc})"]
 
 
 def no_baseline_hint(out: Path, label: str) -> str:
     """What to do when nothing judged the runs: the folder just produced, named."""
-    return (f"hint: these runs are in {out}/ and in the store; the next run on this machine is judged against "
-            f"them. To make them this device type's committed baseline: python -m perf_tests update-baselines "
-            f"{out}/{label}-run*.json")
+    return (
+        f"hint: these runs are in {out}/ and in the store; the next run on this machine is judged against "
+        f"them. To make them this device type's committed baseline: python -m perf_tests update-baselines "
+        f"{out}/{label}-run*.json"
+    )
 
 
 @dataclass(frozen=True)
@@ -108,17 +116,23 @@ def _canary_median(runs: Sequence[Run]) -> float | None:
 def _usable(stored: StoredRun, profiles: Sequence[str]) -> bool:
     run = stored.run
     wrong = any(c.correct is False for c in run.cases.values()) or any(
-        f.kind in ("wrong-output", "non-finite") for f in run.failed.values())
-    return bool(run.cases) and run.complete and not wrong and any(
-        c.case.get("profile") in profiles for c in run.cases.values())
+        f.kind in ("wrong-output", "non-finite") for f in run.failed.values()
+    )
+    return (
+        bool(run.cases)
+        and run.complete
+        and not wrong
+        and any(c.case.get("profile") in profiles for c in run.cases.values())
+    )
 
 
 def _env_key(run: Run) -> tuple:
     return tuple(run.machine.get(f) for f in DEFAULT_ENV_FIELDS)
 
 
-def pick(where: str, candidate: Sequence[Run], *, baseline_commit: str | None = None,
-         policy: Policy = Policy()) -> tuple[Pick | None, str]:
+def pick(
+    where: str, candidate: Sequence[Run], *, baseline_commit: str | None = None, policy: Policy = Policy()
+) -> tuple[Pick | None, str]:
     """The baseline runs for ``candidate`` from this machine's history, or (None, why there are none)."""
     first = candidate[0]
     slug, env = first.machine.get("device_slug"), first.machine.get("env")
@@ -131,9 +145,12 @@ def pick(where: str, candidate: Sequence[Run], *, baseline_commit: str | None = 
     host = machine.host_id()
     with Store.open(where) as store:
         marks = ", ".join("?" * len(machine_ids)) or "NULL"
-        stored = store.runs(f"device_slug = ? AND env = ? AND mode = 'solo' AND complete = 1 "
-                            f"AND (machine_id IN ({marks}) OR host_id = ?)",
-                            (slug, env, *machine_ids, host), profiles=profiles)
+        stored = store.runs(
+            f"device_slug = ? AND env = ? AND mode = 'solo' AND complete = 1 "
+            f"AND (machine_id IN ({marks}) OR host_id = ?)",
+            (slug, env, *machine_ids, host),
+            profiles=profiles,
+        )
     stored = [s for s in stored if _usable(s, profiles) and run_key(s.run) not in own]
     stored.sort(key=lambda s: s.run.datetime or s.recorded_at)
     if not stored:
@@ -142,18 +159,23 @@ def pick(where: str, candidate: Sequence[Run], *, baseline_commit: str | None = 
     if baseline_commit:
         chosen = [s for s in stored if s.commit_sha == baseline_commit and not s.dirty]
         if not chosen:
-            return None, (f"the store {describe(where)} holds no run of the base commit {baseline_commit[:12]} "
-                          f"on this machine ({what})")
+            return None, (
+                f"the store {describe(where)} holds no run of the base commit {baseline_commit[:12]} "
+                f"on this machine ({what})"
+            )
         why = f"the base commit {baseline_commit[:12]}"
     else:
         others = [s for s in stored if s.run.git_commit != current]
         if others:
             latest = others[-1].run.git_commit
             chosen = [s for s in others if s.run.git_commit == latest]
-            why = f"the latest commit recorded on this machine other than the tree's ({(latest or '?')[:12]})"
+            why = (
+                f"the latest commit recorded on this machine other than the tree's ({(latest or '?')[:12]})"
+            )
         else:
             chosen = stored
-            why = "no other commit recorded on this machine: earlier runs of the tree's own commit (an A/A check)"
+            why = ("no other commit recorded on this machine: earlier runs of the tree's own commit "
+                   "(an A/A check)")
     env_now = _env_key(chosen[-1].run)
     chosen = [s for s in chosen if _env_key(s.run) == env_now]
     runs = [s.run for s in chosen]
@@ -161,24 +183,40 @@ def pick(where: str, candidate: Sequence[Run], *, baseline_commit: str | None = 
     other_boot = [r for r in runs if r.machine_id not in this_boot]
     if other_boot:
         mine, theirs = _canary_median(candidate), _canary_median(other_boot)
-        near = (mine is not None and theirs is not None
-                and abs(math.log(theirs / mine)) <= math.log1p(policy.canary_min_shift))
+        near = (
+            mine is not None
+            and theirs is not None
+            and abs(math.log(theirs / mine)) <= math.log1p(policy.canary_min_shift)
+        )
         if near and machine_ids:
-            runs = [dataclasses.replace(r, machine_id=machine_ids[0]) if r.machine_id not in this_boot else r
-                    for r in runs]
-            why += (f"; {len(other_boot)} of them from another boot of this host, canary "
-                    f"{theirs / mine - 1:+.1%}: judged as this machine")
+            runs = [
+                dataclasses.replace(r, machine_id=machine_ids[0]) if r.machine_id not in this_boot else r
+                for r in runs
+            ]
+            why += (
+                f"; {len(other_boot)} of them from another boot of this host, canary "
+                f"{theirs / mine - 1:+.1%}: judged as this machine"
+            )
         else:
             moved = f"canary {theirs / mine - 1:+.1%}" if mine and theirs else "no canary to tell"
-            why += (f"; {len(other_boot)} of them from another boot of this host ({moved}, beyond "
-                    f"±{policy.canary_min_shift:.0%}): judged as another machine")
+            why += (
+                f"; {len(other_boot)} of them from another boot of this host ({moved}, beyond "
+                f"±{policy.canary_min_shift:.0%}): judged as another machine"
+            )
     commit = chosen[-1].commit_sha
     label = f"this machine at {(commit or 'unknown commit')[:12]} ({len(runs)} runs from the store)"
-    return Pick(runs, commit, label, f"baseline: {len(runs)} run(s) of {why}, from the store {describe(where)}"), ""
+    return Pick(
+        runs, commit, label, f"baseline: {len(runs)} run(s) of {why}, from the store {describe(where)}"
+    ), ""
 
 
-def judge(where: str | None, candidate_paths: Sequence[Path], policy: Policy, *,
-          baseline_commit: str | None = None) -> tuple[Outcome | None, list[str]]:
+def judge(
+    where: str | None,
+    candidate_paths: Sequence[Path],
+    policy: Policy,
+    *,
+    baseline_commit: str | None = None,
+) -> tuple[Outcome | None, list[str]]:
     """The candidate runs against this machine's history: (Outcome, lines saying which baseline and why),
     or (None, lines saying why the store has none)."""
     if where is None:
@@ -189,8 +227,10 @@ def judge(where: str | None, candidate_paths: Sequence[Path], policy: Policy, *,
     except InputError as exc:
         return None, [f"store: not used ({exc})"]
     if chosen is None:
-        return None, [f"store: {why_not}; judged against the committed baseline instead. The next run on "
-                      f"this machine is judged against these {len(runs)} run(s)."]
+        return None, [
+            f"store: {why_not}; judged against the committed baseline instead. The next run on "
+            f"this machine is judged against these {len(runs)} run(s)."
+        ]
     candidate, warnings = read_side(list(candidate_paths), f"current tree ({len(runs)} runs)")
     baseline = side_from_runs(chosen.runs, chosen.label)
     return Outcome(compare(baseline, candidate, policy), baseline, candidate, warnings), [chosen.why]

@@ -41,22 +41,57 @@ def fill(store: Store, commits: int, per_commit: int, cases: int, seed: int = 0)
         runs, results = [], []
         for r in range(per_commit):
             run_id += 1
-            runs.append((run_id, f"key-{run_id}", f"torch2-run{r}.json", f"2026-01-01T00:00:{c:06d}",
-                         f"{c:040x}", f"{c:040x}", 0, f"2026-01-01T{c:06d}", "solo", "cpu-intel-xeon-processor",
-                         "cpu", "torch2", "a1b2c3d4e5f6", machine, 1, "[]", "[]"))
+            runs.append(
+                (
+                    run_id,
+                    f"key-{run_id}",
+                    f"torch2-run{r}.json",
+                    f"2026-01-01T00:00:{c:06d}",
+                    f"{c:040x}",
+                    f"{c:040x}",
+                    0,
+                    f"2026-01-01T{c:06d}",
+                    "solo",
+                    "cpu-intel-xeon-processor",
+                    "cpu",
+                    "torch2",
+                    "a1b2c3d4e5f6",
+                    machine,
+                    1,
+                    "[]",
+                    "[]",
+                )
+            )
             common = rng.normal(0, 0.03)
             for i, n in enumerate(case_names):
                 samples = (0.1 + 0.01 * i) * level * np.exp(common + rng.normal(0, 0.02, 10))
-                results.append((run_id, n, n.split("[")[0][5:], "tiny", "h", float(np.median(samples)), 1,
-                                json.dumps(samples.tolist()), extras[n]))
+                results.append(
+                    (
+                        run_id,
+                        n,
+                        n.split("[")[0][5:],
+                        "tiny",
+                        "h",
+                        float(np.median(samples)),
+                        1,
+                        json.dumps(samples.tolist()),
+                        extras[n],
+                    )
+                )
         with store.transaction():
             store.conn.executemany(
-                "INSERT INTO runs (id, run_key, source, started_at, git_commit, commit_sha, dirty, commit_time, mode,"
+                "INSERT INTO runs (id, run_key, source, started_at, git_commit, commit_sha, dirty, "
+                "commit_time, mode,"
                 " device_slug, device_type, env, machine_id, environment, complete, canary, canary_timeline, "
-                "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '2026-01-01')", runs)
+                "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '2026-01-01')",
+                runs,
+            )
             store.conn.executemany(
-                "INSERT INTO results (run_id, name, kind, profile, definition_hash, median_s, iterations, samples,"
-                " extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", results)
+                "INSERT INTO results (run_id, name, kind, profile, definition_hash, median_s, iterations, "
+                "samples,"
+                " extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                results,
+            )
 
 
 def main() -> None:
@@ -72,14 +107,36 @@ def main() -> None:
             fill(store, args.commits, args.runs_per_commit, args.cases)
         print(f"filled {args.store} in {time.perf_counter() - t0:.0f} s")
     with Store.open(args.store) as store:
-        print(f"{store.count()} runs, {store.count('results')} case results, "
-              f"{args.store.stat().st_size / 2**20:.0f} MiB")
+        print(
+            f"{store.count()} runs, {store.count('results')} case results, "
+            f"{args.store.stat().st_size / 2**20:.0f} MiB"
+        )
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "perf_tests", "history", "--store", str(args.store), "--device",
-                          "cpu-intel-xeon-processor"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "perf_tests",
+            "history",
+            "--store",
+            str(args.store),
+            "--device",
+            "cpu-intel-xeon-processor",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     print(f"history: {time.perf_counter() - t0:.2f} s as a process; {out.splitlines()[0]}")
-    doc = json.loads(json.dumps({"benchmarks": [benchmark(n, [0.1] * 10) for n in names(args.cases)],
-                                 "machine_info": MACHINE, "datetime": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    doc = json.loads(
+        json.dumps(
+            {
+                "benchmarks": [benchmark(n, [0.1] * 10) for n in names(args.cases)],
+                "machine_info": MACHINE,
+                "datetime": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        )
+    )
     run = run_from_doc(doc, "torch2-run-new.json")
     with Store.open(args.store) as store:
         t0 = time.perf_counter()

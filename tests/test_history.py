@@ -6,6 +6,7 @@ and 5% of runs on a disturbed machine (+15 to +40%)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -59,7 +60,7 @@ def test_energy_statistic_matches_its_definition():
         left = sum(abs(a[i] - a[j]) for i in range(m) for j in range(i + 1, m)) / (m * (m - 1) / 2)
         right = sum(abs(b[i] - b[j]) for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) / 2)
         assert q[tau] == pytest.approx(m * k / n * (between - left - right), rel=1e-9)
-    assert np.isneginf(q[:2]).all() and np.isneginf(q[n - 1:]).all()
+    assert np.isneginf(q[:2]).all() and np.isneginf(q[n - 1 :]).all()
 
 
 def test_a_clear_step_is_found_where_it_is_and_noise_mostly_is_not():
@@ -77,25 +78,38 @@ def test_detection_rates_on_100_commit_histories():
     found10, false10 = rates(0.10, 200, seed=10, runs=5)
     found5, _ = rates(0.05, 200, seed=11, runs=5)
     _, false0 = rates(0.0, 200, seed=12, runs=5)
-    print(f"+10%: {found10:.0%} (other change points {false10:.2f}/100 commits); +5%: {found5:.0%}; "
-          f"noise: {false0:.2f} per 100 commits")
+    print(
+        f"+10%: {found10:.0%} (other change points {false10:.2f}/100 commits); +5%: {found5:.0%}; "
+        f"noise: {false0:.2f} per 100 commits"
+    )
     assert found10 >= 0.90 and found5 >= 0.70 and false0 <= 1.0
 
 
 # --- from the store -----------------------------------------------------------------------------------------
 
 
-def fill(store: Store, commits: int = 50, runs: int = 3, step_at: int = 30, env_at: int = 40, seed: int = 0):
+def sha(c: int) -> str:
+    return hashlib.sha1(str(c).encode()).hexdigest()
+
+
+def fill(
+    store: Store, commits: int = 50, runs: int = 3, step_at: int = 30, env_at: int = 40, seed: int = 0
+):
     """A history: CASES[0] 20% slower from commit ``step_at``, torch upgraded at ``env_at``."""
     rng = np.random.default_rng(seed)
     for c in range(commits):
         for r in range(runs):
-            doc = run_doc(int(rng.integers(1 << 30)), slow={CASES[0]: 1.2 if c >= step_at else 1.0}, sigma=0.01)
+            doc = run_doc(
+                int(rng.integers(1 << 30)), slow={CASES[0]: 1.2 if c >= step_at else 1.0}, sigma=0.01
+            )
             for b in doc["benchmarks"]:  # a run-to-run shift as the rounds of one process share it
                 b["stats"]["data"] = [x * float(np.exp(rng.normal(0, 0.02))) for x in b["stats"]["data"]]
             doc["datetime"] = f"2026-11-{1 + c // 24:02d}T{c % 24:02d}:{r:02d}:00+00:00"
-            doc["machine_info"] = {**doc["machine_info"], "git_commit": f"{c:040x}",
-                                   "torch_version": "2.14.1" if c >= env_at else "2.13.1"}
+            doc["machine_info"] = {
+                **doc["machine_info"],
+                "git_commit": sha(c),
+                "torch_version": "2.14.1" if c >= env_at else "2.13.1",
+            }
             store.record(run_from_doc(doc, f"torch2-run{r}.json"))
 
 
@@ -103,10 +117,10 @@ def test_history_finds_the_injected_step_with_its_magnitude_and_the_environment_
     with Store.open(tmp_path / "s.sqlite") as store:
         fill(store)
         series = load_series(store, "cpu-intel-xeon-processor", "torch2")
-    assert len(series.commits) == 50 and series.commits[0] == f"{0:040x}"
+    assert series.commits == [sha(c) for c in range(50)]
     steps = find_steps(series)
     mine = [s for s in steps if s.case == CASES[0]]
-    assert [s.after for s in mine] == [f"{30:040x}"] and mine[0].before == f"{29:040x}"
+    assert [s.after for s in mine] == [sha(30)] and mine[0].before == sha(29)
     assert mine[0].verdict == "regression" and mine[0].ci[0] < 1.2 < mine[0].ci[1]
     assert all(s.case == CASES[0] for s in steps)  # nothing else moved
     assert series.environments[40]["torch_version"] == "2.14.1"
@@ -127,19 +141,46 @@ def test_the_dashboard_renders_every_case_plot_in_a_headless_browser(tmp_path):
         pages = dashboard.build(store, tmp_path / "site", commit_url="https://example.org/commit/{sha}")
     page = pages[1]
     text = page.read_text()
-    assert "http" not in text.replace("https://example.org/commit/", "").replace("http://www.w3.org/2000/svg", "")
+    assert "http" not in text.replace("https://example.org/commit/", "").replace(
+        "http://www.w3.org/2000/svg", ""
+    )
     assert text.count('class="change-point"') == 1 and text.count('class="env-change"') == len(CASES)
     profile = tempfile.mkdtemp(prefix="sd-perf-chromium-")
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--hide-scrollbars", "--force-device-scale-factor=1"]
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+    ]
     try:
-        dom = subprocess.run([*flags, "--window-size=1000,800", "--dump-dom", page.as_uri()], capture_output=True,
-                             text=True, timeout=120, check=True).stdout
+        dom = subprocess.run(
+            [*flags, "--window-size=1000,800", "--dump-dom", page.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
         layout = json.loads(__import__("html").unescape(dom.split('data-layout="', 1)[1].split('"', 1)[0]))
         shot = tmp_path / "dashboard.png"
-        subprocess.run([*flags, f"--window-size=1000,{int(layout['height']) + 20}", f"--screenshot={shot}",
-                        page.as_uri()], capture_output=True, timeout=120, check=True)
+        subprocess.run(
+            [
+                *flags,
+                f"--window-size=1000,{int(layout['height']) + 20}",
+                f"--screenshot={shot}",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     plots = {p["case"]: p for p in layout["plots"]}
@@ -149,6 +190,6 @@ def test_the_dashboard_renders_every_case_plot_in_a_headless_browser(tmp_path):
     image = np.asarray(Image.open(shot).convert("L"), dtype=float)
     for case, p in plots.items():
         assert p["points"] == 50 and p["line_w"] > 500 and p["line_h"] > 5, case
-        box = image[int(p["y"]):int(p["y"] + p["h"]), int(p["x"]):int(p["x"] + p["w"])]
+        box = image[int(p["y"]) : int(p["y"] + p["h"]), int(p["x"]) : int(p["x"] + p["w"])]
         assert box.size and (box < 128).mean() > 0.01, f"{case}: its plot is blank in the screenshot"
     print(f"screenshot: {shot}")  # pytest keeps the last three runs' folders

@@ -46,7 +46,7 @@ def same_run(a, b) -> None:
     assert a.content_hash == b.content_hash
 
 
-# --- stores: a SQLite file, and a PostgreSQL server when one is installed ---------------------------------
+# --- stores: a SQLite file, and a PostgreSQL server when one is installed -----------------------------------
 
 
 def _pg_bin() -> Path | None:
@@ -82,8 +82,17 @@ def postgres():
         assert done.returncode == 0, f"{cmd[0]} failed: {done.stdout}{done.stderr}"
 
     run(bin_dir / "initdb", "-D", data, "-U", "postgres", "-A", "trust")
-    run(bin_dir / "pg_ctl", "-D", data, "-l", base / "log", "-w", "-o",
-        f"-k {sock} -p {port} -c listen_addresses=''", "start")
+    run(
+        bin_dir / "pg_ctl",
+        "-D",
+        data,
+        "-l",
+        base / "log",
+        "-w",
+        "-o",
+        f"-k {sock} -p {port} -c listen_addresses=''",
+        "start",
+    )
     yield f"postgresql://postgres@/postgres?host={sock}&port={port}"
     run(bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
     shutil.rmtree(base, ignore_errors=True)
@@ -100,12 +109,16 @@ def where(request, tmp_path):
     return url
 
 
-# --- recording and reading back -------------------------------------------------------------------------
+# --- recording and reading back -----------------------------------------------------------------------------
 
 
 def test_a_recorded_run_reads_back_equal_to_its_file(where, tmp_path):
-    path = write(tmp_path / "torch2-run1.json", 1, skipped={CASES[1]: "no sdpa"},
-                 failed={CASES[2]: ("oom", "out of memory")})
+    path = write(
+        tmp_path / "torch2-run1.json",
+        1,
+        skipped={CASES[1]: "no sdpa"},
+        failed={CASES[2]: ("oom", "out of memory")},
+    )
     original = read_run(path)
     with Store.open(where) as store:
         first = store.record(original)
@@ -132,15 +145,33 @@ def test_two_runs_sharing_an_identity_but_not_their_samples_are_refused(where, t
 def test_two_writers_at_once_lose_and_duplicate_no_run(where, tmp_path):
     """Two processes import overlapping folders at the same moment: every run once, every case once."""
     shared = [write(tmp_path / "shared" / f"torch2-run{i}.json", i, minute=i) for i in range(6)]
-    own = {w: [write(tmp_path / w / f"torch2-run{i}.json", 10 + i + 10 * (w == 'b'), minute=20 + i + 10 * (w == 'b'))
-               for i in range(4)] for w in ("a", "b")}
+    own = {
+        w: [
+            write(
+                tmp_path / w / f"torch2-run{i}.json",
+                10 + i + 10 * (w == "b"),
+                minute=20 + i + 10 * (w == "b"),
+            )
+            for i in range(4)
+        ]
+        for w in ("a", "b")
+    }
     with Store.open(where):  # the schema exists before the race (its creation is raced in the next test)
         pass
-    code = ("import sys; from pathlib import Path; from perf_tests.store import Store; "
-            "from perf_tests.store_cli import import_paths\n"
-            "with Store.open(sys.argv[1]) as s: import_paths(s, [Path(p) for p in sys.argv[2:]], log=lambda m: None)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, where, str(tmp_path / "shared"), str(tmp_path / w)],
-                              cwd=ROOT, stderr=subprocess.PIPE) for w in ("a", "b")]
+    code = (
+        "import sys; from pathlib import Path; from perf_tests.store import Store; "
+        "from perf_tests.store_cli import import_paths\n"
+        "with Store.open(sys.argv[1]) as s:\n"
+        "    import_paths(s, [Path(p) for p in sys.argv[2:]], log=lambda m: None)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, where, str(tmp_path / "shared"), str(tmp_path / w)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+        )
+        for w in ("a", "b")
+    ]
     errors = [p.communicate()[1].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     with Store.open(where) as store:
@@ -151,9 +182,16 @@ def test_two_writers_at_once_lose_and_duplicate_no_run(where, tmp_path):
 
 
 def test_writers_creating_the_schema_at_once_both_succeed(where):
-    code = "import sys; from perf_tests.store import Store\nwith Store.open(sys.argv[1]) as s: print(s.version())"
-    procs = [subprocess.Popen([sys.executable, "-c", code, where], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for _ in range(3)]
+    code = (
+        "import sys; from perf_tests.store import Store\n"
+        "with Store.open(sys.argv[1]) as s: print(s.version())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, where], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate() for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [e.decode() for _, e in outs]
     assert {o.decode().strip() for o, _ in outs} == {str(SCHEMA_VERSION)}
@@ -161,7 +199,7 @@ def test_writers_creating_the_schema_at_once_both_succeed(where):
         assert store.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == SCHEMA_VERSION
 
 
-# --- migrations -----------------------------------------------------------------------------------------------
+# --- migrations ---------------------------------------------------------------------------------------------
 
 
 def test_a_later_migration_applies_once_to_a_store_holding_runs(where, tmp_path):
@@ -179,7 +217,7 @@ def test_a_later_migration_applies_once_to_a_store_holding_runs(where, tmp_path)
         Store.open(where)
 
 
-# --- import and export -------------------------------------------------------------------------------------
+# --- import and export --------------------------------------------------------------------------------------
 
 
 def test_a_results_folder_and_the_baseline_made_from_it_import_as_the_same_runs(tmp_path):
@@ -205,13 +243,17 @@ def test_an_exported_baseline_is_the_one_update_baselines_writes_from_the_same_r
         with pytest.raises(InputError, match="exists"):
             export_baseline(store, out, "cpu-intel-xeon-processor", "torch2", "tiny")
     exported, expected = read_baseline(out), read_baseline(reference.path)
-    assert (exported.device_slug, exported.env, exported.profile) == (expected.device_slug, expected.env, "tiny")
+    assert (exported.device_slug, exported.env, exported.profile) == (
+        expected.device_slug,
+        expected.env,
+        "tiny",
+    )
     assert len(exported.runs) == len(expected.runs) == 3
     for a, b in zip(exported.runs, expected.runs, strict=True):
         assert a.cases == b.cases and a.canary == b.canary and a.machine_id == b.machine_id
 
 
-# --- the machine's own history as the baseline ----------------------------------------------------------------
+# --- the machine's own history as the baseline --------------------------------------------------------------
 
 
 def here(**kw) -> dict:
@@ -226,30 +268,48 @@ def test_the_second_run_is_judged_against_the_first_and_the_first_says_so(tmp_pa
     assert outcome is None and "holds no earlier run of this machine" in lines[0]
     assert "next run on this machine is judged against these 3 run(s)" in lines[0]
     store_baseline.record_files(first, where)
-    second = [write(tmp_path / "2" / f"torch2-run{i}.json", 10 + i, minute=10 + i, commit="b" * 40,
-                    slow={CASES[0]: 1.3}, **here()) for i in range(3)]
+    second = [
+        write(
+            tmp_path / "2" / f"torch2-run{i}.json",
+            10 + i,
+            minute=10 + i,
+            commit="b" * 40,
+            slow={CASES[0]: 1.3},
+            **here(),
+        )
+        for i in range(3)
+    ]
     outcome, lines = store_baseline.judge(where, second, store_baseline.Policy())
-    assert "3 run(s) of the latest commit recorded on this machine other than the tree's (aaaaaaaaaaaa)" in lines[0]
+    assert (
+        "3 run(s) of the latest commit recorded on this machine other than the tree's (aaaaaaaaaaaa)"
+        in lines[0]
+    )
     verdicts = {c.name: c.verdict for c in outcome.comparison.cases}
     assert verdicts[CASES[0]] == "regression" and not outcome.comparison.new_machine
     assert all(v != "regression" for n, v in verdicts.items() if n != CASES[0])
     # the same commit again, nothing else recorded: an A/A check against the earlier runs of this commit
     store_baseline.record_files(second, where)
-    third = [write(tmp_path / "3" / f"torch2-run{i}.json", 20 + i, minute=20 + i, commit="b" * 40, **here())
-             for i in range(2)]
+    third = [
+        write(tmp_path / "3" / f"torch2-run{i}.json", 20 + i, minute=20 + i, commit="b" * 40, **here())
+        for i in range(2)
+    ]
     outcome, lines = store_baseline.judge(where, third, store_baseline.Policy(), baseline_commit="a" * 40)
     assert "the base commit aaaaaaaaaaaa" in lines[0] and outcome.baseline.n_runs == 3
 
 
 def test_runs_of_another_boot_count_as_this_machine_only_when_the_canary_agrees(tmp_path, monkeypatch):
     where = str(tmp_path / "s.sqlite")
-    old = [write(tmp_path / "old" / f"torch2-run{i}.json", i, minute=i, **here(machine_id="0ldb00t0000")) for i in
-           range(3)]
+    old = [
+        write(tmp_path / "old" / f"torch2-run{i}.json", i, minute=i, **here(machine_id="0ldb00t0000"))
+        for i in range(3)
+    ]
     with Store.open(where) as store:  # recorded on this host before a reboot
         for p in old:
             store.record(read_run(p), store_baseline.RunContext(host_id=machine.host_id()))
-    new = [write(tmp_path / "new" / f"torch2-run{i}.json", 10 + i, minute=10 + i, commit="b" * 40, **here())
-           for i in range(2)]
+    new = [
+        write(tmp_path / "new" / f"torch2-run{i}.json", 10 + i, minute=10 + i, commit="b" * 40, **here())
+        for i in range(2)
+    ]
     outcome, lines = store_baseline.judge(where, new, store_baseline.Policy())
     assert "another boot of this host, canary +0.0%: judged as this machine" in lines[0]
     assert not outcome.comparison.new_machine
