@@ -17,7 +17,7 @@ import pytest
 
 from perf_tests import machine, store_baseline
 from perf_tests.baselines import update_baselines
-from perf_tests.results import InputError, read_baseline, read_run
+from perf_tests.results import InputError, read_baseline, read_run, run_from_doc
 from perf_tests.store import MIGRATIONS, SCHEMA_VERSION, Store, run_key
 from perf_tests.store_cli import export_baseline, import_paths
 from tests.perf_json import CASES, run_doc
@@ -322,3 +322,32 @@ def test_runs_of_another_boot_count_as_this_machine_only_when_the_canary_agrees(
         (faster / p.name).write_text(json.dumps(doc))
     outcome, lines = store_baseline.judge(where, sorted(faster.iterdir()), store_baseline.Policy())
     assert "judged as another machine" in lines[0] and outcome.comparison.new_machine
+
+
+# --- fleet health ---------------------------------------------------------------------------------------------
+
+
+def test_a_machine_slower_for_everything_is_named_and_its_siblings_are_not(tmp_path):
+    """Five machines of one type, each 3 runs; the fleet's spread 2% per machine, one machine 15% slower for
+    every case and the canary (a throttled clock)."""
+    import numpy as np
+
+    from perf_tests.fleet import health
+
+    rng = np.random.default_rng(3)
+    with Store.open(tmp_path / "s.sqlite") as store:
+        for m in range(5):
+            speed = 1.15 if m == 4 else float(np.exp(rng.normal(0, 0.02)))
+            for r in range(3):
+                doc = run_doc(100 * m + r, slow={n: speed for n in CASES})
+                doc["datetime"] = f"2026-11-26T07:{10 * m + r:02d}:00+00:00"
+                doc["machine_info"] = {**doc["machine_info"], "machine_id": f"machine{m}"}
+                for sample in doc["perf_tests"]["canary"]["samples"]:
+                    sample["seconds"] *= speed * float(np.exp(rng.normal(0, 0.01)))
+                store.record(run_from_doc(doc, f"torch2-run{r}.json"))
+        machines = {h.machine_id: h for h in health(store, "cpu-intel-xeon-processor", "torch2")}
+    assert sorted(machines) == [f"machine{m}" for m in range(5)]
+    assert [m for m, h in machines.items() if h.slow] == ["machine4"]
+    slow = machines["machine4"]
+    assert slow.canary_ci[0] < 1.15 < slow.canary_ci[1] and slow.canary_ci[0] > 1.05
+    assert slow.case_ratio == pytest.approx(1.15, rel=0.05) and slow.slow_cases == len(CASES)
