@@ -9,9 +9,10 @@
 2. The study table over all runs (``study-<label>.md``).
 3. Every suite process recorded into the results store (``--store``, docs/store.md), then the verdict
    against this machine's runs in the store, else the committed baseline (or, with ``--ab REF``, against
-   REF on this machine, analysed in pairs), written once per format: ``verdict-<label>.txt|.md|.json``. The two processes of a pair start
-   together and take turns after every timed round (``perf_tests.turns``), so both meet the machine's
-   moment-to-moment load alike; ``--interleave runs`` runs A, then B.
+   REF on this machine, analysed in pairs), written once per format: ``verdict-<label>.txt|.md|.json``.
+   The two processes of a pair start together and take turns after every timed round
+   (``perf_tests.turns``), so both meet the machine's moment-to-moment load alike; ``--interleave runs``
+   runs A, then B.
 4. The study table and the verdict appended once to ``$GITHUB_STEP_SUMMARY`` when that is set.
 
 Exit codes: 0 pass; 1 regression or failed case (or missing under --require-all, inconclusive under
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "postgresql://...; 'off' records nothing (default $SD_PERF_STORE, else "
                         "~/.cache/sd-perf/store.sqlite; docs/store.md)")
     p.add_argument("--baseline-commit", metavar="SHA",
-                   help="judge against this commit's runs on this machine in the store (CI: the base commit); "
-                        "default the latest recorded commit other than the tree's")
+                   help="judge against this commit's runs on this machine in the store (CI: the base "
+                        "commit); default the latest recorded commit other than the tree's")
     p.add_argument("--update-baselines", action="store_true", help="record the runs into --baseline-dir")
     p.add_argument("--replace", action="store_true", help="with --update-baselines: start the baseline anew")
     return p
@@ -364,7 +365,8 @@ def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRu
     else:
         outcome, lines = store_baseline.judge(where, [r.path for r in runs], Policy(),
                                               baseline_commit=opts.baseline_commit)
-        print("\n".join(lines), file=sys.stderr)
+        for line in lines:
+            print(line, file=sys.stderr)
         outcome = outcome or load_and_compare(opts.baseline_dir, [r.path for r in runs], Policy(),
                                               require_baseline=opts.require_baseline)
     for warning in outcome.warnings:
