@@ -143,50 +143,53 @@ def pick(
     machine_ids = sorted({r.machine_id for r in candidate if r.machine_id})
     own = {run_key(r) for r in candidate}
     host = machine.host_id()
+    marks = ", ".join("?" * len(machine_ids)) or "NULL"
+    scope = (f"device_slug = ? AND env = ? AND mode = 'solo' AND complete = 1 "
+             f"AND (machine_id IN ({marks}) OR host_id = ?)")
+    params = (slug, env, *machine_ids, host)
+    chosen: list[StoredRun] = []
     with Store.open(where) as store:
-        marks = ", ".join("?" * len(machine_ids)) or "NULL"
-        stored = store.runs(
-            f"device_slug = ? AND env = ? AND mode = 'solo' AND complete = 1 "
-            f"AND (machine_id IN ({marks}) OR host_id = ?)",
-            (slug, env, *machine_ids, host),
-            profiles=profiles,
-        )
-    stored = [s for s in stored if _usable(s, profiles) and run_key(s.run) not in own]
-    stored.sort(key=lambda s: s.run.datetime or s.recorded_at)
-    if not stored:
-        return None, f"the store {describe(where)} holds no earlier run of this machine ({what})"
-    current = first.git_commit
-    if baseline_commit:
-        chosen = [s for s in stored if s.commit_sha == baseline_commit and not s.dirty]
-        if not chosen:
-            return None, (
-                f"the store {describe(where)} holds no run of the base commit {baseline_commit[:12]} "
-                f"on this machine ({what})"
-            )
-        why = f"the base commit {baseline_commit[:12]}"
-    else:
-        others = [s for s in stored if s.run.git_commit != current]
-        if others:
-            latest = others[-1].run.git_commit
-            chosen = [s for s in others if s.run.git_commit == latest]
-            why = (
-                f"the latest commit recorded on this machine other than the tree's ({(latest or '?')[:12]})"
-            )
+        # which commits first (a light query), then the runs of one commit at a time, whole
+        heads = store.execute(f"SELECT id, git_commit, commit_sha, dirty, COALESCE(started_at, recorded_at) "
+                              f"FROM runs WHERE {scope}", params).fetchall()
+        heads.sort(key=lambda h: h[4])
+        if baseline_commit:
+            order = [("base", [h[0] for h in heads if h[2] == baseline_commit and not h[3]])]
         else:
-            chosen = stored
-            why = ("no other commit recorded on this machine: earlier runs of the tree's own commit "
-                   "(an A/A check)")
+            latest_first = list(dict.fromkeys(h[1] for h in reversed(heads) if h[1] != first.git_commit))
+            order = [("other", [h[0] for h in heads if h[1] == c]) for c in latest_first]
+            order.append(("own", [h[0] for h in heads if h[1] == first.git_commit]))
+        reason = ""
+        for kind, ids in order:
+            if not ids:
+                continue
+            runs_of = store.runs(f"id IN ({', '.join('?' * len(ids))})", ids, profiles=profiles)
+            chosen = [s for s in runs_of if _usable(s, profiles) and run_key(s.run) not in own]
+            if chosen:
+                reason = kind
+                break
+    if not chosen:
+        if baseline_commit:
+            return None, (f"the store {describe(where)} holds no run of the base commit "
+                          f"{baseline_commit[:12]} on this machine ({what})")
+        return None, f"the store {describe(where)} holds no earlier run of this machine ({what})"
+    chosen.sort(key=lambda s: s.run.datetime or s.recorded_at)
+    commit_shown = (chosen[-1].run.git_commit or "?")[:12]
+    why = {"base": f"the base commit {commit_shown}",
+           "other": f"the latest commit recorded on this machine other than the tree's ({commit_shown})",
+           "own": "no other commit recorded on this machine: earlier runs of the tree's own commit "
+                  "(an A/A check)"}[reason]
     env_now = _env_key(chosen[-1].run)
     chosen = [s for s in chosen if _env_key(s.run) == env_now]
     runs = [s.run for s in chosen]
     this_boot = set(machine_ids)
     other_boot = [r for r in runs if r.machine_id not in this_boot]
     if other_boot:
-        mine, theirs = _canary_median(candidate), _canary_median(other_boot)
+        ours, theirs = _canary_median(candidate), _canary_median(other_boot)
         near = (
-            mine is not None
+            ours is not None
             and theirs is not None
-            and abs(math.log(theirs / mine)) <= math.log1p(policy.canary_min_shift)
+            and abs(math.log(theirs / ours)) <= math.log1p(policy.canary_min_shift)
         )
         if near and machine_ids:
             runs = [
@@ -195,10 +198,10 @@ def pick(
             ]
             why += (
                 f"; {len(other_boot)} of them from another boot of this host, canary "
-                f"{theirs / mine - 1:+.1%}: judged as this machine"
+                f"{theirs / ours - 1:+.1%}: judged as this machine"
             )
         else:
-            moved = f"canary {theirs / mine - 1:+.1%}" if mine and theirs else "no canary to tell"
+            moved = f"canary {theirs / ours - 1:+.1%}" if ours and theirs else "no canary to tell"
             why += (
                 f"; {len(other_boot)} of them from another boot of this host ({moved}, beyond "
                 f"±{policy.canary_min_shift:.0%}): judged as another machine"
