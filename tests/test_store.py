@@ -351,3 +351,42 @@ def test_a_machine_slower_for_everything_is_named_and_its_siblings_are_not(tmp_p
     slow = machines["machine4"]
     assert slow.canary_ci[0] < 1.15 < slow.canary_ci[1] and slow.canary_ci[0] > 1.05
     assert slow.case_ratio == pytest.approx(1.15, rel=0.05) and slow.slow_cases == len(CASES)
+
+
+# --- `perf_tests run` end to end --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="the fake suite is a git repository")
+def test_consecutive_runs_record_and_the_second_is_judged_against_the_first(tmp_path, monkeypatch, capsys):
+    """A fake suite (tests/test_run.py) on this machine: the first run records and says what the next will
+    see; the second is an A/A check against it; after a commit making the case 60% slower, the third is
+    judged against the second commit's runs and fails."""
+    from perf_tests import run as R
+    from tests.test_run import FAKE_CONFTEST, _fake_repo, _git
+
+    repo = _fake_repo(tmp_path)
+    fingerprint = {"device_slug": "cpu-test", "env": "torch2", "torch_version": "x", "device_type": "cpu",
+                   "machine_id": machine.machine_id()}
+    (repo / "perf_tests" / "conftest.py").write_text(FAKE_CONFTEST.format(machine=fingerprint))
+    _git(repo, "commit", "-q", "-am", "this machine")
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    where = tmp_path / "store.sqlite"
+    (tmp_path / "bl").mkdir()  # no committed baseline for this device
+    args = ["--runs", "3", "--label", "torch2", "--baseline-dir", str(tmp_path / "bl"), "--store", str(where)]
+    assert R.main([*args, "--results", str(tmp_path / "r1")]) == 0
+    err = capsys.readouterr().err
+    assert "holds no earlier run of this machine" in err and "judged against these 3 run(s)" in err
+    assert f"update-baselines {tmp_path / 'r1'}/torch2-run*.json" in err
+    assert R.main([*args, "--results", str(tmp_path / "r2")]) == 0
+    err = capsys.readouterr().err
+    assert "baseline: 3 run(s) of no other commit recorded on this machine" in err
+    verdict = json.loads((tmp_path / "r2" / "verdict-torch2.json").read_text())
+    assert "this machine at" in json.dumps(verdict)
+    (repo / "perf_tests" / "factor.txt").write_text("1.6")
+    _git(repo, "commit", "-q", "-am", "slower")
+    assert R.main([*args, "--results", str(tmp_path / "r3")]) == 1
+    err = capsys.readouterr().err
+    assert "baseline: 6 run(s) of the latest commit recorded on this machine other than the tree's" in err
+    with Store.open(where) as store:
+        assert store.count() == 9
