@@ -324,7 +324,7 @@ def test_runs_of_another_boot_count_as_this_machine_only_when_the_canary_agrees(
     assert "judged as another machine" in lines[0] and outcome.comparison.new_machine
 
 
-# --- fleet health ---------------------------------------------------------------------------------------------
+# --- fleet health -------------------------------------------------------------------------------------------
 
 
 def test_a_machine_slower_for_everything_is_named_and_its_siblings_are_not(tmp_path):
@@ -353,7 +353,7 @@ def test_a_machine_slower_for_everything_is_named_and_its_siblings_are_not(tmp_p
     assert slow.case_ratio == pytest.approx(1.15, rel=0.05) and slow.slow_cases == len(CASES)
 
 
-# --- `perf_tests run` end to end --------------------------------------------------------------------------------
+# --- `perf_tests run` end to end ----------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="the fake suite is a git repository")
