@@ -25,7 +25,7 @@ from noxenvs import TOOLS, Env  # noqa: E402
 TORCH2, TORCH20, TORCH1 = Env.pinned("torch2"), Env.pinned("torch20"), Env.pinned("torch1")
 GPU_PYTHON = os.environ.get("SD_PERF_GPU_PYTHON", "python3")  # the interpreter with the preinstalled PyTorch
 WORKFLOWS = [".github/workflows/perf-gate.yml", ".github/workflows/perf-comment.yml",
-             ".github/workflows/update-baselines.yml"]
+             ".github/workflows/update-baselines.yml", ".github/workflows/perf-nightly.yml"]
 # Default of the perf sessions: the suite's gate grid, as many runs as fit in 8 minutes of suite time. The
 # first run (cold Inductor cache) always runs; a later one starts only when its estimate fits in what is
 # left, so on the 2-core CI machine the suite stays within 10 minutes with 2 minutes for a slow run.
@@ -193,6 +193,15 @@ def report(session: nox.Session) -> None:
     session.run("python", "-m", "perf_tests", "report", *files, *options)
     if "--output" in options and os.path.isfile(output := options[options.index("--output") + 1]):
         print(Path(output).read_text(encoding="utf-8"))
+
+
+@env_session(TORCH2, "history")
+def history(session: nox.Session) -> None:
+    """The results store (docs/store.md): nox -s history -- [history options], or -- store import|export|info
+    ..., or -- dashboard OUT_DIR; with the PostgreSQL driver for --store postgresql://..."""
+    noxenvs.install(session, TORCH2, ("perf", "store"))
+    command = [] if session.posargs[:1] in (["store"], ["dashboard"]) else ["history"]
+    session.run("python", "-m", "perf_tests", *command, *session.posargs)
 
 
 @env_session(TORCH2, "tests")

@@ -252,7 +252,17 @@ def add_explain_and_bisect(sub) -> None:
     bisect.add_parser(sub)
 
 
-SUBCOMMANDS = (add_run, add_compare, add_update_baselines, add_report, add_explain_and_bisect)
+def add_store_history_dashboard(sub) -> None:
+    from perf_tests import dashboard, fleet, history, store_cli  # the results store and what reads it
+
+    store_cli.add_parser(sub)
+    history.add_parser(sub)
+    dashboard.add_parser(sub)
+    fleet.add_parser(sub)
+
+
+SUBCOMMANDS = (add_run, add_compare, add_update_baselines, add_report, add_explain_and_bisect,
+               add_store_history_dashboard)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,19 @@ def machine_id(machine_id_file: str = "/etc/machine-id",
     return hashlib.sha256(f"{parts[0]}\n{host}\n{parts[1]}".encode()).hexdigest()[:12]
 
 
+def host_id(machine_id_file: str = "/etc/machine-id") -> str:
+    """12 hex chars naming this host across its boots: :func:`machine_id` without the boot id. VMs cloned
+    from one image share it, and a VM booted again may run on other hardware, so runs of another boot of
+    one host are judged as the same machine only when their canaries agree (docs/store.md)."""
+    host = socket.gethostname()
+    try:
+        with open(machine_id_file) as f:
+            mid = f.read().strip() or host
+    except OSError:
+        mid = host
+    return hashlib.sha256(f"{mid}\n{host}".encode()).hexdigest()[:12]
+
+
 ENV_LABELS = ("torch1", "torch20", "torch2")  # in release order
 
 

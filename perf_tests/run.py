@@ -7,10 +7,12 @@
    runs go on until the next one would overrun the budget (at least one run). The suite's Inductor cache
    folder persists between runs and invocations, so only a machine's first run compiles cold.
 2. The study table over all runs (``study-<label>.md``).
-3. The verdict against the baseline store (or, with ``--ab REF``, against REF on this machine, analysed in
-   pairs), written once per format: ``verdict-<label>.txt|.md|.json``. The two processes of a pair start
-   together and take turns after every timed round (``perf_tests.turns``), so both meet the machine's
-   moment-to-moment load alike; ``--interleave runs`` runs A, then B.
+3. Every suite process recorded into the results store (``--store``, docs/store.md), then the verdict
+   against this machine's runs in the store, else the committed baseline (or, with ``--ab REF``, against
+   REF on this machine, analysed in pairs), written once per format: ``verdict-<label>.txt|.md|.json``.
+   The two processes of a pair start together and take turns after every timed round
+   (``perf_tests.turns``), so both meet the machine's moment-to-moment load alike; ``--interleave runs``
+   runs A, then B.
 4. The study table and the verdict appended once to ``$GITHUB_STEP_SUMMARY`` when that is set.
 
 Exit codes: 0 pass; 1 regression or failed case (or missing under --require-all, inconclusive under
@@ -33,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tests import turns
+from perf_tests import store_baseline, turns
 from perf_tests.ab import Tree, ab_trees, pair_cpus
 from perf_tests.baselines import locate_baselines, update_baselines
 from perf_tests.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
@@ -82,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-ref", metavar="REF",
                    help="with --explain and a stored baseline: the git ref to profile against (default: the "
                         "commit the baseline's last run was recorded at)")
+    p.add_argument("--store", metavar="PATH|URL|off",
+                   help="results store the runs are recorded into and judged against first: a SQLite file or "
+                        "postgresql://...; 'off' records nothing (default $SD_PERF_STORE, else "
+                        "~/.cache/sd-perf/store.sqlite; docs/store.md)")
+    p.add_argument("--baseline-commit", metavar="SHA",
+                   help="judge against this commit's runs on this machine in the store (CI: the base "
+                        "commit); default the latest recorded commit other than the tree's")
     p.add_argument("--update-baselines", action="store_true", help="record the runs into --baseline-dir")
     p.add_argument("--replace", action="store_true", help="with --update-baselines: start the baseline anew")
     return p
@@ -329,6 +338,10 @@ def _main(argv: Sequence[str]) -> int:
 
 def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRun], out: Path, label: str) -> int:
     study = write_study([r.path for r in runs], out, label)
+    where = store_baseline.location(opts.store)
+    for line in store_baseline.record_invocation(where, [r.path for r in runs], named=bool(opts.store),
+                                                 mode="ab" if opts.ab else "solo"):
+        print(line, file=sys.stderr)
     failed = sum(r.returncode == 1 or bool(_recorded_failures(r.path)) for r in runs)  # processes with a failed case
 
     if opts.update_baselines:
@@ -348,10 +361,16 @@ def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRu
         outcome = load_and_compare_ab(b, a, Policy(), ref_label=f"{opts.ab} ({len(b)} runs)",
                                       current_label=f"current tree ({len(a)} runs)")
     else:
-        outcome = load_and_compare(opts.baseline_dir, [r.path for r in runs], Policy(),
-                                   require_baseline=opts.require_baseline)
+        outcome, lines = store_baseline.judge(where, [r.path for r in runs], Policy(),
+                                              baseline_commit=opts.baseline_commit)
+        for line in lines:
+            print(line, file=sys.stderr)
+        outcome = outcome or load_and_compare(opts.baseline_dir, [r.path for r in runs], Policy(),
+                                              require_baseline=opts.require_baseline)
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if outcome.comparison is None:
+        print(store_baseline.no_baseline_hint(out, label), file=sys.stderr)
     reports = write_reports(outcome, out, f"verdict-{label}")
     if opts.explain:
         _explain(opts, trees, outcome, out, reports)

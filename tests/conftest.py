@@ -67,3 +67,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     err = (actual.float() - expected.float()).abs().max().item()
     scale = expected.float().abs().max().item()
     assert err <= atol + rtol_of_max * scale, f"max abs error {err:.3g} (reference max {scale:.3g})"
+
+
+@pytest.fixture(autouse=True)
+def _own_results_store(tmp_path_factory, monkeypatch):
+    """Every test that runs `perf_tests run` records into a store of its own, never the user's."""
+    monkeypatch.setenv("SD_PERF_STORE", str(tmp_path_factory.mktemp("store") / "store.sqlite"))
