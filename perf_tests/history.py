@@ -36,7 +36,7 @@ STRIDE = 30  # windows overlap by half, so a step near a window's edge is centra
 MIN_SIZE = 4  # commits on each side of a change point
 CONTEXT = 10  # commits on each side whose runs judge a change point
 ALPHA = 0.02  # permutation p-value below which a split is a change point
-PERMUTATIONS = 199
+PERMUTATIONS = 99
 
 
 # --- E-Divisive means -------------------------------------------------------------------------------------

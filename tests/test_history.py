@@ -74,7 +74,7 @@ def test_a_clear_step_is_found_where_it_is_and_noise_mostly_is_not():
 def test_detection_rates_on_100_commit_histories():
     """Targets: +10% found within +-1 commit in >= 90% of histories, +5% in >= 70%, <= 1 false change point
     per 100 commits on pure noise, with 5 runs per commit as the nightly records (docs/store.md has the
-    figures, and those of 3 runs per commit, where a +5% step is placed within +-1 commit in 67%)."""
+    figures, and those of 3 runs per commit, where a +5% step is placed within +-1 commit in 66-67%)."""
     found10, false10 = rates(0.10, 200, seed=10, runs=5)
     found5, _ = rates(0.05, 200, seed=11, runs=5)
     _, false0 = rates(0.0, 200, seed=12, runs=5)
