@@ -160,6 +160,12 @@ def _probe(
     key = (name, str(device), dtypes, head_dims)
     if key not in _PROBES:
         reason = _REGISTRY[name].missing()
+        kernel = name.removeprefix("sdpa-")
+        ran = capabilities.sdpa_kernel_ignored(device) if kernel in capabilities.SDPA_KERNELS else None
+        if reason is None and ran not in (None, kernel):
+            reason = (f"torch.backends.cuda.sdp_kernel does not restrict SDPA on {device.type} in this "
+                      f"PyTorch (a call with every kernel off still runs, with {ran}): {kernel} cannot be "
+                      f"selected")
         if reason is None and device.type != "meta":  # meta tensors run no kernel: nothing to learn
             attend = attend or _REGISTRY[name].kernel()
             errors: dict[str, list[str]] = {}  # message -> the dtypes that got it

@@ -94,6 +94,24 @@ def sdpa_kernel_context(kernel: str) -> Callable[[], contextlib.AbstractContextM
     return lambda: torch.backends.cuda.sdp_kernel(**flags)
 
 
+def sdpa_kernel_ignored(device: torch.device) -> str | None:
+    """The kernel SDPA runs on `device` whatever `sdpa_kernel_context` says, or None where that context
+    restricts it. torch.backends.cuda.sdp_kernel sets flags that PyTorch 2.0.1 reads for CUDA only: on a CPU a
+    call with every kernel turned off still runs (its math kernel). Probed by that call."""
+    if sdpa_kernel_api() != "torch.backends.cuda.sdp_kernel" or device.type in ("cuda", "meta"):
+        return None
+    q = torch.zeros(1, 1, 2, 8, device=device)
+    off = {"enable_math": False, "enable_flash": False, "enable_mem_efficient": False}
+    try:
+        with torch.backends.cuda.sdp_kernel(**off):
+            F.scaled_dot_product_attention(q, q, q)
+    except RuntimeError:
+        return None
+    choice = getattr(torch, "_fused_sdp_choice", None)  # the backend index: 0 math, 1 flash, 2 mem-efficient
+    index = choice(q, q, q) if choice is not None else 0
+    return ("math", "flash", "mem-efficient")[index] if index in (0, 1, 2) else "an unknown kernel"
+
+
 def sdpa_kernel_context_traceable() -> bool:
     """Whether torch.compile traces the context of `sdpa_kernel_context` inside a graph: torch.nn.attention's
     sdpa_kernel, yes; torch.backends.cuda.sdp_kernel of PyTorch 2.0-2.2, no (Dynamo 2.0.1: "torch.* op

@@ -241,3 +241,16 @@ def test_cuda_flash_gives_the_vae_head_to_the_next_kernel():
     q, k, v = (t.half() for t in qkv(d=512))
     out = attend(q.cuda(), k.cuda(), v.cuda())
     torch.testing.assert_close(out.cpu().double(), textbook_attention(q, k, v), atol=3e-3, rtol=3e-3)
+
+
+def test_a_kernel_the_flags_cannot_select_on_this_device_is_refused_with_the_kernel_that_runs(monkeypatch):
+    """PyTorch 2.0.1's torch.backends.cuda.sdp_kernel is read by its CUDA dispatch only: on a CPU every
+    setting runs math, so sdpa-mem-efficient there would record a kernel that did not run."""
+    monkeypatch.setattr(attention, "_PROBES", {})
+    monkeypatch.setattr(capabilities, "sdpa_kernel_ignored", lambda device: "math")
+    available = attention.available_attention("cpu")
+    for name in ("sdpa-mem-efficient", "sdpa-flash"):
+        assert "does not restrict SDPA on cpu" in available[name] and "with math" in available[name]
+    if capabilities.sdpa_kernel_missing("math") is None:
+        assert available["sdpa-math"] is None
+    assert available["original"] is None and available["sdpa"] is None
