@@ -98,11 +98,14 @@ def mde_line(cmp: Comparison) -> str:
 def policy_line(cmp: Comparison) -> str:
     p = cmp.policy
     design = "paired A/B, per-pair log ratios" if cmp.paired else "unpaired"
+    over = ("max-t step-down over cases (family-wise)" if p.correction == "holm"
+            else f"{p.correction} over cases")
     return (
-        f"time: runs are the unit ({design}): per run the median of its rounds; each case's change is split "
-        f"into a part common to the run's cases and a case-specific part, with variances pooled per kind; "
-        f"regression = a one-sided t test significant at alpha {p.alpha} ({p.correction} over cases, common "
-        f"and case-specific tests at alpha/2 each) AND a point estimate above +{p.min_effect:.0%}; no change = "
+        f"time: runs are the unit ({design}): per run the median of its rounds; the noise of each case's "
+        f"change has a part common to the run's cases (net of the canary, weighted by regression) and a "
+        f"case-specific part, estimated once (docs/statistics.md); regression = a one-sided t test of the "
+        f"case's change significant at alpha {p.alpha} ({over}) AND a point estimate above "
+        f"+{p.min_effect:.0%}; no change = "
         f"the {p.confidence_level:.0%} interval inside ±{p.min_effect:.0%}; one run a side judged only against "
         f"a recorded or prior run-to-run noise; a run (pair) with a disturbed canary is left out while enough "
         "clean ones remain, else regressions and no change are inconclusive. "
@@ -122,10 +125,20 @@ def context_lines(cmp: Comparison) -> list[str]:
                      + " (compared; every verdict carries this label)")
     if cmp.canary is not None:
         lines.append(canary_line(cmp))
+    if cmp.suite is not None:
+        lines.append(suite_line(cmp))
     if cmp.paired and cmp.pairing_narrowing is not None:
         lines.append(f"pairing narrowed the intervals by {cmp.pairing_narrowing:.0%} (median over cases) "
                      "against the unpaired analysis of the same runs")
     return lines
+
+
+def suite_line(cmp: Comparison) -> str:
+    """The change of the suite as a whole (the mean over the cases measured in every run): its own claim,
+    which makes no case a regression."""
+    s = cmp.suite
+    return (f"the suite as a whole: {_change(s)} ({_MARK[s.verdict]}, p {min(s.p_regression, s.p_improvement):.2g}"
+            f", MDE {s.mde:.1%}; the mean over the cases measured in every run, tested on its own)")
 
 
 def canary_line(cmp: Comparison) -> str:
@@ -252,6 +265,7 @@ def to_dict(cmp: Comparison) -> dict:
         "paired": cmp.paired,
         "pairing_narrowing": cmp.pairing_narrowing,
         "new_machine": cmp.new_machine,
+        "suite": None if cmp.suite is None else dataclasses.asdict(cmp.suite),
         "notes": list(cmp.notes),
         "policy": dataclasses.asdict(cmp.policy),
         "policy_text": policy_line(cmp),
