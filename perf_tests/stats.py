@@ -1,76 +1,18 @@
 """The regression comparator: (baseline samples, candidate samples, policy) -> verdicts.
 
 A pure function, :func:`compare`, with no files, printing or exit codes (``compare.py`` and ``report.py``
-wrap it). The model behind the ``time`` verdict:
-
-*Runs are the unit of evidence.* Rounds of one process share its state (clocks, memory layout, neighbours),
-so they are not independent samples of the code's speed. Per case and side, each run is reduced to one
-number, ``y = log(median of its rounds)``, which carries the within-run noise too; the effect is
-``d = mean(y_candidate) - mean(y_baseline)`` (reported as the ratio ``exp(d)``).
-
-* Noise: a process's speed moves all its cases alike (measured: ~3% per run common, 1.5% per case), so the
-  variance of ``d`` is split (:func:`_split`) into a part common to all cases of a run (estimated from the
-  runs' mean over cases, ``n - 1`` df per side) and a case-specific part (the rest, pooled across the cases
-  of one kind, ``case["kind"]``). Where that split cannot be made (fewer than 3 cases measured in every
-  run), the variance of run medians pooled across the cases of the kind on both sides is used as a whole.
-* With one run on a side, that side adds no degrees of freedom and the estimate comes from the other side;
-  with one run on both sides, from a per-device-type prior (``Policy.run_sd_priors``); with neither, the
-  verdict is *inconclusive, too few samples*: never a regression by rounds alone.
-* When the candidate ran on machines none of the baseline's runs came from, the machine's speed is in every
-  change: with a canary in the same environment on both sides, every change is taken net of the canary's
-  move (its standard error added to the common variance), and the machine-to-machine variances (estimated
-  from a baseline spanning several machines, else ``Policy.machine_sd`` common and
-  ``Policy.machine_case_sds`` per case: machines differ case by case too, by cache sizes and memory) are
-  added to the common and the case-specific part. A candidate run's canary is then held against the
-  candidate runs' median, not the baseline machine's.
-* *Regression*: a one-sided t test of ``d > 0`` significant at ``alpha`` AND the point estimate above
-  ``+min_effect``. With the split, two tests at ``alpha / 2`` each: the median change of all cases (a uniform
-  slowdown) against the common variance, and the case's contrast to that median (it moved unlike the
-  others) against the case-specific variance, Holm (or BH) across cases. Why this rule: testing each case's
-  total change against its total variance, with the df pooled over cases, caught a one-case +10% in 78%
-  of 200 draws at 5 vs 3 runs (the shared 3% dominates) and, because the shared part is counted as if
-  independent across cases, raised 6.5% whole-run A/A false alarms at 3 vs 3 runs; requiring the
-  interval's lower bound above ``+min_effect`` would test ``d > min_effect`` and need a far larger change. The point-estimate rule keeps a
-  significant but negligible change from failing the gate. *Improvement* mirrors it. *No change* only when
-  the whole ``confidence_level`` interval (total variance, Welch-Satterthwaite df) lies inside
-  ``±min_effect``; anything else is *inconclusive*, with the interval, the MDE and the runs that would
-  settle it. ``tests/test_stats.py`` measures the false-alarm rate, power and coverage of this rule.
-* *MDE* (minimum detectable effect): the smallest slowdown of one case flagged with ``power`` (80%) at the
-  corrected alpha, from the SEs and df actually used (:func:`mde`, :func:`_mde_of`): the larger of
-  ``log(1 + min_effect) + t_power SE`` and, for the split, ``(t_{alpha/2m} + t_power) SE_contrast``.
-* *Paired* (A/B runs alternated A, B, A, B): the same model on the per-pair differences of log run medians;
-  drift shared by the members of a pair cancels. The comparison reports how much
-  narrower the paired interval is than the unpaired one on the same data.
-* *Canary*: a code-independent workload (plain matmul + conv) timed between cases. A candidate run whose
-  canary is much noisier than usual, or whose canary median moved against the baseline's beyond the
-  baseline's own run-to-run noise, is *disturbed*; paired, a pair is disturbed when its canary moved between
-  the two members beyond the noise of their medians (drift that moved both cancels). Disturbed runs (pairs)
-  are left out of the time verdicts when enough clean ones remain (two pairs, or one candidate run against
-  a baseline); otherwise regression, improvement and no-change time verdicts become inconclusive. The part
-  of the change common to all cases (a uniform slowdown) is what a slower machine also produces, so its test is against the canary's own move: ``D - C`` with both variances, where ``C``
-  is the mean change of the canary's log run medians (per pair when paired). A run on a machine 16% slower
-  for everything, canary included, is not a regression of every case; the case-specific contrasts, the
-  intervals and the estimates are unchanged (timings are never divided by the canary). After an
-  environment change (torch, driver) the canary's move is reported on its own and not used, so an upgrade
-  is not normalised away.
-
-``compile_time`` and ``peak_memory`` have one value per run; every pairwise ratio candidate/baseline is set
-against the threshold (all above: regression, all inside: no change, else inconclusive). Compile time is
-compared only between runs of the same ``compile_cache`` state (a warm cache compiles in a fraction of the
-time); with no common state it is *not compared*, which never fails.
-
-Case-level verdicts beyond timing: *failed* (the candidate recorded the case as failed, or its output was
-wrong), *skipped* (in the baseline, skipped by the candidate with a reason), *missing* (selected by the
-candidate but neither produced, skipped nor failed), *new* (not in the baseline, or a changed definition).
-Baseline cases the candidate did not select are counted in ``Comparison.not_selected``, not judged.
-Environment: a different device type or slug makes timings incomparable (every verdict inconclusive); a
-different torch/CUDA/cuDNN/driver is compared and every verdict is labelled with the change.
+wrap it). The ``time`` verdict comes from one variance-components model of log run medians, estimated
+once per comparison (:func:`_fit`); docs/statistics.md states the model, its assumptions, the tests,
+the MDE and the operating characteristics measured by ``tests/gate_world.py``. ``compile_time`` and
+``peak_memory`` have one value per run, judged on the range of pairwise ratios. Reasons are
+:class:`Reason` codes with their numbers; ``report.py`` writes the sentences.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,14 +47,9 @@ _ENV_NAMES = {"torch_version": "torch", "cuda_version": "CUDA", "cudnn_version":
               "driver_version": "driver", "gpu_count": "GPUs"}
 
 # Run-to-run sd of log case medians used when neither side has two runs, as (device_type, env, sd); the
-# first match wins, "*" matches anything. CPU figures: the sd pooled over the cases of the committed CPU
-# baselines (baselines/cpu-intel-xeon-processor, 3 runs each, a shared 2-core machine): torch2 6.7% (54
-# cases), torch1 10.0% (12 cases), rounded up. CUDA: no GPU baseline has been recorded yet; 3% is an
-# assumption (GPU kernels repeat far better than a shared CPU), to be replaced by the first recorded one.
+# first match wins, "*" matches anything. Sources in docs/statistics.md.
 DEFAULT_RUN_SD_PRIORS = (("cpu", "torch1", 0.10), ("cpu", "*", 0.07), ("cuda", "*", 0.03))
 
-# What settles a comparison across machines, where more runs do not (the machine-to-machine variance stays).
-ACROSS_MACHINES_FIX = "compare on one machine: --ab REF, or a baseline recorded on this one (update-baselines)"
 
 
 @dataclass(frozen=True)
@@ -130,15 +67,8 @@ class Policy:
     prior_df: int = 10  # degrees of freedom credited to a prior (about the runs it was measured on)
     case_prior_df: int = 8  # df of the kind's variance a case's own case-specific variance is moderated with
     machine_prior_df: int = 10  # df credited to machine_sd / machine_case_sds when pooled with a fleet's
-    # Machine-to-machine sds of a case's log median between two machines of one type, used when the candidate
-    # ran on a machine none of the baseline's runs came from and the baseline spans a single machine. The
-    # common part (every case alike) is what is left after the canary's move is taken out: 3.0% (torch2) and
-    # 0.1% (torch1) between two 2-core VMs reporting the same CPU model, whose canaries differed by 35% and
-    # 49%. The case-specific part (a case moving unlike the others), on those VMs: the sd over cases of each
-    # case's change minus the mean change was 12-17% (torch2, 7 cases) and 11-14% (torch1, 3 cases) in
-    # three smoke runs each, 2026-12-02, the largest single case +30% (attention with the original kernel):
-    # rounded up to 20%, as the false alarms of a CI smoke cost more than its power. For CUDA an assumption
-    # until a GPU fleet measures it: one GPU model runs the same kernels on every host.
+    # sds of a case's log median between two machines of one type (common net of the canary, and
+    # case-specific): the prior pooled with a fleet's estimate; measured values in docs/statistics.md
     machine_sd: float = 0.03
     machine_case_sds: tuple[tuple[str, float], ...] = (("cpu", 0.20), ("*", 0.03))
     # Canary: a candidate run is disturbed when its within-run robust CV exceeds canary_cv_factor times the
@@ -153,9 +83,7 @@ class Policy:
     compile_floor_s: float = 0.5  # compile times below this are treated as equal to it
     memory_threshold: float = 0.05
     memory_floor_bytes: int = 1 << 20  # memory values below this (incl. CPU RSS deltas <= 0) count as it
-    # Peak memory is judged only on these device types: CUDA's allocator statistics repeat run to run, while
-    # a CPU peak-RSS delta depends on what the process allocated before the case (observed: 0.1 to 50 MB for
-    # one case across runs), so it is shown but never gates.
+    # CUDA's allocator statistics repeat run to run; a CPU peak-RSS delta does not (docs/statistics.md)
     memory_device_types: tuple[str, ...] = ("cuda",)
     env_fields: tuple[str, ...] = DEFAULT_ENV_FIELDS
 
@@ -190,7 +118,7 @@ class Policy:
         device_type, env = environment.get("device_type"), environment.get("env")
         for dt, en, sd in self.run_sd_priors:
             if fnmatch.fnmatchcase(str(device_type), dt) and fnmatch.fnmatchcase(str(env), en):
-                return sd, f"prior for {device_type}/{env}"
+                return sd, f"{device_type}/{env}"
         return None
 
 
@@ -239,6 +167,21 @@ class Side:
 
 
 @dataclass(frozen=True)
+class Reason:
+    """Why a verdict is what it is: a code and its numbers (``report.sentence`` writes the words)."""
+
+    code: str
+    values: tuple[tuple[str, object], ...] = ()
+
+    def __getitem__(self, key: str) -> object:
+        return dict(self.values)[key]
+
+
+def why(code: str, **values) -> Reason:
+    return Reason(code, tuple(values.items()))
+
+
+@dataclass(frozen=True)
 class MetricResult:
     metric: str
     verdict: str
@@ -255,7 +198,7 @@ class MetricResult:
     n_candidate: int = 0
     baseline_median: float | None = None
     candidate_median: float | None = None
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[Reason, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -263,7 +206,7 @@ class CaseVerdict:
     name: str
     verdict: str
     metrics: dict[str, MetricResult]
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[Reason, ...] = ()
     labels: tuple[str, ...] = ()  # e.g. "environment changed: torch 2.13.1 -> 2.14.1"
 
 
@@ -495,7 +438,7 @@ class _Model:
     canary_weight: float | None = None  # the canary's regression weight (1: subtracted in full)
     canary_shift: float | None = None  # the canary's mean log change
     machines: tuple[int, float, float, bool] | None = None  # baseline machines, common sd, case sd, estimated
-    reasons: dict[str, str] = field(default_factory=dict)  # per case: where its noise came from
+    reasons: dict[str, Reason] = field(default_factory=dict)  # per case: where its noise came from
 
 
 def _k(n_b: int, n_c: int, paired: bool) -> float:
@@ -523,12 +466,13 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
         samples = []
         for side, y, kk in ((baseline, yb, kb), (candidate, yc, kc)):
             if full:
-                machines = side.machines if new_machine and len(side.machines) == side.n_runs else [None] * side.n_runs
+                grouped = new_machine and len(side.machines) == side.n_runs
+                machines = side.machines if grouped else [None] * side.n_runs
                 samples.append((np.stack([y[n] for n in full], 1), kk if canary_ok else None, machines))
     m = len(full)
     split = m >= 3
     # run level: within (side, machine) groups
-    ss_g = df_g = ss_gk = ss_kk = 0.0
+    ss_g = df_g = ss_kk = 0.0
     g_parts, k_parts = [], []
     ss_e: dict[str, float] = {}
     df_e: dict[str, float] = {}
@@ -621,7 +565,8 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
             est_u = (max(float(np.var(level, ddof=1)) - var_g * inv_n, 0.0), float(k_m))
             resid = means - means.mean(axis=1, keepdims=True)
             resid -= resid.mean(axis=0)
-            est_e = (max(float(np.sum(resid**2)) / (k_m * (m - 1)) - mean_e * inv_n, 0.0), float(k_m * (m - 1)))
+            df_m = float(k_m * (m - 1))
+            est_e = (max(float(np.sum(resid**2)) / df_m - mean_e * inv_n, 0.0), df_m)
         prior_df = float(policy.machine_prior_df)
         # the policy's sds are of the difference between two machines: half their square per machine
         mach_u, df_mu = _pool((policy.machine_sd**2 / 2, prior_df), est_u)
@@ -636,7 +581,8 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
         d = float(yc[n].mean() - yb[n].mean()) - beta * shift
         if split and n in full:
             ve, dfe = var_e[n]
-            u_parts = [(var_u * k, df_u), (var_g / ss_kk * shift**2 if ss_kk and not fixed_beta else 0.0, df_g)]
+            var_beta = var_g / ss_kk if ss_kk and not fixed_beta else 0.0
+            u_parts = [(var_u * k, df_u), (var_beta * shift**2, df_g)]
             e_parts = [(ve * k, dfe)]
             runs_df = df_g + dfe
         elif pooled.get(kinds[n]) is not None and pooled[kinds[n]][1] > 0:
@@ -645,7 +591,9 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
         elif prior is not None:
             u_parts, e_parts = [], [(prior[0] ** 2 * k, float(policy.prior_df))]
             runs_df = 0.0
-            model.reasons[n] = f"run-to-run sd {prior[0]:.1%} ({prior[1]}; one run per side, no recorded noise)"
+            env = candidate.environment
+            model.reasons[n] = why("noise-prior", sd=prior[0], device_type=env.get("device_type"),
+                                   env=env.get("env"))
         else:
             continue
         u_parts.append((mach_u * w_mach, df_mu))
@@ -669,7 +617,6 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
 # Gauss-Hermite nodes and weights for E[f(Z)], Z ~ N(0, 1).
 _GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(32)
 _GH_W = _GH_W / _GH_W.sum()
-_CHI_Q = (np.arange(16) + 0.5) / 16  # equal-probability nodes of the variance estimate's law
 
 
 def _max_sf(t: float, a: np.ndarray, df: float) -> float:
@@ -678,10 +625,17 @@ def _max_sf(t: float, a: np.ndarray, df: float) -> float:
     (approximately) one variance estimate."""
     a = np.clip(a, 0.0, 0.999)
     b = np.sqrt(1 - a**2)
-    s = np.ones(1) if math.isinf(df) else np.sqrt(special.chdtri(df, 1 - _CHI_Q) / df)
+    s, w = _chi_nodes(round(df, 2)) if math.isfinite(df) and df < 1e4 else (np.ones(1), np.ones(1))
     z = (t * s[:, None, None] - a[None, :, None] * _GH_X[None, None, :]) / b[None, :, None]
     below = np.prod(special.ndtr(z), axis=1)  # (s nodes, u nodes)
-    return float(min(max(1.0 - float(np.mean(below @ _GH_W)), 0.0), 1.0))
+    return float(min(max(1.0 - float(w @ below @ _GH_W), 0.0), 1.0))
+
+
+@functools.lru_cache(maxsize=256)
+def _chi_nodes(df: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights for E[f(S)], S^2 ~ chi^2_df / df: generalised Gauss-Laguerre on x = chi^2 / 2."""
+    x, w = special.roots_genlaguerre(24, df / 2 - 1)
+    return np.sqrt(2 * x / df), w / w.sum()
 
 
 def step_down(t: np.ndarray, a: np.ndarray, df: float) -> np.ndarray:
@@ -712,7 +666,8 @@ def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict
         p_reg, p_imp = special.stdtr(df, -t), special.stdtr(df, t)
         reg, imp = adjust_pvalues(p_reg, policy.correction), adjust_pvalues(p_imp, policy.correction)
         alpha_one = policy.alpha / max(len(cs), 1) if policy.correction == "bh" else policy.alpha
-    return dict(zip(tested, reg.tolist(), strict=True)), dict(zip(tested, imp.tolist(), strict=True)), alpha_one
+    adjusted = dict(zip(tested, reg.tolist(), strict=True)), dict(zip(tested, imp.tolist(), strict=True))
+    return *adjusted, alpha_one
 
 
 def _mde_at(c: _Case, n_b: int, n_c: int, paired: bool, alpha: float, min_effect: float, power: float
@@ -745,7 +700,7 @@ def _runs_needed(c: _Case, paired: bool, alpha: float, min_effect: float, policy
 
 def _time_result(
     name: str, b: CaseSamples, c: CaseSamples, e: _Case | None, paired: bool, p_reg: float | None,
-    p_imp: float | None, alpha_one: float, policy: Policy, blockers: list[str], reasons: Sequence[str],
+    p_imp: float | None, alpha_one: float, policy: Policy, blockers: list[Reason], reasons: Sequence[Reason],
     disturbed: Sequence[str],
 ) -> MetricResult:
     """The time verdict of one case; ``alpha_one`` is the per-case alpha the MDE assumes."""
@@ -756,9 +711,7 @@ def _time_result(
                 candidate_median=float(np.median(c.samples)))
     reasons = list(blockers) + list(reasons)
     if e is None:
-        reasons.append("too few samples: with one run per side the smallest attainable p is 1 (no run-to-run "
-                       "noise is known for this device type); run >= 2 processes on a side, after which the "
-                       f"report gives the MDE and the runs needed for one of {policy.target_mde:.0%}")
+        reasons.append(why("too-few-samples", target_mde=policy.target_mde))
         return MetricResult(verdict=INCONCLUSIVE, reasons=tuple(reasons), **base)
     lo, hi = ratio_interval(e.d, e.se, e.df, policy.confidence_level)
     m_e = _mde_at(e, e.n_b, e.n_c, paired, alpha_one, min_effect, policy.power)[0]
@@ -776,21 +729,13 @@ def _time_result(
         verdict = INCONCLUSIVE
         needed = _runs_needed(e, paired, alpha_one, min_effect, policy)
         base["runs_needed"] = needed
-        more = (f"about {needed} runs per side would settle it (MDE {policy.target_mde:.0%}, interval ±"
-                f"{min_effect / 2:.1%})" if needed
-                else "more runs cannot settle it across machines (the machine-to-machine variance stays): "
-                + ACROSS_MACHINES_FIX if e.fixed
-                else "over 100 runs per side would be needed to settle it")
-        reasons.append(
-            f"interval [{lo - 1:+.1%}, {hi - 1:+.1%}] reaches beyond the ±{min_effect:.1%} band and no change "
-            f"beyond it is significant after {policy.correction} (MDE {m_e:.1%}); {more}"
-        )
+        reasons.append(why("unsettled", low=lo, high=hi, min_effect=min_effect, correction=policy.correction,
+                           mde=m_e, runs_needed=needed, target_mde=policy.target_mde,
+                           across_machines=e.fixed > 0))
     if disturbed:
-        if verdict == INCONCLUSIVE:
-            reasons.append("; ".join(disturbed))
-        else:
-            reasons.append(f"{'; '.join(disturbed)} (would have been {verdict})")
-            verdict = INCONCLUSIVE
+        reasons.append(why("disturbed", detail="; ".join(disturbed),
+                           would_have_been=None if verdict == INCONCLUSIVE else verdict))
+        verdict = INCONCLUSIVE
     return MetricResult(verdict=verdict, reasons=tuple(reasons), **base)
 
 
@@ -854,26 +799,26 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     disturbed = []
     for i, (r, cv) in enumerate(zip(c_runs, c_cvs, strict=True)):
         med = float(np.median(r))
-        why = None
+        trouble = None
         if by_pair:
             partner = b_runs[i]
             shift = math.log(med) - b_meds[i]
             limit = max(math.log1p(policy.canary_min_shift),
                         policy.canary_z * math.hypot(_median_se(r), _median_se(partner)))
             if max(cv, b_cvs[i]) > cv_limit:
-                why = (f"machine disturbed: canary spread {max(cv, b_cvs[i]):.1%} within pair {i + 1} "
+                trouble = (f"machine disturbed: canary spread {max(cv, b_cvs[i]):.1%} within pair {i + 1} "
                        f"(usual < {cv_limit:.1%})")
             elif abs(shift) > limit:
-                why = (f"machine disturbed: canary {math.expm1(shift):+.1%} between the runs of pair {i + 1} "
+                trouble = (f"machine disturbed: canary {math.expm1(shift):+.1%} between the runs of pair {i + 1} "
                        f"(their own noise allows ±{math.expm1(limit):.1%})")
         elif cv > cv_limit:
-            why = f"machine disturbed: canary spread {cv:.1%} within candidate run {i + 1} (usual < {cv_limit:.1%})"
+            trouble = f"machine disturbed: canary spread {cv:.1%} within candidate run {i + 1} (usual < {cv_limit:.1%})"
         elif ref is not None and abs(math.log(med) - ref) > shift_limit:
-            why = (f"machine disturbed: canary {math.expm1(math.log(med) - ref):+.1%} in candidate run {i + 1} "
+            trouble = (f"machine disturbed: canary {math.expm1(math.log(med) - ref):+.1%} in candidate run {i + 1} "
                    f"against {against} (the baseline's run-to-run noise allows ±{math.expm1(shift_limit):.1%})")
-        runs.append(CanaryRun("candidate", i, med, cv, why))
-        if why:
-            disturbed.append(why)
+        runs.append(CanaryRun("candidate", i, med, cv, trouble))
+        if trouble:
+            disturbed.append(trouble)
     ratio = None
     if b_meds.size:
         ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"])) - b_meds.mean()))
@@ -919,7 +864,7 @@ def _leave_out_disturbed(baseline: Side, candidate: Side, canary: CanaryResult |
 
 def _few_values_result(
     metric: str, b_vals: Sequence[float], c_vals: Sequence[float], threshold: float, floor: float,
-    blockers: list[str], note: str | None = None,
+    blockers: list[Reason], note: str | None = None,
 ) -> MetricResult | None:
     """Compile time / peak memory: one value per run, judged on the range of pairwise ratios."""
     if not b_vals or not c_vals:
@@ -929,7 +874,7 @@ def _few_values_result(
     b_med, c_med = float(np.median(b)), float(np.median(c))
     lo, hi = float(c.min() / b.max()), float(c.max() / b.min())
     up, down = 1.0 + threshold, 1.0 / (1.0 + threshold)  # symmetric on the log scale
-    reasons = list(blockers) + ([note] if note else [])
+    reasons = list(blockers) + ([why("cache-state", state=note)] if note else [])
     if blockers:
         verdict = INCONCLUSIVE
     elif lo > up:
@@ -940,12 +885,10 @@ def _few_values_result(
         verdict = NO_CHANGE
     else:
         verdict = INCONCLUSIVE
-        reasons.append(
-            f"run values overlap the ±{threshold:.0%} threshold (ratios {lo:.3f}..{hi:.3f}, "
-            f"{b.size} baseline vs {c.size} candidate runs)"
-        )
+        reasons.append(why("values-overlap", threshold=threshold, low=lo, high=hi, n_baseline=b.size,
+                           n_candidate=c.size))
     if b.size == 1 and c.size == 1 and verdict != INCONCLUSIVE:
-        reasons.append("one run per side: a single ratio against the threshold, no noise estimate")
+        reasons.append(why("single-ratio"))
     return MetricResult(
         metric=metric, verdict=verdict, ratio=c_med / b_med, ci=(lo, hi), threshold=threshold,
         n_baseline=b.size, n_candidate=c.size, baseline_median=b_med, candidate_median=c_med,
@@ -961,7 +904,8 @@ def _by_cache(cs: CaseSamples) -> dict[str | None, list[float]]:
     return out
 
 
-def _compile_result(b: CaseSamples, c: CaseSamples, policy: Policy, blockers: list[str]) -> MetricResult | None:
+def _compile_result(b: CaseSamples, c: CaseSamples, policy: Policy, blockers: list[Reason]
+                    ) -> MetricResult | None:
     """Compile time, compared only between runs of the same cache state (cold preferred when both match)."""
     bb, cc = _by_cache(b), _by_cache(c)
     if not bb or not cc:
@@ -972,10 +916,10 @@ def _compile_result(b: CaseSamples, c: CaseSamples, policy: Policy, blockers: li
         return MetricResult(
             metric="compile_time", verdict=NOT_COMPARED, n_baseline=sum(map(len, bb.values())),
             n_candidate=sum(map(len, cc.values())),
-            reasons=(f"not compared: cache state differs (baseline {describe(bb)}, candidate {describe(cc)})",),
+            reasons=(why("cache-state-differs", baseline=describe(bb), candidate=describe(cc)),),
         )
     state = common[0]
-    note = None if state is None else f"{state} cache on both sides"
+    note = state
     return _few_values_result("compile_time", bb[state], cc[state], policy.compile_threshold,
                               policy.compile_floor_s, blockers, note)
 
@@ -1018,29 +962,25 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         if name in candidate.failed:
             continue
         if b is None:
-            verdicts[name] = CaseVerdict(name, NEW, {}, ("not in the baseline",), labels)
+            verdicts[name] = CaseVerdict(name, NEW, {}, (why("not-in-baseline"),), labels)
         elif b.definition_hash and c.definition_hash and b.definition_hash != c.definition_hash:
-            verdicts[name] = CaseVerdict(
-                name, NEW, {},
-                (f"changed definition: definition_hash {b.definition_hash} (baseline) != "
-                 f"{c.definition_hash} (candidate); not compared, record a new baseline",), labels,
-            )
+            verdicts[name] = CaseVerdict(name, NEW, {}, (why("changed-definition", baseline=b.definition_hash,
+                                                             candidate=c.definition_hash),), labels)
         elif not c.runs or not b.runs:
-            verdicts[name] = CaseVerdict(name, INCONCLUSIVE, {}, ("no samples on one side",), labels)
+            verdicts[name] = CaseVerdict(name, INCONCLUSIVE, {}, (why("no-samples"),), labels)
         else:
             judged.append(name)
     for name, reason in candidate.failed.items():
-        verdicts[name] = CaseVerdict(name, FAILED, {}, (f"failed in the candidate run: {reason}",), labels)
+        verdicts[name] = CaseVerdict(name, FAILED, {}, (why("failed", detail=reason),), labels)
     not_selected = []
     for name in baseline.cases:
         if name in candidate.cases or name in candidate.failed:
             continue
         if name in candidate.skipped:
-            verdicts[name] = CaseVerdict(name, SKIPPED, {}, (f"skipped: {candidate.skipped[name]}",), labels)
+            verdicts[name] = CaseVerdict(name, SKIPPED, {}, (why("skipped", detail=candidate.skipped[name]),),
+                                         labels)
         elif candidate.selected is None or name in candidate.selected:
-            verdicts[name] = CaseVerdict(
-                name, MISSING, {}, ("selected in the candidate run but neither measured, skipped nor failed",),
-                labels)
+            verdicts[name] = CaseVerdict(name, MISSING, {}, (why("missing"),), labels)
         else:
             not_selected.append(name)
 
@@ -1061,28 +1001,22 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     machine_reason = None
     if model.machines is not None:
         count, common_sd, case_sd, estimated = model.machines
-        how = (f"estimated from the baseline's {count} machines pooled with the policy's prior "
-               f"({policy.machine_prior_df} df)" if estimated else
-               "policy default (the baseline spans one machine)")
-        machine_reason = (f"the candidate ran on a machine none of the baseline's runs came from: "
-                          f"machine-to-machine sd ({how}: {common_sd:.1%} common, {case_sd:.1%} per case, "
-                          "per machine) added to the interval and the MDE")
+        machine_reason = why("machine-variance", machines=count if estimated else 1, common_sd=common_sd,
+                             case_sd=case_sd, prior_df=policy.machine_prior_df)
     case_reasons = {n: [r for r in (model.reasons.get(n), machine_reason) if r] for n in judged}
     if paired and not model.paired:
         for n in judged:
-            case_reasons[n].append("analysed unpaired: the sides hold different numbers of runs of this case")
+            case_reasons[n].append(why("analysed-unpaired"))
 
     device_type = candidate.environment.get("device_type")
     judge_memory = device_type is None or device_type in policy.memory_device_types
     for name in judged:
         b, c = baseline.cases[name], candidate.cases[name]
-        blockers = [f"environment mismatch: {m}" for m in mismatch]
+        blockers = [why("environment-mismatch", detail=m) for m in mismatch]
         if new_machine and not net_of_canary:
-            blockers.append("the candidate ran on a machine none of the baseline's runs came from, and the canary "
-                            f"cannot take the machine's speed out ({'the environment changed' if changes else 'no canary on both sides'}): "
-                            + ACROSS_MACHINES_FIX)
+            blockers.append(why("machine-not-taken-out", environment_changed=bool(changes)))
         if b.attention_used and c.attention_used and b.attention_used != c.attention_used:
-            blockers.append(f"attention backend used differs: {b.attention_used} vs {c.attention_used}")
+            blockers.append(why("attention-differs", baseline=b.attention_used, candidate=c.attention_used))
         metrics = {"time": _time_result(name, b, c, model.cases.get(name), model.paired, adj_reg.get(name),
                                         adj_imp.get(name), alpha_one, policy, blockers, case_reasons[name],
                                         disturbed)}
@@ -1095,7 +1029,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
             if mem is not None:
                 metrics["peak_memory"] = mem
         if c.correct is False:
-            verdicts[name] = CaseVerdict(name, FAILED, metrics, ("candidate output is WRONG (correct=False)",),
+            verdicts[name] = CaseVerdict(name, FAILED, metrics, (why("wrong-output"),),
                                          labels)
         else:
             verdicts[name] = CaseVerdict(name, _overall(metrics), metrics, (), labels)
@@ -1111,13 +1045,13 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     if canary and canary.env_shift:
         notes.append(canary.env_shift + " (reported, not used to cancel the change)")
     if net_of_canary and new_machine:
-        notes.append(f"the candidate ran on a machine none of the baseline's runs came from: every time change is "
-                     f"net of the canary's move ({math.expm1(model.canary_shift):+.1%}; the medians shown are as "
-                     "measured), and the machine-to-machine variance is in each interval and MDE")
+        notes.append("the candidate ran on a machine none of the baseline's runs came from: every time change "
+                     f"is net of the canary's move ({math.expm1(model.canary_shift):+.1%}; the medians shown are "
+                     "as measured), and the machine-to-machine variance is in each interval and MDE")
     elif net_of_canary:
         notes.append(f"every time change is net of the canary's move ({math.expm1(model.canary_shift):+.1%}) "
-                     f"weighted by {model.canary_weight:.2f}, the share of the runs' common speed it tracked: "
-                     "a machine that moved every case alike is not a change of the code")
+                     f"weighted by {model.canary_weight:.2f}, the share of the runs' common speed it "
+                     "tracked: a machine that moved every case alike is not a change of the code")
     order = [*candidate.cases, *candidate.failed, *baseline.cases]
     return Comparison(
         cases=tuple(verdicts[n] for n in dict.fromkeys(order) if n in verdicts),
@@ -1132,7 +1066,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         canary=canary,
         paired=paired,
         pairing_narrowing=1 - float(np.median(narrowing)) if narrowing else None,
-        suite=_suite_result(model, policy, [f"environment mismatch: {m}" for m in mismatch]
-                            + (["the machine's speed is not taken out"] if new_machine and not net_of_canary
-                               else [])),
+        suite=_suite_result(model, policy, [why("environment-mismatch", detail=m) for m in mismatch]
+                            + ([why("machine-not-taken-out", environment_changed=bool(changes))]
+                               if new_machine and not net_of_canary else [])),
     )

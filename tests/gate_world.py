@@ -7,7 +7,7 @@ within a run and carry outliers, a canary that tracks the machine and the sessio
 unequal size (one of a single case), many cases moving in either direction, paired A/B with drift shared by
 the members of a pair, baselines spread over several machines.
 
-    python tests/gate_world.py [--draws N] [SCENARIO ...]    # one operating-characteristics table per scenario
+    python tests/gate_world.py [--draws N] [SCENARIO ...]   # an operating-characteristics table
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,8 @@ PROBE = 0  # the case whose change the power rows vary
 
 @dataclass(frozen=True)
 class World:
-    """Log-scale sds unless said. ``changes``: true log change per case in the candidate (beyond the probe)."""
+    """Log-scale sds unless said. ``changes``: (case index, relative change) pairs, flattened, of the
+    candidate beyond the probe."""
 
     n_b: int = 5
     n_c: int = 3
@@ -55,7 +56,7 @@ class World:
     paired: bool = False
     pair_drift_sd: float = 0.0  # drift shared by both members of a pair
     session_shift: float = 0.0  # one candidate session this much slower, canary included
-    changes: tuple[float, ...] = ()  # (case index, relative change) pairs flattened: i, r, i, r ...
+    changes: tuple[float, ...] = ()
 
     def change_vector(self, probe: float) -> np.ndarray:
         out = np.zeros(len(KINDS))
@@ -78,7 +79,8 @@ def _side(rng, w: World, n_runs: int, machines: list[str], machine_level: dict, 
     if math.isinf(w.run_tail_df):
         session = rng.normal(0, w.run_sd, n_runs)
     else:
-        session = w.run_sd * rng.standard_t(w.run_tail_df, n_runs) / math.sqrt(w.run_tail_df / (w.run_tail_df - 2))
+        scale = math.sqrt(w.run_tail_df / (w.run_tail_df - 2))  # unit variance
+        session = w.run_sd * rng.standard_t(w.run_tail_df, n_runs) / scale
     if drift is not None:
         session = session + drift
     if shift_run is not None:
@@ -150,7 +152,8 @@ SCENARIOS = {
 }
 
 
-def run_world(w: World, draws: int, seed: int = 0, probe: float = 0.0, policy: S.Policy | None = None) -> dict:
+def run_world(w: World, draws: int, seed: int = 0, probe: float = 0.0, policy: S.Policy | None = None
+              ) -> dict:
     """Rates over ``draws`` comparisons. ``false_alarm``: any case whose true change is 0 flagged a regression
     (family-wise); ``hit``: the probe a regression; ``no_change``: the probe read as no change; ``cover``: the
     share of 90% intervals that hold the truth; ``mde``: the probe's reported MDEs."""
@@ -197,7 +200,8 @@ def characteristics(w: World, draws: int, seed: int = 0) -> dict:
             row["no_change10"] = r["no_change"]
     m = float(np.median(null["mdes"])) if null["mdes"] else math.nan
     row["mde"] = m
-    row["power_at_mde"] = run_world(w, n_power, seed + 7, m)["hit"] if math.isfinite(m) and m < 2 else math.nan
+    seen = math.isfinite(m) and m < 2
+    row["power_at_mde"] = run_world(w, n_power, seed + 7, m)["hit"] if seen else math.nan
     return row
 
 
