@@ -650,7 +650,7 @@ def step_down(t: np.ndarray, a: np.ndarray, df: float) -> np.ndarray:
     return adj
 
 
-def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict, dict, float]:
+def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict, dict, dict]:
     """Adjusted one-sided p-values (regression, improvement) per case, and the per-case alpha a single
     changed case is tested at (for the MDE)."""
     cs = [model.cases[n] for n in tested]
@@ -661,11 +661,14 @@ def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict
     if policy.correction == "holm":
         reg, imp = step_down(t, a, nu), step_down(-t, a, nu)
         crit = optimize.brentq(lambda x: _max_sf(x, a, nu) - policy.alpha, -10, 1e3) if cs else 0.0
-        alpha_one = float(special.stdtr(nu, -crit)) if math.isfinite(nu) else float(special.ndtr(-crit))
+        # the step-down's first critical t, as each case's own one-sided alpha on its df
+        alpha_one = {n: float(special.ndtr(-crit) if math.isinf(c.df) else special.stdtr(c.df, -crit))
+                     for n, c in zip(tested, cs, strict=True)}
     else:
         p_reg, p_imp = special.stdtr(df, -t), special.stdtr(df, t)
         reg, imp = adjust_pvalues(p_reg, policy.correction), adjust_pvalues(p_imp, policy.correction)
-        alpha_one = policy.alpha / max(len(cs), 1) if policy.correction == "bh" else policy.alpha
+        alpha_one = dict.fromkeys(tested, policy.alpha / max(len(cs), 1) if policy.correction == "bh"
+                                  else policy.alpha)
     adjusted = dict(zip(tested, reg.tolist(), strict=True)), dict(zip(tested, imp.tolist(), strict=True))
     return *adjusted, alpha_one
 
@@ -1018,7 +1021,8 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         if b.attention_used and c.attention_used and b.attention_used != c.attention_used:
             blockers.append(why("attention-differs", baseline=b.attention_used, candidate=c.attention_used))
         metrics = {"time": _time_result(name, b, c, model.cases.get(name), model.paired, adj_reg.get(name),
-                                        adj_imp.get(name), alpha_one, policy, blockers, case_reasons[name],
+                                        adj_imp.get(name), alpha_one.get(name, policy.alpha), policy, blockers,
+                                        case_reasons[name],
                                         disturbed)}
         compile_res = _compile_result(b, c, policy, list(blockers))
         if compile_res is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 FULL = os.environ.get("SD_PERF_GATE_VALIDITY") == "1"
-full_only = pytest.mark.skipif(not FULL, reason="every scenario: SD_PERF_GATE_VALIDITY=1 (nox -s gate-validity)")
+full_only = pytest.mark.skipif(not FULL, reason="every scenario: SD_PERF_GATE_VALIDITY=1 (gate-validity)")
 NULLS = [name for name in G.SCENARIOS if name != "every case +10% 5v4, 6% canary"]
 FAST = ["default 5v3", "7 of 12 +-15-25% noisy"]
 DRAWS = 1000
