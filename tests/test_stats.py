@@ -87,7 +87,7 @@ def test_mde_formula_matches_a_simulated_power_of_80_percent():
     assert np.mean(d > crit) == pytest.approx(0.8, abs=0.01)
 
 
-# --- the targets of issue 8 (run-level noise) -------------------------------------------------------------
+# --- run-level noise: verdicts on a few draws ------------------------------------------------------------
 
 
 def test_a_uniform_slowdown_of_every_case_is_caught_by_the_common_test():
