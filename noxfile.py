@@ -213,6 +213,16 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "tests", *session.posargs)
 
 
+@env_session(TORCH2, "gate-validity")
+def gate_validity(session: nox.Session) -> None:
+    """The gate's operating characteristics on simulated machines (tests/gate_world.py): every scenario's
+    bounds asserted, then the table of docs/statistics.md printed. Minutes on a CPU."""
+    noxenvs.install(session, TORCH2, ("test",))
+    session.run("python", "-m", "pytest", "tests/test_gate_validity.py", "-q", *session.posargs,
+                env={"SD_PERF_GATE_VALIDITY": "1"})
+    session.run("python", "tests/gate_world.py")
+
+
 @env_session(TORCH1, "tests-torch1")
 def tests_torch1(session: nox.Session) -> None:
     """Unit tests (pytest tests/) in the PyTorch 1.12.1 env; oracle tests skip (no diffusers)."""

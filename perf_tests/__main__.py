@@ -22,8 +22,8 @@ EXIT_BAD_INPUT = 2
 VERDICT_RULES = """\
 verdicts (per case; time, compile time and peak memory each judged). Time is judged on runs (each run's
 median), not rounds: the run-to-run variance is part of the interval.
-  regression    slower: a one-sided t test on the runs' log medians significant after Holm (or BH) across
-                cases, AND the estimated slowdown above +min-effect; exit 1
+  regression    slower: a one-sided t test on the runs' log medians significant at the family-wise alpha
+                (max-t step-down across cases; or BH), AND the estimated slowdown above +min-effect; exit 1
   improvement   the mirror image
   no-change     the whole 90% interval within +-min-effect
   inconclusive  anything else: the interval straddles the band, too few runs (the reason says how many
@@ -58,7 +58,8 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
                    help="per-case/group minimum effect, fnmatch on the case name, e.g. 'test_attention*=0.1' "
                         "(repeatable; last match wins)")
     g.add_argument("--correction", choices=("holm", "bh", "none"), default=d.correction,
-                   help="multiple-comparison correction across cases (default %(default)s)")
+                   help="multiple-comparison correction across cases; holm: the family-wise max-t "
+                        "step-down of docs/statistics.md (default %(default)s)")
     g.add_argument("--power", type=float, default=d.power,
                    help="power at which the minimum detectable effect (MDE) is stated (default %(default)s)")
     g.add_argument("--machine-sd", type=float, default=d.machine_sd,

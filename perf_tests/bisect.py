@@ -40,10 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import special
 
 from perf_tests.results import InputError
-from perf_tests.stats import Policy
+from perf_tests.stats import Policy, ratio_interval
 from perf_tests.worktree import checkout, git, repo_root, resolve
 
 Measure = Callable[[Path, str], list[float]]  # (tree, case name) -> per-call seconds of one run (process)
@@ -128,8 +127,8 @@ def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]], po
     else:  # one run a side: no measured spread yet, so the largest prior of the gate's policy
         sd, df = max(prior for *_, prior in policy.run_sd_priors), policy.prior_df
     d = float(yc.mean() - yb.mean())
-    half = float(special.stdtrit(df, 0.5 + policy.confidence_level / 2)) * sd * math.sqrt(1 / yb.size + 1 / yc.size)
-    return Ratio(math.exp(d), math.exp(d - half), math.exp(d + half), yb.size, yc.size)
+    low, high = ratio_interval(d, sd * math.sqrt(1 / yb.size + 1 / yc.size), df, policy.confidence_level)
+    return Ratio(math.exp(d), low, high, yb.size, yc.size)
 
 
 # ---------------------------------------------------------------------------------------------------------

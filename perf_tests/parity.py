@@ -35,7 +35,6 @@ import gc
 import importlib
 import json
 import math
-import random
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from perf_tests.stats import median_ratio_interval
 from perf_tests.timing import sync
 from sd.capabilities import has_compile
 from sd.compile import compile_fn, compile_model
@@ -214,15 +214,8 @@ def ratio_interval(ours: Sequence[float], theirs: Sequence[float], confidence: f
     bursts (other jobs on a shared CPU) hits one call of a pair and leaves a heavy tail of log ratios,
     which would drag a mean and widen a t interval; the median ignores it.
     """
-    logs = [math.log(o / t) for o, t in zip(ours, theirs, strict=True)]
-    point = math.exp(statistics.median(logs))
-    if len(logs) < 2:
-        return point, math.nan, math.nan
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(logs, k=len(logs))) for _ in range(resamples))
-    tail = (1 - confidence) / 2
-    low, high = medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
-    return point, math.exp(low), math.exp(high)
+    return median_ratio_interval([math.log(o / t) for o, t in zip(ours, theirs, strict=True)], confidence,
+                                 resamples, seed)
 
 
 def verdict(ratio: float, low: float, high: float, target: float = TARGET_RATIO) -> str:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from perf_tests.stats import (
-    ACROSS_MACHINES_FIX,
     FAILED,
     IMPROVEMENT,
     INCONCLUSIVE,
@@ -29,8 +28,80 @@ from perf_tests.stats import (
     CaseVerdict,
     Comparison,
     MetricResult,
+    Reason,
     Side,
 )
+
+# What settles a comparison across machines, where more runs do not (the machine-to-machine variance stays).
+ACROSS_MACHINES_FIX = ("compare on one machine: --ab REF, or a baseline recorded on this one "
+                       "(update-baselines)")
+
+
+def _unsettled(r: Reason) -> str:
+    more = (f"about {r['runs_needed']} runs per side would settle it (MDE {r['target_mde']:.0%}, interval "
+            f"±{r['min_effect'] / 2:.1%})" if r["runs_needed"]
+            else "more runs cannot settle it across machines (the machine-to-machine variance stays): "
+            + ACROSS_MACHINES_FIX if r["across_machines"]
+            else "over 100 runs per side would be needed to settle it")
+    return (f"interval [{r['low'] - 1:+.1%}, {r['high'] - 1:+.1%}] reaches beyond the ±{r['min_effect']:.1%} "
+            f"band and no change beyond it is significant after {r['correction']} (MDE {r['mde']:.1%}); {more}")
+
+
+def _machines(r: Reason) -> str:
+    how = (f"estimated from the baseline's {r['machines']} machines pooled with the policy's prior "
+           f"({r['prior_df']} df)" if r["machines"] > 1
+           else "policy default (the baseline spans one machine)")
+    return ("the candidate ran on a machine none of the baseline's runs came from: machine-to-machine sd "
+            f"({how}: {r['common_sd']:.1%} common, {r['case_sd']:.1%} per case, per machine) added to the "
+            "interval and the MDE")
+
+
+# The sentence of each reason code (stats.Reason), from its values.
+SENTENCES = {
+    "environment-mismatch": lambda r: f"environment mismatch: {r['detail']}",
+    "machine-not-taken-out": lambda r: (
+        "the candidate ran on a machine none of the baseline's runs came from, and the canary cannot take "
+        "the machine's speed out ("
+        + ("the environment changed" if r["environment_changed"] else "no canary on both sides")
+        + "): " + ACROSS_MACHINES_FIX),
+    "attention-differs": lambda r: f"attention backend used differs: {r['baseline']} vs {r['candidate']}",
+    "kernel-differs": lambda r: (f"the attention kernel that ran differs: {r['baseline']} vs {r['candidate']} "
+                                 "(the same backend dispatched to another kernel)"),
+    "noise-prior": lambda r: (f"run-to-run sd {r['sd']:.1%} (prior for {r['device_type']}/{r['env']}; one "
+                              "run per side, no recorded noise)"),
+    "machine-variance": _machines,
+    "analysed-unpaired": lambda r: "analysed unpaired: the sides hold different numbers of runs of this case",
+    "too-few-samples": lambda r: (
+        "too few samples: with one run per side the smallest attainable p is 1 (no run-to-run noise is known "
+        "for this device type); run >= 2 processes on a side, after which the report gives the MDE and the "
+        f"runs needed for one of {r['target_mde']:.0%}"),
+    "unsettled": _unsettled,
+    "disturbed": lambda r: r["detail"] + (f" (would have been {r['would_have_been']})" if r["would_have_been"]
+                                          else ""),
+    "cache-state": lambda r: f"{r['state']} cache on both sides",
+    "cache-state-differs": lambda r: (f"not compared: cache state differs (baseline {r['baseline']}, "
+                                      f"candidate {r['candidate']})"),
+    "values-overlap": lambda r: (f"run values overlap the ±{r['threshold']:.0%} threshold (ratios "
+                                 f"{r['low']:.3f}..{r['high']:.3f}, {r['n_baseline']} baseline vs "
+                                 f"{r['n_candidate']} candidate runs)"),
+    "single-ratio": lambda r: "one run per side: a single ratio against the threshold, no noise estimate",
+    "not-in-baseline": lambda r: "not in the baseline",
+    "changed-definition": lambda r: (f"changed definition: definition_hash {r['baseline']} (baseline) != "
+                                     f"{r['candidate']} (candidate); not compared, record a new baseline"),
+    "no-samples": lambda r: "no samples on one side",
+    "failed": lambda r: f"failed in the candidate run: {r['detail']}",
+    "skipped": lambda r: f"skipped: {r['detail']}",
+    "missing": lambda r: "selected in the candidate run but neither measured, skipped nor failed",
+    "wrong-output": lambda r: "candidate output is WRONG (correct=False)",
+}
+
+
+def sentence(r: Reason) -> str:
+    return SENTENCES[r.code](r)
+
+
+def _reason_dict(r: Reason) -> dict:
+    return {"code": r.code, "values": dict(r.values), "sentence": sentence(r)}
 
 _MARK = {FAILED: "FAILED", REGRESSION: "REGRESSION", MISSING: "MISSING", IMPROVEMENT: "improvement",
          NO_CHANGE: "no change", INCONCLUSIVE: "inconclusive", NEW: "new", SKIPPED: "skipped",
@@ -98,11 +169,14 @@ def mde_line(cmp: Comparison) -> str:
 def policy_line(cmp: Comparison) -> str:
     p = cmp.policy
     design = "paired A/B, per-pair log ratios" if cmp.paired else "unpaired"
+    over = ("max-t step-down over cases (family-wise)" if p.correction == "holm"
+            else f"{p.correction} over cases")
     return (
-        f"time: runs are the unit ({design}): per run the median of its rounds; each case's change is split "
-        f"into a part common to the run's cases and a case-specific part, with variances pooled per kind; "
-        f"regression = a one-sided t test significant at alpha {p.alpha} ({p.correction} over cases, common "
-        f"and case-specific tests at alpha/2 each) AND a point estimate above +{p.min_effect:.0%}; no change = "
+        f"time: runs are the unit ({design}): per run the median of its rounds; the noise of each case's "
+        f"change has a part common to the run's cases (net of the canary, weighted by regression) and a "
+        f"case-specific part, estimated once (docs/statistics.md); regression = a one-sided t test of the "
+        f"case's change significant at alpha {p.alpha} ({over}) AND a point estimate above "
+        f"+{p.min_effect:.0%}; no change = "
         f"the {p.confidence_level:.0%} interval inside ±{p.min_effect:.0%}; one run a side judged only against "
         f"a recorded or prior run-to-run noise; a run (pair) with a disturbed canary is left out while enough "
         "clean ones remain, else regressions and no change are inconclusive. "
@@ -122,10 +196,21 @@ def context_lines(cmp: Comparison) -> list[str]:
                      + " (compared; every verdict carries this label)")
     if cmp.canary is not None:
         lines.append(canary_line(cmp))
+    if cmp.suite is not None:
+        lines.append(suite_line(cmp))
     if cmp.paired and cmp.pairing_narrowing is not None:
         lines.append(f"pairing narrowed the intervals by {cmp.pairing_narrowing:.0%} (median over cases) "
                      "against the unpaired analysis of the same runs")
     return lines
+
+
+def suite_line(cmp: Comparison) -> str:
+    """The change of the suite as a whole (the mean over the cases measured in every run): its own claim,
+    which makes no case a regression."""
+    s = cmp.suite
+    p = min(s.p_regression, s.p_improvement)
+    return (f"the suite as a whole: {_change(s)} ({_MARK[s.verdict]}, p {p:.2g}, MDE {s.mde:.1%}; the mean over "
+            "the cases measured in every run, tested on its own)")
 
 
 def canary_line(cmp: Comparison) -> str:
@@ -170,9 +255,9 @@ _HEADER = ["case", "verdict", "baseline", "candidate", "time change [CI]", "MDE"
 
 
 def _reasons(c: CaseVerdict) -> list[str]:
-    out = list(c.reasons)
+    out = [sentence(r) for r in c.reasons]
     for m in c.metrics.values():
-        out += [f"{m.metric}: {r}" for r in m.reasons]
+        out += [f"{m.metric}: {sentence(r)}" for r in m.reasons]
     return list(dict.fromkeys(out))  # environment reasons repeat per metric
 
 
@@ -235,6 +320,11 @@ def _clean(x):
     return x
 
 
+def _metric_dict(m: MetricResult) -> dict:
+    """The metric's fields, each reason as its code, values and sentence."""
+    return {**dataclasses.asdict(m), "reasons": [_reason_dict(r) for r in m.reasons]}
+
+
 def to_dict(cmp: Comparison) -> dict:
     return _clean({
         "baseline": cmp.baseline_label,
@@ -252,12 +342,14 @@ def to_dict(cmp: Comparison) -> dict:
         "paired": cmp.paired,
         "pairing_narrowing": cmp.pairing_narrowing,
         "new_machine": cmp.new_machine,
+        "suite": None if cmp.suite is None else _metric_dict(cmp.suite),
         "notes": list(cmp.notes),
         "policy": dataclasses.asdict(cmp.policy),
         "policy_text": policy_line(cmp),
         "cases": [
             {"name": c.name, "verdict": c.verdict, "labels": list(c.labels), "reasons": _reasons(c),
-             "metrics": {k: dataclasses.asdict(m) for k, m in c.metrics.items()}}
+             "why": [_reason_dict(r) for r in c.reasons],
+             "metrics": {k: _metric_dict(m) for k, m in c.metrics.items()}}
             for c in cmp.cases
         ],
     })

@@ -1,82 +1,24 @@
 """The regression comparator: (baseline samples, candidate samples, policy) -> verdicts.
 
 A pure function, :func:`compare`, with no files, printing or exit codes (``compare.py`` and ``report.py``
-wrap it). The model behind the ``time`` verdict:
-
-*Runs are the unit of evidence.* Rounds of one process share its state (clocks, memory layout, neighbours),
-so they are not independent samples of the code's speed. Per case and side, each run is reduced to one
-number, ``y = log(median of its rounds)``, which carries the within-run noise too; the effect is
-``d = mean(y_candidate) - mean(y_baseline)`` (reported as the ratio ``exp(d)``).
-
-* Noise: a process's speed moves all its cases alike (measured: ~3% per run common, 1.5% per case), so the
-  variance of ``d`` is split (:func:`_split`) into a part common to all cases of a run (estimated from the
-  runs' mean over cases, ``n - 1`` df per side) and a case-specific part (the rest, pooled across the cases
-  of one kind, ``case["kind"]``). Where that split cannot be made (fewer than 3 cases measured in every
-  run), the variance of run medians pooled across the cases of the kind on both sides is used as a whole.
-* With one run on a side, that side adds no degrees of freedom and the estimate comes from the other side;
-  with one run on both sides, from a per-device-type prior (``Policy.run_sd_priors``); with neither, the
-  verdict is *inconclusive, too few samples*: never a regression by rounds alone.
-* When the candidate ran on machines none of the baseline's runs came from, the machine's speed is in every
-  change: with a canary in the same environment on both sides, every change is taken net of the canary's
-  move (its standard error added to the common variance), and the machine-to-machine variances (estimated
-  from a baseline spanning several machines, else ``Policy.machine_sd`` common and
-  ``Policy.machine_case_sds`` per case: machines differ case by case too, by cache sizes and memory) are
-  added to the common and the case-specific part. A candidate run's canary is then held against the
-  candidate runs' median, not the baseline machine's.
-* *Regression*: a one-sided t test of ``d > 0`` significant at ``alpha`` AND the point estimate above
-  ``+min_effect``. With the split, two tests at ``alpha / 2`` each: the median change of all cases (a uniform
-  slowdown) against the common variance, and the case's contrast to that median (it moved unlike the
-  others) against the case-specific variance, Holm (or BH) across cases. Why this rule: testing each case's
-  total change against its total variance, with the df pooled over cases, caught a one-case +10% in 78%
-  of 200 draws at 5 vs 3 runs (the shared 3% dominates) and, because the shared part is counted as if
-  independent across cases, raised 6.5% whole-run A/A false alarms at 3 vs 3 runs; requiring the
-  interval's lower bound above ``+min_effect`` would test ``d > min_effect`` and need a far larger change. The point-estimate rule keeps a
-  significant but negligible change from failing the gate. *Improvement* mirrors it. *No change* only when
-  the whole ``confidence_level`` interval (total variance, Welch-Satterthwaite df) lies inside
-  ``±min_effect``; anything else is *inconclusive*, with the interval, the MDE and the runs that would
-  settle it. ``tests/test_stats.py`` measures the false-alarm rate, power and coverage of this rule.
-* *MDE* (minimum detectable effect): the smallest slowdown of one case flagged with ``power`` (80%) at the
-  corrected alpha, from the SEs and df actually used (:func:`mde`, :func:`_mde_of`): the larger of
-  ``log(1 + min_effect) + t_power SE`` and, for the split, ``(t_{alpha/2m} + t_power) SE_contrast``.
-* *Paired* (A/B runs alternated A, B, A, B): the same model on the per-pair differences of log run medians;
-  drift shared by the members of a pair cancels. The comparison reports how much
-  narrower the paired interval is than the unpaired one on the same data.
-* *Canary*: a code-independent workload (plain matmul + conv) timed between cases. A candidate run whose
-  canary is much noisier than usual, or whose canary median moved against the baseline's beyond the
-  baseline's own run-to-run noise, is *disturbed*; paired, a pair is disturbed when its canary moved between
-  the two members beyond the noise of their medians (drift that moved both cancels). Disturbed runs (pairs)
-  are left out of the time verdicts when enough clean ones remain (two pairs, or one candidate run against
-  a baseline); otherwise regression, improvement and no-change time verdicts become inconclusive. The part
-  of the change common to all cases (a uniform slowdown) is what a slower machine also produces, so its test is against the canary's own move: ``D - C`` with both variances, where ``C``
-  is the mean change of the canary's log run medians (per pair when paired). A run on a machine 16% slower
-  for everything, canary included, is not a regression of every case; the case-specific contrasts, the
-  intervals and the estimates are unchanged (timings are never divided by the canary). After an
-  environment change (torch, driver) the canary's move is reported on its own and not used, so an upgrade
-  is not normalised away.
-
-``compile_time`` and ``peak_memory`` have one value per run; every pairwise ratio candidate/baseline is set
-against the threshold (all above: regression, all inside: no change, else inconclusive). Compile time is
-compared only between runs of the same ``compile_cache`` state (a warm cache compiles in a fraction of the
-time); with no common state it is *not compared*, which never fails.
-
-Case-level verdicts beyond timing: *failed* (the candidate recorded the case as failed, or its output was
-wrong), *skipped* (in the baseline, skipped by the candidate with a reason), *missing* (selected by the
-candidate but neither produced, skipped nor failed), *new* (not in the baseline, or a changed definition).
-Baseline cases the candidate did not select are counted in ``Comparison.not_selected``, not judged.
-Environment: a different device type or slug makes timings incomparable (every verdict inconclusive); a
-different torch/CUDA/cuDNN/driver is compared and every verdict is labelled with the change.
+wrap it). The ``time`` verdict comes from one variance-components model of log run medians, estimated
+once per comparison (:func:`_fit`); docs/statistics.md states the model, its assumptions, the tests,
+the MDE and the operating characteristics measured by ``tests/gate_world.py``. ``compile_time`` and
+``peak_memory`` have one value per run, judged on the range of pairwise ratios. Reasons are
+:class:`Reason` codes with their numbers; ``report.py`` writes the sentences.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import special
+from scipy import optimize, special
 from scipy import stats as sps
 
 REGRESSION = "regression"
@@ -105,14 +47,9 @@ _ENV_NAMES = {"torch_version": "torch", "cuda_version": "CUDA", "cudnn_version":
               "driver_version": "driver", "gpu_count": "GPUs"}
 
 # Run-to-run sd of log case medians used when neither side has two runs, as (device_type, env, sd); the
-# first match wins, "*" matches anything. CPU figures: the sd pooled over the cases of the committed CPU
-# baselines (baselines/cpu-intel-xeon-processor, 3 runs each, a shared 2-core machine): torch2 6.7% (54
-# cases), torch1 10.0% (12 cases), rounded up. CUDA: no GPU baseline has been recorded yet; 3% is an
-# assumption (GPU kernels repeat far better than a shared CPU), to be replaced by the first recorded one.
+# first match wins, "*" matches anything. Sources in docs/statistics.md.
 DEFAULT_RUN_SD_PRIORS = (("cpu", "torch1", 0.10), ("cpu", "*", 0.07), ("cuda", "*", 0.03))
 
-# What settles a comparison across machines, where more runs do not (the machine-to-machine variance stays).
-ACROSS_MACHINES_FIX = "compare on one machine: --ab REF, or a baseline recorded on this one (update-baselines)"
 
 
 @dataclass(frozen=True)
@@ -128,15 +65,10 @@ class Policy:
     target_mde: float = 0.10  # "runs needed" in reasons: runs per side that bring the MDE down to this
     run_sd_priors: tuple[tuple[str, str, float], ...] = DEFAULT_RUN_SD_PRIORS
     prior_df: int = 10  # degrees of freedom credited to a prior (about the runs it was measured on)
-    # Machine-to-machine sds of a case's log median between two machines of one type, used when the candidate
-    # ran on a machine none of the baseline's runs came from and the baseline spans a single machine. The
-    # common part (every case alike) is what is left after the canary's move is taken out: 3.0% (torch2) and
-    # 0.1% (torch1) between two 2-core VMs reporting the same CPU model, whose canaries differed by 35% and
-    # 49%. The case-specific part (a case moving unlike the others), on those VMs: the sd over cases of each
-    # case's change minus the mean change was 12-17% (torch2, 7 cases) and 11-14% (torch1, 3 cases) in
-    # three smoke runs each, 2026-12-02, the largest single case +30% (attention with the original kernel):
-    # rounded up to 20%, as the false alarms of a CI smoke cost more than its power. For CUDA an assumption
-    # until a GPU fleet measures it: one GPU model runs the same kernels on every host.
+    case_prior_df: int = 8  # df of the kind's variance a case's own case-specific variance is moderated with
+    machine_prior_df: int = 10  # df credited to machine_sd / machine_case_sds when pooled with a fleet's
+    # sds of a case's log median between two machines of one type (common net of the canary, and
+    # case-specific): the prior pooled with a fleet's estimate; measured values in docs/statistics.md
     machine_sd: float = 0.03
     machine_case_sds: tuple[tuple[str, float], ...] = (("cpu", 0.20), ("*", 0.03))
     # Canary: a candidate run is disturbed when its within-run robust CV exceeds canary_cv_factor times the
@@ -151,9 +83,7 @@ class Policy:
     compile_floor_s: float = 0.5  # compile times below this are treated as equal to it
     memory_threshold: float = 0.05
     memory_floor_bytes: int = 1 << 20  # memory values below this (incl. CPU RSS deltas <= 0) count as it
-    # Peak memory is judged only on these device types: CUDA's allocator statistics repeat run to run, while
-    # a CPU peak-RSS delta depends on what the process allocated before the case (observed: 0.1 to 50 MB for
-    # one case across runs), so it is shown but never gates.
+    # CUDA's allocator statistics repeat run to run; a CPU peak-RSS delta does not (docs/statistics.md)
     memory_device_types: tuple[str, ...] = ("cuda",)
     env_fields: tuple[str, ...] = DEFAULT_ENV_FIELDS
 
@@ -188,7 +118,7 @@ class Policy:
         device_type, env = environment.get("device_type"), environment.get("env")
         for dt, en, sd in self.run_sd_priors:
             if fnmatch.fnmatchcase(str(device_type), dt) and fnmatch.fnmatchcase(str(env), en):
-                return sd, f"prior for {device_type}/{env}"
+                return sd, f"{device_type}/{env}"
         return None
 
 
@@ -238,6 +168,21 @@ class Side:
 
 
 @dataclass(frozen=True)
+class Reason:
+    """Why a verdict is what it is: a code and its numbers (``report.sentence`` writes the words)."""
+
+    code: str
+    values: tuple[tuple[str, object], ...] = ()
+
+    def __getitem__(self, key: str) -> object:
+        return dict(self.values)[key]
+
+
+def why(code: str, **values) -> Reason:
+    return Reason(code, tuple(values.items()))
+
+
+@dataclass(frozen=True)
 class MetricResult:
     metric: str
     verdict: str
@@ -254,7 +199,7 @@ class MetricResult:
     n_candidate: int = 0
     baseline_median: float | None = None
     candidate_median: float | None = None
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[Reason, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,7 +207,7 @@ class CaseVerdict:
     name: str
     verdict: str
     metrics: dict[str, MetricResult]
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[Reason, ...] = ()
     labels: tuple[str, ...] = ()  # e.g. "environment changed: torch 2.13.1 -> 2.14.1"
 
 
@@ -315,6 +260,7 @@ class Comparison:
     paired: bool = False
     pairing_narrowing: float | None = None  # 1 - median(paired / unpaired interval width)
     new_machine: bool = False  # the candidate ran on machines none of the baseline's runs came from
+    suite: MetricResult | None = None  # the change of the suite as a whole (every case alike), its own claim
 
     def count(self, verdict: str) -> int:
         return sum(c.verdict == verdict for c in self.cases)
@@ -398,6 +344,27 @@ def run_interval(runs: Sequence[Sequence[float]], confidence: float = Policy.con
     return center, float(np.exp(y.mean() - half)), float(np.exp(y.mean() + half))
 
 
+def ratio_interval(d: float, se: float, df: float, confidence: float) -> tuple[float, float]:
+    """The two-sided t interval of a log change ``d`` (standard error ``se`` on ``df``), as ratios."""
+    half = _t(0.5 + confidence / 2, df) * se
+    return math.exp(max(d - half, -700.0)), math.exp(min(d + half, 700.0))
+
+
+def median_ratio_interval(log_ratios: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """(ratio, low, high): the median of paired log ratios and its percentile bootstrap interval (seeded,
+    so a report is reproducible from its samples); nan bounds with fewer than two pairs."""
+    logs = np.asarray(log_ratios, dtype=float)
+    point = math.exp(float(np.median(logs)))
+    if logs.size < 2:
+        return point, math.nan, math.nan
+    if np.ptp(logs) == 0:
+        return point, point, point
+    ci = sps.bootstrap((logs,), np.median, confidence_level=confidence, n_resamples=resamples,
+                       method="percentile", random_state=np.random.default_rng(seed)).confidence_interval
+    return point, math.exp(ci.low), math.exp(ci.high)
+
+
 def mde(se: float, df: float, alpha: float, min_effect: float, power: float) -> float:
     """Smallest relative slowdown flagged with ``power``: significant at one-sided ``alpha`` (already
     corrected) AND a point estimate above ``min_effect``."""
@@ -428,132 +395,7 @@ def environment_changes(baseline: Mapping, candidate: Mapping, fields: Sequence[
     return out
 
 
-# --- time: runs as the unit ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Noise:
-    """The run-level noise of one kind: pooled sd of log run medians (or of pair differences) and its df."""
-
-    sd: float | None
-    df: float
-    source: str
-
-
-def _pooled(groups: Sequence[np.ndarray]) -> tuple[float | None, int]:
-    ss = sum(float(np.sum((g - g.mean()) ** 2)) for g in groups if g.size >= 2)
-    df = sum(g.size - 1 for g in groups if g.size >= 2)
-    return (math.sqrt(ss / df), df) if df else (None, 0)
-
-
-def _kind_noise(groups: Sequence[np.ndarray], environment: Mapping, policy: Policy) -> _Noise:
-    sd, df = _pooled(groups)
-    if sd is not None:
-        return _Noise(sd, df, f"run-to-run sd {sd:.1%} pooled over the kind's cases ({df} df)")
-    prior = policy.run_sd_prior(environment)
-    if prior is not None:
-        return _Noise(prior[0], float(policy.prior_df), f"run-to-run sd {prior[0]:.1%} ({prior[1]}; one run "
-                                                        "per side, no recorded noise)")
-    return _Noise(None, 0, "one run per side and no run-to-run noise recorded or known for this device type")
-
-
-def _machine_var(baseline: Side, names: Sequence[str], run_sd: float, environment: Mapping, policy: Policy
-                 ) -> tuple[float, float, str]:
-    """Machine-to-machine variances (common, case-specific) of a case's log median, and where they came from.
-
-    From a baseline spanning >= 2 machines: per machine the mean log run median of each case, split into the
-    machine's mean over the cases (common) and each case's deviation from it (case-specific), pooled over
-    the cases measured on every machine, minus the run noise the machine means carry. Else the policy's."""
-    case_default = policy.machine_case_sd(environment)
-    by: dict[str | None, dict[str, list[float]]] = {}
-    for name in names:
-        cs = baseline.cases[name]
-        y = cs.log_run_medians()
-        if len(cs.run_machines) != y.size:
-            continue
-        for m, v in zip(cs.run_machines, y, strict=True):
-            by.setdefault(m, {}).setdefault(name, []).append(float(v))
-    shared = [n for n in names if all(n in cases for cases in by.values())]
-    if len(by) < 2 or not shared:
-        return (policy.machine_sd**2, case_default**2,
-                f"policy default {policy.machine_sd:.1%} common, {case_default:.1%} per case (the baseline spans "
-                "one machine)")
-    means = np.array([[np.mean(cases[n]) for n in shared] for cases in by.values()])  # (machines, cases)
-    noise = run_sd**2 * float(np.mean([1.0 / len(cases[n]) for cases in by.values() for n in shared]))
-    common = means.mean(axis=1)
-    k = means.shape[0] - 1
-    common_var = max(float(np.sum((common - common.mean()) ** 2)) / k - noise / len(shared), 0.0)
-    case_var = 0.0
-    if len(shared) >= 2:
-        resid = means - common[:, None]
-        resid -= resid.mean(axis=0)
-        case_var = max(float(np.sum(resid**2)) / (k * (len(shared) - 1)) - noise, 0.0)
-    how = f"estimated from the baseline's {len(by)} machines"
-    if len(by) < 3:  # a variance from two machines has one degree of freedom: never below the defaults
-        common_var = max(common_var, policy.machine_sd**2)
-        case_var = max(case_var, case_default**2)
-        how += ", no lower than the policy defaults"
-    return common_var, case_var, f"{how}: {math.sqrt(common_var):.1%} common, {math.sqrt(case_var):.1%} per case"
-
-
-@dataclass
-class _TimeEstimate:
-    """One case's log change with the noise model it was judged under."""
-
-    d: float  # mean log change (candidate - baseline)
-    sd: float | None  # pooled per-run sd (unpaired) or per-pair sd (paired); None: unknown
-    df: float
-    n_b: int
-    n_c: int
-    n_cases: int  # cases of the kind: scales the df when estimating the runs needed
-    paired: bool = False
-    machine_var: float = 0.0  # machine-to-machine variance common to all cases (and the canary's, when net of it)
-    machine_case_var: float = 0.0  # machine-to-machine variance of this case unlike the others
-    reasons: list[str] = field(default_factory=list)  # shown on the verdict
-    # The split model (see _split): d = common + contrast, each with its own per-run sd and df.
-    common: float | None = None  # median log change over all cases of the comparison
-    common_sd: float = 0.0
-    common_df: float = 0.0
-    contrast_sd: float = 0.0  # sd of this kind's case-specific run effects
-    contrast_df: float = 0.0
-    n_all: int = 0  # cases in the split model
-
-    @property
-    def contrast_value(self) -> float:
-        return self.d - self.common
-
-    @property
-    def split(self) -> bool:
-        return self.common is not None
-
-    def _k(self, n_b: int, n_c: int) -> float:
-        return 1 / n_b if self.paired else 1 / n_b + 1 / n_c
-
-    def se_common(self, n_b: int, n_c: int) -> float:
-        # the case-specific machine effects enter the median change over the n_all cases too (pi/2: a median)
-        return math.sqrt(self.common_sd**2 * self._k(n_b, n_c) + self.machine_var
-                         + self.machine_case_var * math.pi / 2 / max(self.n_all, 1))
-
-    def se_contrast(self, n_b: int, n_c: int) -> float:
-        return math.sqrt((self.contrast_sd**2 * self._k(n_b, n_c) + self.machine_case_var) * (1 - 1 / self.n_all))
-
-    def se_for(self, n_b: int, n_c: int) -> float:
-        if self.split:
-            return math.hypot(self.se_common(n_b, n_c), self.se_contrast(n_b, n_c))
-        return math.sqrt(self.sd**2 * self._k(n_b, n_c) + self.machine_var + self.machine_case_var)
-
-    @property
-    def se(self) -> float | None:
-        return None if self.sd is None else self.se_for(self.n_b, self.n_c)
-
-    @property
-    def df_total(self) -> float:
-        """Welch-Satterthwaite df of the split model's total variance, else the pooled df."""
-        if not self.split:
-            return self.df
-        a = self.se_common(self.n_b, self.n_c) ** 4 / self.common_df
-        b = self.se_contrast(self.n_b, self.n_c) ** 4 / self.contrast_df
-        return self.se**4 / (a + b)
+# --- time: the variance-components model ----------------------------------------------------------
 
 
 def on_new_machine(baseline: Side, candidate: Side) -> bool:
@@ -563,120 +405,307 @@ def on_new_machine(baseline: Side, candidate: Side) -> bool:
     return bool(b_machines and c_machines and not (b_machines & c_machines))
 
 
-def _estimates(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, paired: bool,
-               new_machine: bool) -> dict[str, _TimeEstimate]:
-    """Per case: the log change and its noise, pooled per kind (see the module docstring)."""
-    kinds: dict[str, list[str]] = {}
-    for name in names:
-        kinds.setdefault(candidate.cases[name].kind, []).append(name)
-    out: dict[str, _TimeEstimate] = {}
-    for members in kinds.values():
-        yb = {n: baseline.cases[n].log_run_medians() for n in members}
-        yc = {n: candidate.cases[n].log_run_medians() for n in members}
-        noise = _kind_noise([*yb.values(), *yc.values()], candidate.environment, policy)
-        pairable = [n for n in members if paired and yb[n].size == yc[n].size >= 2]
-        diffs = {n: yc[n] - yb[n] for n in pairable}
-        pair_noise = _kind_noise(list(diffs.values()), {}, policy) if pairable else None
-        machine_var = machine_case_var = 0.0
-        machine_reason = None
-        if new_machine and noise.sd is not None:
-            machine_var, machine_case_var, how = _machine_var(baseline, members, noise.sd,
-                                                              candidate.environment, policy)
-            machine_reason = (f"the candidate ran on a machine none of the baseline's runs came from: "
-                              f"machine-to-machine sd ({how}) added to the interval and the MDE")
-        for n in members:
-            e = _TimeEstimate(float(yc[n].mean() - yb[n].mean()), noise.sd, noise.df, yb[n].size, yc[n].size,
-                              len(members), machine_var=machine_var, machine_case_var=machine_case_var)
-            if noise.sd is None or "prior" in noise.source:
-                e.reasons.append(noise.source)
-            if n in diffs and pair_noise.sd is not None:
-                e.d, e.sd, e.df, e.paired = float(diffs[n].mean()), pair_noise.sd, pair_noise.df, True
-            elif paired:
-                e.reasons.append("analysed unpaired: the sides hold different numbers of runs of this case")
-            if machine_reason:
-                e.reasons.append(machine_reason)
-            out[n] = e
-    return out
+def _canary_log_medians(side: Side) -> np.ndarray:
+    """The log of each run's canary median (runs without canary samples left out)."""
+    return np.log(np.array([np.median(r) for r in side.canary if len(r)], dtype=float))
 
 
-def _split(baseline: Side, candidate: Side, est: Mapping[str, _TimeEstimate]) -> None:
-    """Split each case's change into a part common to all cases and a case-specific contrast.
+def _pool(*parts: tuple[float, float]) -> tuple[float, float]:
+    """(variance, df) pooled from (variance, df) estimates, weighted by df; (0, 0) when none has df."""
+    df = sum(d for _, d in parts)
+    return (sum(v * d for v, d in parts) / df, df) if df else (0.0, 0.0)
 
-    A process's speed (clocks, neighbours, memory placement) moves every case of the run alike: with 3%
-    per run common and 1.5% per case, most of a case's run-to-run variance is shared. Testing each case's
-    total change against that variance makes a one-case slowdown hard to see (5 vs 3 runs: +10% caught in
-    about 3 of 4 draws), and pooling the shared part across cases as if it were independent overstates the
-    df (A/A false alarms above alpha with 3 runs a side). So, per side, the case-centred log run medians
-    ``R[r, i]`` are split into the run's mean over cases ``g[r]`` (common: variance ``s_u^2 + s_e^2 / m``,
-    ``n - 1`` df per side) and the rest ``R - g`` (case-specific: ``s_e^2``, pooled per kind,
-    ``(n - 1)(m - 1)`` df per side). A case's change ``d = D + c`` is tested twice, each at alpha / 2: the
-    median change of all cases ``D`` (a uniform slowdown) against the common variance, and the contrast
-    ``c = d - D`` (this case moved unlike the others) against the case-specific one, Holm across cases.
-    The interval of ``d`` uses both variances (Welch-Satterthwaite df). Needs >= 3 cases measured in
-    every run of both sides; otherwise the plain pooled model stands. Paired: the same on the per-pair
-    differences, as one sample.
-    """
-    names = [n for n, e in est.items() if e.sd is not None
-             and len(baseline.cases[n].runs) == baseline.n_runs and len(candidate.cases[n].runs) == candidate.n_runs]
-    paired = any(est[n].paired for n in names)
-    if paired:
-        names = [n for n in names if est[n].paired]
-    m = len(names)
-    if m < 3:
-        return
+
+def _satterthwaite(parts: Sequence[tuple[float, float]]) -> float:
+    """Welch-Satterthwaite df of a sum of variance terms (term, its df); a term with df inf is known."""
+    total = sum(v for v, _ in parts)
+    denom = sum(v * v / d for v, d in parts if v > 0 and math.isfinite(d))
+    return total * total / denom if denom > 0 else math.inf
+
+
+@dataclass
+class _Case:
+    """One case's log change ``d = U + e``: ``U`` shared with every case (run, machine and canary terms),
+    ``e`` its own. Variances are of the change, at the case's run counts."""
+
+    d: float
+    var_u: float
+    var_e: float
+    df: float
+    n_b: int
+    n_c: int
+    per_run: float  # the run-level part of var_u + var_e per unit of k (for "runs needed")
+    fixed: float  # the parts that more runs do not shrink (machine-to-machine)
+    runs_df: float  # df that scale with runs
+
+    @property
+    def se(self) -> float:
+        return math.sqrt(self.var_u + self.var_e)
+
+
+@dataclass
+class _Model:
+    cases: dict[str, _Case]
+    paired: bool
+    suite: tuple[float, float, float] | None = None  # the mean change of all cases: (d, se, df)
+    canary_weight: float | None = None  # the canary's regression weight (1: subtracted in full)
+    canary_shift: float | None = None  # the canary's mean log change
+    machines: tuple[int, float, float, bool] | None = None  # baseline machines, common sd, case sd, estimated
+    reasons: dict[str, Reason] = field(default_factory=dict)  # per case: where its noise came from
+
+
+def _k(n_b: int, n_c: int, paired: bool) -> float:
+    return 1 / n_b if paired else 1 / n_b + 1 / n_c
+
+
+def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, paired: bool,
+         new_machine: bool, use_canary: bool) -> _Model:
+    """Estimate the model once (see docs/statistics.md): per (side, machine) group of runs, each run's log
+    medians of the cases measured in every run are split into the run's mean over cases ``g`` (common) and
+    the rest (case-specific, pooled per kind); ``g`` is regressed on the run's log canary median. Paired,
+    the per-pair differences are the runs of one sample. On a new machine the baseline's machine means give
+    the machine-level variances, pooled with the policy's prior."""
+    yb = {n: baseline.cases[n].log_run_medians() for n in names}
+    yc = {n: candidate.cases[n].log_run_medians() for n in names}
     kinds = {n: candidate.cases[n].kind for n in names}
-
-    def matrix(side: Side) -> np.ndarray:
-        return np.stack([side.cases[n].log_run_medians() for n in names], axis=1)  # (runs, cases)
-
-    # Paired: the per-pair differences are the runs of a single sample.
-    samples = [matrix(candidate) - matrix(baseline)] if paired else [matrix(baseline), matrix(candidate)]
-    ss_g = df_g = 0.0
+    full = [n for n in names if yb[n].size == baseline.n_runs and yc[n].size == candidate.n_runs
+            and (not paired or yb[n].size == yc[n].size >= 2)]
+    kb, kc = _canary_log_medians(baseline), _canary_log_medians(candidate)
+    canary_ok = use_canary and kb.size == baseline.n_runs and kc.size == candidate.n_runs
+    if paired and full:
+        samples = [(np.stack([yc[n] - yb[n] for n in full], 1), kc - kb if canary_ok else None,
+                    [None] * len(kb if canary_ok else yc[full[0]]))]
+    else:
+        samples = []
+        for side, y, kk in ((baseline, yb, kb), (candidate, yc, kc)):
+            if full:
+                grouped = new_machine and len(side.machines) == side.n_runs
+                machines = side.machines if grouped else [None] * side.n_runs
+                samples.append((np.stack([y[n] for n in full], 1), kk if canary_ok else None, machines))
+    m = len(full)
+    split = m >= 3
+    # run level: within (side, machine) groups
+    ss_g = df_g = ss_kk = 0.0
+    g_parts, k_parts = [], []
     ss_e: dict[str, float] = {}
     df_e: dict[str, float] = {}
-    for y in samples:
-        n_runs = y.shape[0]
-        if n_runs < 2:
-            continue
-        r = y - y.mean(axis=0)
-        g = r.mean(axis=1)
-        ss_g += float(np.sum(g**2))
-        df_g += n_runs - 1
-        resid = r - g[:, None]
-        for j, n in enumerate(names):
-            ss_e[kinds[n]] = ss_e.get(kinds[n], 0.0) + float(np.sum(resid[:, j] ** 2))
-            df_e[kinds[n]] = df_e.get(kinds[n], 0.0) + (n_runs - 1) * (m - 1) / m
-    if not df_g or min(df_e.values()) <= 0:
-        return
-    var_e = {k: ss_e[k] / df_e[k] for k in ss_e}
-    # var(g) = s_u^2 + mean(s_e^2) / m: the common part of one case's run variance is s_u^2 + s_e^2 / m
-    # minus nothing; D's variance is var(g) per run, exactly what the mean change needs (the median: below).
-    # The common change is the median of the cases' changes, not their mean: a gross slowdown of a few
-    # cases drags the mean, and every unchanged case above the band would then be flagged as part of a
-    # uniform slowdown. A shift shared by all cases moves the median as it moves the mean; the case-specific
-    # part s_e^2 / m enters the median's variance up to pi/2 times (normal noise).
-    mean_var_e = float(np.mean([var_e[kinds[n]] for n in names]))
-    common_sd = math.sqrt(ss_g / df_g + (math.pi / 2 - 1) * mean_var_e / m)
-    d_all = np.array([est[n].d for n in names])
+    for y, kk, machines in samples:
+        for mach in dict.fromkeys(machines):
+            rows = [i for i, x in enumerate(machines) if x == mach]
+            if len(rows) < 2:
+                continue
+            r = y[rows] - y[rows].mean(axis=0)
+            g = r.mean(axis=1)
+            g_parts.append(g)
+            k_parts.append(None if kk is None else kk[rows] - kk[rows].mean())
+            df_g += len(rows) - 1
+            if split:
+                resid = r - g[:, None]
+                for j, n in enumerate(full):
+                    ss_e[n] = ss_e.get(n, 0.0) + float(np.sum(resid[:, j] ** 2))
+                    df_e[n] = df_e.get(n, 0.0) + (len(rows) - 1) * (m - 1) / m
+    split = split and df_g > 0
+    model = _Model({}, paired and bool(full))
+    fixed_beta = new_machine and not paired
+    beta = 0.0
+    if canary_ok and g_parts and (fixed_beta or df_g >= 3):
+        g_all, k_all = np.concatenate(g_parts), np.concatenate(k_parts)
+        ss_kk = float(np.sum(k_all**2))
+        # the regression weight, shrunk towards 1 (the canary tracks the machine) by a prior worth df_g runs
+        # of canary_run_sd: a precise canary keeps a weight near 1, a noisy one the weight its runs show
+        prior = df_g * policy.canary_run_sd**2
+        beta = 1.0 if fixed_beta else (float(np.sum(g_all * k_all)) + prior) / (ss_kk + prior)
+        ss_kk += prior
+        resid_g = g_all - beta * k_all
+        ss_g, df_g = float(np.sum(resid_g**2)), df_g - (0 if fixed_beta else 1)
+        model.canary_weight = beta
+    elif g_parts:
+        ss_g = float(sum(np.sum(g**2) for g in g_parts))
+    shift = 0.0
+    if canary_ok:
+        shift = float(kc.mean() - kb.mean()) if not paired else float(np.mean(kc - kb))
+        model.canary_shift = shift
+    # the per-run variances: common (net of the canary) and case-specific per kind
+    # a case's own case-specific variance, moderated towards its kind's (a kind of one case: all cases')
+    var_e = {}
+    for n in ss_e:
+        others = [o for o in ss_e if o != n and kinds[o] == kinds[n]] or [o for o in ss_e if o != n]
+        prior_var, prior_df = _pool(*((ss_e[o] / df_e[o], df_e[o]) for o in others))
+        prior_df = min(prior_df, float(policy.case_prior_df))
+        var_e[n] = ((ss_e[n] + prior_var * prior_df) / (df_e[n] + prior_df), df_e[n] + prior_df)
+    var_g = ss_g / df_g if df_g > 0 else 0.0
+    mean_e = float(np.mean([var_e[n][0] for n in full])) if split else 0.0
+    var_u = max(var_g - mean_e / m, 0.0) if split else 0.0
+    # var_u is a difference of two estimates: its df (Satterthwaite) are below those of var_g
+    df_e_sum = sum(df for _, df in var_e.values())
+    df_u = max(var_u**2 / (var_g**2 / df_g + (mean_e / m) ** 2 / df_e_sum), 1.0) if split and var_u > 0 \
+        else max(df_g, 1.0)
+    # where the split cannot be made: the total per-run variance pooled per kind
+    total: dict[str, list] = {}
     for n in names:
-        e = est[n]
-        e.common, e.common_sd, e.common_df = float(np.median(d_all)), common_sd, df_g
-        e.contrast_sd, e.contrast_df, e.n_all = math.sqrt(var_e[kinds[n]]), df_e[kinds[n]] * m / (m - 1), m
+        for side_y in (yb[n], yc[n]):
+            if paired and n in full:
+                continue
+            total.setdefault(kinds[n], []).append(side_y)
+    if model.paired:
+        for n in full:
+            total.setdefault(kinds[n], []).append(yc[n] - yb[n])
+    pooled = {}
+    for kind, groups in total.items():
+        df = sum(g.size - 1 for g in groups if g.size >= 2)
+        ss = sum(float(np.sum((g - g.mean()) ** 2)) for g in groups if g.size >= 2)
+        pooled[kind] = (ss / df, float(df)) if df else None
+    prior = policy.run_sd_prior(candidate.environment)
+    # machine level: a candidate on machines none of the baseline's runs came from
+    mach_u = mach_e = w_mach = 0.0
+    df_mu = df_me = math.inf
+    if new_machine and not paired:
+        b_runs = [x for x in baseline.machines] if len(baseline.machines) == baseline.n_runs else []
+        c_runs = [x for x in candidate.machines] if len(candidate.machines) == candidate.n_runs else []
+        w_mach = sum((b_runs.count(x) / len(b_runs)) ** 2 for x in set(b_runs)) if b_runs else 1.0
+        w_mach += sum((c_runs.count(x) / len(c_runs)) ** 2 for x in set(c_runs)) if c_runs else 1.0
+        est_u = est_e = (0.0, 0.0)
+        levels = list(dict.fromkeys(b_runs))
+        if split and len(levels) >= 2:
+            y = np.stack([yb[n] for n in full], 1)
+            rows = [[i for i, x in enumerate(b_runs) if x == lv] for lv in levels]
+            means = np.stack([y[r].mean(axis=0) for r in rows])  # (machines, cases)
+            inv_n = float(np.mean([1 / len(r) for r in rows]))
+            level = means.mean(axis=1)
+            if kb.size == len(b_runs) and canary_ok:
+                level = level - beta * np.array([kb[r].mean() for r in rows])
+            k_m = len(levels) - 1
+            est_u = (max(float(np.var(level, ddof=1)) - var_g * inv_n, 0.0), float(k_m))
+            resid = means - means.mean(axis=1, keepdims=True)
+            resid -= resid.mean(axis=0)
+            df_m = float(k_m * (m - 1))
+            est_e = (max(float(np.sum(resid**2)) / df_m - mean_e * inv_n, 0.0), df_m)
+        prior_df = float(policy.machine_prior_df)
+        # the policy's sds are of the difference between two machines: half their square per machine
+        mach_u, df_mu = _pool((policy.machine_sd**2 / 2, prior_df), est_u)
+        mach_e, df_me = _pool((policy.machine_case_sd(candidate.environment) ** 2 / 2, prior_df), est_e)
+        model.machines = (len(levels), math.sqrt(mach_u), math.sqrt(mach_e), est_u[1] > 0)
+    suite_parts = []
+    for n in names:
+        n_b, n_c = (yb[n].size, yc[n].size)
+        if model.paired and n in full:
+            n_b = n_c = yb[n].size
+        k = _k(n_b, n_c, model.paired and n in full)
+        d = float(yc[n].mean() - yb[n].mean()) - beta * shift
+        if split and n in full:
+            ve, dfe = var_e[n]
+            var_beta = var_g / ss_kk if ss_kk and not fixed_beta else 0.0
+            u_parts = [(var_u * k, df_u), (var_beta * shift**2, df_g)]
+            e_parts = [(ve * k, dfe)]
+            runs_df = df_g + dfe
+        elif pooled.get(kinds[n]) is not None and pooled[kinds[n]][1] > 0:
+            u_parts, e_parts = [], [(pooled[kinds[n]][0] * k, pooled[kinds[n]][1])]
+            runs_df = pooled[kinds[n]][1]
+        elif prior is not None:
+            u_parts, e_parts = [], [(prior[0] ** 2 * k, float(policy.prior_df))]
+            runs_df = 0.0
+            env = candidate.environment
+            model.reasons[n] = why("noise-prior", sd=prior[0], device_type=env.get("device_type"),
+                                   env=env.get("env"))
+        else:
+            continue
+        u_parts.append((mach_u * w_mach, df_mu))
+        e_parts.append((mach_e * w_mach, df_me))
+        parts = u_parts + e_parts
+        c = _Case(d, sum(v for v, _ in u_parts), sum(v for v, _ in e_parts), _satterthwaite(parts), n_b, n_c,
+                  (sum(v for v, _ in parts) - (mach_u + mach_e) * w_mach) / k, (mach_u + mach_e) * w_mach,
+                  runs_df)
+        model.cases[n] = c
+        if split and n in full:
+            suite_parts.append(c)
+    if suite_parts:
+        mm = len(suite_parts)
+        se2_e = sum(c.var_e for c in suite_parts) / mm**2
+        var = suite_parts[0].var_u + se2_e
+        df = _satterthwaite([(suite_parts[0].var_u, df_u), (se2_e, min(c.df for c in suite_parts))])
+        model.suite = (float(np.mean([c.d for c in suite_parts])), math.sqrt(var), df)
+    return model
 
 
-def _runs_needed(e: _TimeEstimate, alpha: float, min_effect: float, policy: Policy) -> int | None:
+# Gauss-Hermite nodes and weights for E[f(Z)], Z ~ N(0, 1).
+_GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(32)
+_GH_W = _GH_W / _GH_W.sum()
+
+
+def _max_sf(t: float, a: np.ndarray, df: float) -> float:
+    """P(max_j T_j >= t) where T_j = (a_j U + sqrt(1 - a_j^2) e_j) / S, U and e_j iid standard normal and
+    S^2 ~ chi^2_df / df: the joint law of the cases' t statistics, which share the common term ``U`` and
+    (approximately) one variance estimate."""
+    a = np.clip(a, 0.0, 0.999)
+    b = np.sqrt(1 - a**2)
+    s, w = _chi_nodes(round(df, 2)) if math.isfinite(df) and df < 1e4 else (np.ones(1), np.ones(1))
+    z = (t * s[:, None, None] - a[None, :, None] * _GH_X[None, None, :]) / b[None, :, None]
+    below = np.prod(special.ndtr(z), axis=1)  # (s nodes, u nodes)
+    return float(min(max(1.0 - float(w @ below @ _GH_W), 0.0), 1.0))
+
+
+@functools.lru_cache(maxsize=256)
+def _chi_nodes(df: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights for E[f(S)], S^2 ~ chi^2_df / df: generalised Gauss-Laguerre on x = chi^2 / 2."""
+    x, w = special.roots_genlaguerre(24, df / 2 - 1)
+    return np.sqrt(2 * x / df), w / w.sum()
+
+
+def step_down(t: np.ndarray, a: np.ndarray, df: float) -> np.ndarray:
+    """Adjusted p-values of the one-sided max-t step-down (closed testing over the cases, with the joint law
+    of :func:`_max_sf`): strong family-wise control whatever the other cases do."""
+    order = np.argsort(-t)
+    adj = np.empty(t.size)
+    running = 0.0
+    for pos, i in enumerate(order):
+        running = max(running, _max_sf(float(t[i]), a[order[pos:]], df))
+        adj[i] = running
+    return adj
+
+
+def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict, dict, dict]:
+    """Adjusted one-sided p-values (regression, improvement) per case, and the per-case alpha a single
+    changed case is tested at (for the MDE)."""
+    cs = [model.cases[n] for n in tested]
+    t = np.array([c.d / c.se for c in cs])
+    df = np.array([c.df for c in cs])
+    a = np.array([math.sqrt(c.var_u) / c.se for c in cs])
+    nu = float(df.min()) if cs else math.inf  # the smallest: the conservative end
+    if policy.correction == "holm":
+        reg, imp = step_down(t, a, nu), step_down(-t, a, nu)
+        crit = optimize.brentq(lambda x: _max_sf(x, a, nu) - policy.alpha, -10, 1e3) if cs else 0.0
+        # the step-down's first critical t, as each case's own one-sided alpha on its df
+        alpha_one = {n: float(special.ndtr(-crit) if math.isinf(c.df) else special.stdtr(c.df, -crit))
+                     for n, c in zip(tested, cs, strict=True)}
+    else:
+        p_reg, p_imp = special.stdtr(df, -t), special.stdtr(df, t)
+        reg, imp = adjust_pvalues(p_reg, policy.correction), adjust_pvalues(p_imp, policy.correction)
+        alpha_one = dict.fromkeys(tested, policy.alpha / max(len(cs), 1) if policy.correction == "bh"
+                                  else policy.alpha)
+    adjusted = dict(zip(tested, reg.tolist(), strict=True)), dict(zip(tested, imp.tolist(), strict=True))
+    return *adjusted, alpha_one
+
+
+def _mde_at(c: _Case, n_b: int, n_c: int, paired: bool, alpha: float, min_effect: float, power: float
+            ) -> tuple[float, float, float]:
+    """(MDE, se, df) of a slowdown of this case alone with ``n_b`` and ``n_c`` runs."""
+    now = (c.n_b - 1) + (0 if paired else c.n_c - 1)
+    then = (n_b - 1) + (0 if paired else n_c - 1)
+    se = math.sqrt(c.per_run * _k(n_b, n_c, paired) + c.fixed)
+    df = c.df if (n_b, n_c) == (c.n_b, c.n_c) else max(c.df * then / now if now else c.runs_df + then, 1)
+    return mde(se, df, alpha, min_effect, power), se, df
+
+
+def _runs_needed(c: _Case, paired: bool, alpha: float, min_effect: float, policy: Policy) -> int | None:
     """Runs per side (the same on both) that bring the MDE to ``policy.target_mde`` and the interval's
     half-width to half the band (so an unchanged case reads "no change"); None beyond 100."""
 
     def enough(n: int) -> bool:
-        runs_df = (n - 1) * (1 if e.paired else 2)
-        df = e.df_total * runs_df / max((e.n_b - 1) + (0 if e.paired else e.n_c - 1), 1) if e.n_b + e.n_c > 2 \
-            else e.n_cases * runs_df
-        half = _t(0.5 + policy.confidence_level / 2, max(df, 1)) * e.se_for(n, n)
-        return (_mde_of(e, alpha, min_effect, policy, n, n) <= policy.target_mde
-                and half <= math.log1p(min_effect) / 2)
+        m_e, se, df = _mde_at(c, n, n, paired, alpha, min_effect, policy.power)
+        return m_e <= policy.target_mde and _t(0.5 + policy.confidence_level / 2, df) * se <= math.log1p(
+            min_effect) / 2
 
-    lo, hi = 1, 100  # both fall with n: bisect for the first n that reaches them
+    lo, hi = 1, 100
     if not enough(hi):
         return None
     while hi - lo > 1:
@@ -685,46 +714,26 @@ def _runs_needed(e: _TimeEstimate, alpha: float, min_effect: float, policy: Poli
     return hi
 
 
-def _mde_of(e: _TimeEstimate, alpha: float, min_effect: float, policy: Policy, n_b: int, n_c: int) -> float:
-    """The MDE of a slowdown of this case alone, with ``n_b`` and ``n_c`` runs (df scaled accordingly)."""
-    runs_df = (n_b - 1) + (0 if e.paired else n_c - 1)
-    now_df = (e.n_b - 1) + (0 if e.paired else e.n_c - 1)
-    scale = 1.0 if (n_b, n_c) == (e.n_b, e.n_c) else runs_df / now_df if now_df else None
-    if not e.split:  # with a prior (no runs_df now), n runs would give the kind's cases' pooled df
-        df = e.df * scale if scale is not None else e.n_cases * runs_df
-        return mde(e.se_for(n_b, n_c), max(df, 1), alpha, min_effect, policy.power)
-    # Either test may flag it: the point estimate must clear the band, the contrast its test at alpha / 2.
-    se_c = e.se_contrast(n_b, n_c) / (1 - 1 / e.n_all)  # a change of one case moves c by (1 - 1/m) of it
-    by_contrast = (_t(1 - alpha / 2, e.contrast_df * scale) + _t(policy.power, e.contrast_df * scale)) * se_c
-    by_estimate = math.log1p(min_effect) + _t(policy.power, max(e.df_total * scale, 1)) * e.se_for(n_b, n_c)
-    return math.expm1(max(by_contrast, by_estimate))
-
-
 def _time_result(
-    name: str, b: CaseSamples, c: CaseSamples, e: _TimeEstimate, p_reg: float | None, p_imp: float | None,
-    alpha_one: float, policy: Policy, blockers: list[str], disturbed: Sequence[str],
+    name: str, b: CaseSamples, c: CaseSamples, e: _Case | None, paired: bool, p_reg: float | None,
+    p_imp: float | None, alpha_one: float, policy: Policy, blockers: list[Reason], reasons: Sequence[Reason],
+    disturbed: Sequence[str],
 ) -> MetricResult:
-    """The time verdict of one case; ``alpha_one`` is the per-case alpha the MDE assumes (alpha / cases)."""
+    """The time verdict of one case; ``alpha_one`` is the per-case alpha the MDE assumes."""
     min_effect = policy.min_effect_for(name)
-    base = dict(metric="time", ratio=math.exp(e.d), threshold=min_effect, n_baseline=e.n_b,
-                n_candidate=e.n_c, baseline_median=float(np.median(b.samples)),
+    y_b, y_c = b.log_run_medians(), c.log_run_medians()
+    base = dict(metric="time", ratio=math.exp(e.d if e else y_c.mean() - y_b.mean()), threshold=min_effect,
+                n_baseline=y_b.size, n_candidate=y_c.size, baseline_median=float(np.median(b.samples)),
                 candidate_median=float(np.median(c.samples)))
-    reasons = list(blockers) + e.reasons
-    if e.se is None:
-        reasons.append("too few samples: with one run per side the smallest attainable p is 1 (no run-to-run "
-                       "noise is known for this device type); run >= 2 processes on a side, after which the "
-                       "report gives the MDE and the runs needed for one of "
-                       f"{policy.target_mde:.0%}")
+    reasons = list(blockers) + list(reasons)
+    if e is None:
+        reasons.append(why("too-few-samples", target_mde=policy.target_mde))
         return MetricResult(verdict=INCONCLUSIVE, reasons=tuple(reasons), **base)
-
-    se, df = e.se, e.df_total
-    half = _t(0.5 + policy.confidence_level / 2, df) * se
-    lo, hi = math.exp(e.d - half), math.exp(e.d + half)
-    m_e = _mde_of(e, alpha_one, min_effect, policy, e.n_b, e.n_c)
-    base.update(ci=(lo, hi), p_regression=p_reg, p_improvement=p_imp, mde=m_e, se=se, df=df)
+    lo, hi = ratio_interval(e.d, e.se, e.df, policy.confidence_level)
+    m_e = _mde_at(e, e.n_b, e.n_c, paired, alpha_one, min_effect, policy.power)[0]
+    base.update(ci=(lo, hi), p_regression=p_reg, p_improvement=p_imp, mde=m_e, se=e.se, df=e.df)
     if blockers:
         return MetricResult(verdict=INCONCLUSIVE, reasons=tuple(reasons), **base)
-
     band = math.log1p(min_effect)
     if p_reg <= policy.alpha and e.d > band:
         verdict = REGRESSION
@@ -734,83 +743,33 @@ def _time_result(
         verdict = NO_CHANGE
     else:
         verdict = INCONCLUSIVE
-        needed = _runs_needed(e, alpha_one, min_effect, policy)
+        needed = _runs_needed(e, paired, alpha_one, min_effect, policy)
         base["runs_needed"] = needed
-        more = (f"about {needed} runs per side would settle it (MDE {policy.target_mde:.0%}, interval ±"
-                f"{min_effect / 2:.1%})" if needed
-                else "more runs cannot settle it across machines (the machine-to-machine variance stays): "
-                + ACROSS_MACHINES_FIX if e.machine_var or e.machine_case_var
-                else "over 100 runs per side would be needed to settle it")
-        reasons.append(
-            f"interval [{lo - 1:+.1%}, {hi - 1:+.1%}] reaches beyond the ±{min_effect:.1%} band and no change "
-            f"beyond it is significant after {policy.correction} (MDE {m_e:.1%}); {more}"
-        )
+        reasons.append(why("unsettled", low=lo, high=hi, min_effect=min_effect, correction=policy.correction,
+                           mde=m_e, runs_needed=needed, target_mde=policy.target_mde,
+                           across_machines=e.fixed > 0))
     if disturbed:
-        if verdict == INCONCLUSIVE:
-            reasons.append("; ".join(disturbed))
-        else:
-            reasons.append(f"{'; '.join(disturbed)} (would have been {verdict})")
-            verdict = INCONCLUSIVE
+        reasons.append(why("disturbed", detail="; ".join(disturbed),
+                           would_have_been=None if verdict == INCONCLUSIVE else verdict))
+        verdict = INCONCLUSIVE
     return MetricResult(verdict=verdict, reasons=tuple(reasons), **base)
 
 
-@dataclass(frozen=True)
-class CanaryShift:
-    """The canary's mean log change candidate vs baseline, with its standard error and df."""
-
-    value: float
-    se: float
-    df: float
-
-
-def _canary_log_medians(side: Side) -> np.ndarray:
-    """The log of each run's canary median (runs without canary samples left out)."""
-    return np.log(np.array([np.median(r) for r in side.canary if len(r)], dtype=float))
-
-
-def canary_shift(baseline: Side, candidate: Side, policy: Policy, paired: bool) -> CanaryShift | None:
-    """The canary's move between the sides, from its per-run medians (None without a canary on both).
-    Paired: the mean of the per-pair differences. Otherwise the difference of the means, with the run-to-run
-    sd pooled over both sides (``Policy.canary_run_sd`` when neither side has two runs)."""
-    b, c = _canary_log_medians(baseline), _canary_log_medians(candidate)
-    if not b.size or not c.size:
+def _suite_result(model: _Model, policy: Policy, blockers: Sequence[str]) -> MetricResult | None:
+    """The change of the suite as a whole (the mean over the cases measured in every run), its own test."""
+    if model.suite is None:
         return None
-    if paired and b.size == c.size >= 2:
-        diff = c - b
-        return CanaryShift(float(diff.mean()), float(diff.std(ddof=1)) / math.sqrt(diff.size), diff.size - 1.0)
-    df = (b.size - 1) + (c.size - 1)
-    ss = float(np.sum((b - b.mean()) ** 2) + np.sum((c - c.mean()) ** 2))
-    sd, df = (math.sqrt(ss / df), float(df)) if df else (policy.canary_run_sd, math.inf)
-    return CanaryShift(float(c.mean() - b.mean()), sd * math.sqrt(1 / b.size + 1 / c.size), df)
-
-
-def _pvalues(tested: Sequence[str], est: Mapping[str, _TimeEstimate], policy: Policy,
-             canary: CanaryShift | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """Adjusted one-sided p-values (regression, improvement) per case, on the scale of ``alpha``.
-
-    Plain model: the t test of each case's change, adjusted across cases. Split model: the contrast's test
-    adjusted across cases and the common change's test, each at alpha / 2, so ``2 * min(both)``. With a
-    ``canary`` (same environment on both sides), the common change is tested net of the canary's move.
-    """
-    if not tested:
-        return {}, {}
-    stat = np.array([est[n].contrast_value / est[n].se_contrast(est[n].n_b, est[n].n_c) if est[n].split
-                     else est[n].d / est[n].se for n in tested])
-    df = np.array([est[n].contrast_df if est[n].split else est[n].df for n in tested])
-    reg = adjust_pvalues(sps.t.sf(stat, df), policy.correction)
-    imp = adjust_pvalues(sps.t.cdf(stat, df), policy.correction)
-    split = [est[n].split for n in tested]
-    if any(split):
-        e = est[tested[split.index(True)]]
-        value, se, df = e.common, e.se_common(e.n_b, e.n_c), e.common_df
-        if canary is not None:  # a machine that moved every case alike moved the canary too
-            a, b = se**2, canary.se**2
-            value, se = value - canary.value, math.sqrt(a + b)
-            df = (a + b) ** 2 / (a**2 / df + (b**2 / canary.df if math.isfinite(canary.df) else 0.0))
-        z = value / se
-        reg = np.minimum(1.0, 2 * np.minimum(reg, sps.t.sf(z, df)))
-        imp = np.minimum(1.0, 2 * np.minimum(imp, sps.t.cdf(z, df)))
-    return dict(zip(tested, reg.tolist(), strict=True)), dict(zip(tested, imp.tolist(), strict=True))
+    d, se, df = model.suite
+    lo, hi = ratio_interval(d, se, df, policy.confidence_level)
+    p_reg, p_imp = float(special.stdtr(df, -d / se)), float(special.stdtr(df, d / se))
+    band = math.log1p(policy.min_effect)
+    verdict = (INCONCLUSIVE if blockers else REGRESSION if p_reg <= policy.alpha and d > band
+               else IMPROVEMENT if p_imp <= policy.alpha and d < -band
+               else NO_CHANGE if -band <= math.log(lo) and math.log(hi) <= band else INCONCLUSIVE)
+    return MetricResult(metric="suite", verdict=verdict, ratio=math.exp(d), ci=(lo, hi),
+                        p_regression=p_reg, p_improvement=p_imp, threshold=policy.min_effect,
+                        mde=mde(se, df, policy.alpha, policy.min_effect, policy.power), se=se, df=df,
+                        reasons=tuple(blockers))
 
 
 # --- canary ------------------------------------------------------------------------------------------
@@ -856,26 +815,26 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     disturbed = []
     for i, (r, cv) in enumerate(zip(c_runs, c_cvs, strict=True)):
         med = float(np.median(r))
-        why = None
+        trouble = None
         if by_pair:
             partner = b_runs[i]
             shift = math.log(med) - b_meds[i]
             limit = max(math.log1p(policy.canary_min_shift),
                         policy.canary_z * math.hypot(_median_se(r), _median_se(partner)))
             if max(cv, b_cvs[i]) > cv_limit:
-                why = (f"machine disturbed: canary spread {max(cv, b_cvs[i]):.1%} within pair {i + 1} "
+                trouble = (f"machine disturbed: canary spread {max(cv, b_cvs[i]):.1%} within pair {i + 1} "
                        f"(usual < {cv_limit:.1%})")
             elif abs(shift) > limit:
-                why = (f"machine disturbed: canary {math.expm1(shift):+.1%} between the runs of pair {i + 1} "
+                trouble = (f"machine disturbed: canary {math.expm1(shift):+.1%} between the runs of pair {i + 1} "
                        f"(their own noise allows ±{math.expm1(limit):.1%})")
         elif cv > cv_limit:
-            why = f"machine disturbed: canary spread {cv:.1%} within candidate run {i + 1} (usual < {cv_limit:.1%})"
+            trouble = f"machine disturbed: canary spread {cv:.1%} within candidate run {i + 1} (usual < {cv_limit:.1%})"
         elif ref is not None and abs(math.log(med) - ref) > shift_limit:
-            why = (f"machine disturbed: canary {math.expm1(math.log(med) - ref):+.1%} in candidate run {i + 1} "
+            trouble = (f"machine disturbed: canary {math.expm1(math.log(med) - ref):+.1%} in candidate run {i + 1} "
                    f"against {against} (the baseline's run-to-run noise allows ±{math.expm1(shift_limit):.1%})")
-        runs.append(CanaryRun("candidate", i, med, cv, why))
-        if why:
-            disturbed.append(why)
+        runs.append(CanaryRun("candidate", i, med, cv, trouble))
+        if trouble:
+            disturbed.append(trouble)
     ratio = None
     if b_meds.size:
         ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"])) - b_meds.mean()))
@@ -921,7 +880,7 @@ def _leave_out_disturbed(baseline: Side, candidate: Side, canary: CanaryResult |
 
 def _few_values_result(
     metric: str, b_vals: Sequence[float], c_vals: Sequence[float], threshold: float, floor: float,
-    blockers: list[str], note: str | None = None,
+    blockers: list[Reason], note: str | None = None,
 ) -> MetricResult | None:
     """Compile time / peak memory: one value per run, judged on the range of pairwise ratios."""
     if not b_vals or not c_vals:
@@ -931,7 +890,7 @@ def _few_values_result(
     b_med, c_med = float(np.median(b)), float(np.median(c))
     lo, hi = float(c.min() / b.max()), float(c.max() / b.min())
     up, down = 1.0 + threshold, 1.0 / (1.0 + threshold)  # symmetric on the log scale
-    reasons = list(blockers) + ([note] if note else [])
+    reasons = list(blockers) + ([why("cache-state", state=note)] if note else [])
     if blockers:
         verdict = INCONCLUSIVE
     elif lo > up:
@@ -942,12 +901,10 @@ def _few_values_result(
         verdict = NO_CHANGE
     else:
         verdict = INCONCLUSIVE
-        reasons.append(
-            f"run values overlap the ±{threshold:.0%} threshold (ratios {lo:.3f}..{hi:.3f}, "
-            f"{b.size} baseline vs {c.size} candidate runs)"
-        )
+        reasons.append(why("values-overlap", threshold=threshold, low=lo, high=hi, n_baseline=b.size,
+                           n_candidate=c.size))
     if b.size == 1 and c.size == 1 and verdict != INCONCLUSIVE:
-        reasons.append("one run per side: a single ratio against the threshold, no noise estimate")
+        reasons.append(why("single-ratio"))
     return MetricResult(
         metric=metric, verdict=verdict, ratio=c_med / b_med, ci=(lo, hi), threshold=threshold,
         n_baseline=b.size, n_candidate=c.size, baseline_median=b_med, candidate_median=c_med,
@@ -963,7 +920,8 @@ def _by_cache(cs: CaseSamples) -> dict[str | None, list[float]]:
     return out
 
 
-def _compile_result(b: CaseSamples, c: CaseSamples, policy: Policy, blockers: list[str]) -> MetricResult | None:
+def _compile_result(b: CaseSamples, c: CaseSamples, policy: Policy, blockers: list[Reason]
+                    ) -> MetricResult | None:
     """Compile time, compared only between runs of the same cache state (cold preferred when both match)."""
     bb, cc = _by_cache(b), _by_cache(c)
     if not bb or not cc:
@@ -974,10 +932,10 @@ def _compile_result(b: CaseSamples, c: CaseSamples, policy: Policy, blockers: li
         return MetricResult(
             metric="compile_time", verdict=NOT_COMPARED, n_baseline=sum(map(len, bb.values())),
             n_candidate=sum(map(len, cc.values())),
-            reasons=(f"not compared: cache state differs (baseline {describe(bb)}, candidate {describe(cc)})",),
+            reasons=(why("cache-state-differs", baseline=describe(bb), candidate=describe(cc)),),
         )
     state = common[0]
-    note = None if state is None else f"{state} cache on both sides"
+    note = state
     return _few_values_result("compile_time", bb[state], cc[state], policy.compile_threshold,
                               policy.compile_floor_s, blockers, note)
 
@@ -1020,78 +978,67 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         if name in candidate.failed:
             continue
         if b is None:
-            verdicts[name] = CaseVerdict(name, NEW, {}, ("not in the baseline",), labels)
+            verdicts[name] = CaseVerdict(name, NEW, {}, (why("not-in-baseline"),), labels)
         elif b.definition_hash and c.definition_hash and b.definition_hash != c.definition_hash:
-            verdicts[name] = CaseVerdict(
-                name, NEW, {},
-                (f"changed definition: definition_hash {b.definition_hash} (baseline) != "
-                 f"{c.definition_hash} (candidate); not compared, record a new baseline",), labels,
-            )
+            verdicts[name] = CaseVerdict(name, NEW, {}, (why("changed-definition", baseline=b.definition_hash,
+                                                             candidate=c.definition_hash),), labels)
         elif not c.runs or not b.runs:
-            verdicts[name] = CaseVerdict(name, INCONCLUSIVE, {}, ("no samples on one side",), labels)
+            verdicts[name] = CaseVerdict(name, INCONCLUSIVE, {}, (why("no-samples"),), labels)
         else:
             judged.append(name)
     for name, reason in candidate.failed.items():
-        verdicts[name] = CaseVerdict(name, FAILED, {}, (f"failed in the candidate run: {reason}",), labels)
+        verdicts[name] = CaseVerdict(name, FAILED, {}, (why("failed", detail=reason),), labels)
     not_selected = []
     for name in baseline.cases:
         if name in candidate.cases or name in candidate.failed:
             continue
         if name in candidate.skipped:
-            verdicts[name] = CaseVerdict(name, SKIPPED, {}, (f"skipped: {candidate.skipped[name]}",), labels)
+            verdicts[name] = CaseVerdict(name, SKIPPED, {}, (why("skipped", detail=candidate.skipped[name]),),
+                                         labels)
         elif candidate.selected is None or name in candidate.selected:
-            verdicts[name] = CaseVerdict(
-                name, MISSING, {}, ("selected in the candidate run but neither measured, skipped nor failed",),
-                labels)
+            verdicts[name] = CaseVerdict(name, MISSING, {}, (why("missing"),), labels)
         else:
             not_selected.append(name)
 
     baseline, candidate, canary = _leave_out_disturbed(baseline, candidate, canary, judged, paired)
     disturbed = (canary.disturbed_summary,) if canary and canary.disturbed and not canary.left_out else ()
-    machines_differ = on_new_machine(baseline, candidate)
-    est = _estimates(baseline, candidate, judged, policy, paired, machines_differ)
-    _split(baseline, candidate, est)
+    new_machine = not paired and on_new_machine(baseline, candidate)
+    model = _fit(baseline, candidate, judged, policy, paired, new_machine, use_canary=not changes)
+    net_of_canary = model.canary_weight is not None
     narrowing = []
-    if paired:  # the same data analysed unpaired, for the narrowing figure
-        unpaired = _estimates(baseline, candidate, judged, policy, False, machines_differ)
-        _split(baseline, candidate, unpaired)
+    if model.paired:  # the same data analysed unpaired, for the narrowing figure
+        unpaired = _fit(baseline, candidate, judged, policy, False, False, use_canary=not changes)
         q = 0.5 + policy.confidence_level / 2
-        narrowing = [_t(q, est[n].df_total) * est[n].se / (_t(q, unpaired[n].df_total) * unpaired[n].se)
-                     for n in judged if est[n].paired and unpaired[n].se]
-    control = None if changes else canary_shift(baseline, candidate, policy, paired)
-    # On a machine none of the baseline's runs came from, the machine's speed is in every case's change and
-    # the canary measures it (code changes cannot move the canary): every change is taken net of the canary's
-    # move, its standard error joining the common variance.
-    new_machine = not paired and machines_differ
-    net_of_canary = control is not None and new_machine
-    if net_of_canary:
-        for e in est.values():
-            e.d -= control.value
-            if e.split:
-                e.common -= control.value
-            e.machine_var += control.se**2
-    tested = [n for n in judged if est[n].se is not None]
-    adj_reg, adj_imp = _pvalues(tested, est, policy, None if net_of_canary else control)
-    alpha_one = policy.alpha / max(len(adj_reg), 1) if policy.correction != "none" else policy.alpha
+        narrowing = [_t(q, model.cases[n].df) * model.cases[n].se / (_t(q, unpaired.cases[n].df)
+                                                                     * unpaired.cases[n].se)
+                     for n in judged if n in model.cases and n in unpaired.cases]
+    tested = list(model.cases)
+    adj_reg, adj_imp, alpha_one = _pvalues(model, tested, policy)
+    machine_reason = None
+    if model.machines is not None:
+        count, common_sd, case_sd, estimated = model.machines
+        machine_reason = why("machine-variance", machines=count if estimated else 1, common_sd=common_sd,
+                             case_sd=case_sd, prior_df=policy.machine_prior_df)
+    case_reasons = {n: [r for r in (model.reasons.get(n), machine_reason) if r] for n in judged}
+    if paired and not model.paired:
+        for n in judged:
+            case_reasons[n].append(why("analysed-unpaired"))
 
     device_type = candidate.environment.get("device_type")
     judge_memory = device_type is None or device_type in policy.memory_device_types
     for name in judged:
         b, c = baseline.cases[name], candidate.cases[name]
-        blockers = [f"environment mismatch: {m}" for m in mismatch]
+        blockers = [why("environment-mismatch", detail=m) for m in mismatch]
         if new_machine and not net_of_canary:
-            blockers.append("the candidate ran on a machine none of the baseline's runs came from, and the canary "
-                            f"cannot take the machine's speed out ({'the environment changed' if changes else 'no canary on both sides'}): "
-                            + ACROSS_MACHINES_FIX)
+            blockers.append(why("machine-not-taken-out", environment_changed=bool(changes)))
         if b.attention_used and c.attention_used and b.attention_used != c.attention_used:
-            blockers.append(f"attention backend used differs: {b.attention_used} vs {c.attention_used}")
+            blockers.append(why("attention-differs", baseline=b.attention_used, candidate=c.attention_used))
         if b.unet_kernels and c.unet_kernels and b.unet_kernels != c.unet_kernels:
-            ran = [", ".join(sorted(side.unet_kernels)) for side in (b, c)]
-            blockers.append(f"the attention kernel that ran differs: {ran[0]} vs {ran[1]} (the same backend "
-                            "dispatched to another kernel)")
-        e = est[name]
-        metrics = {"time": _time_result(name, b, c, e, adj_reg.get(name), adj_imp.get(name), alpha_one, policy,
-                                        blockers, disturbed)}
+            blockers.append(why("kernel-differs", baseline=", ".join(sorted(b.unet_kernels)),
+                                candidate=", ".join(sorted(c.unet_kernels))))
+        metrics = {"time": _time_result(name, b, c, model.cases.get(name), model.paired, adj_reg.get(name),
+                                        adj_imp.get(name), alpha_one.get(name, policy.alpha), policy, blockers,
+                                        case_reasons[name], disturbed)}
         compile_res = _compile_result(b, c, policy, list(blockers))
         if compile_res is not None:
             metrics["compile_time"] = compile_res
@@ -1101,7 +1048,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
             if mem is not None:
                 metrics["peak_memory"] = mem
         if c.correct is False:
-            verdicts[name] = CaseVerdict(name, FAILED, metrics, ("candidate output is WRONG (correct=False)",),
+            verdicts[name] = CaseVerdict(name, FAILED, metrics, (why("wrong-output"),),
                                          labels)
         else:
             verdicts[name] = CaseVerdict(name, _overall(metrics), metrics, (), labels)
@@ -1116,15 +1063,14 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
                      f"(machine disturbed, see the canary): judged on the other {candidate.n_runs}")
     if canary and canary.env_shift:
         notes.append(canary.env_shift + " (reported, not used to cancel the change)")
-    common = next((est[n].common for n in tested if est[n].split), None)
-    if net_of_canary:
-        notes.append(f"the candidate ran on a machine none of the baseline's runs came from: every time change is "
-                     f"net of the canary's move ({math.expm1(control.value):+.1%}, se {control.se:.1%}; the medians "
-                     "shown are as measured), and the machine-to-machine variance is in each interval and MDE")
-    elif control is not None and common is not None:
-        notes.append(f"the change common to all cases ({math.expm1(common):+.1%}) is tested net of the canary's "
-                     f"move ({math.expm1(control.value):+.1%}, se {control.se:.1%}): a machine that moved every "
-                     "case alike is not a change of the code")
+    if net_of_canary and new_machine:
+        notes.append("the candidate ran on a machine none of the baseline's runs came from: every time change "
+                     f"is net of the canary's move ({math.expm1(model.canary_shift):+.1%}; the medians shown are "
+                     "as measured), and the machine-to-machine variance is in each interval and MDE")
+    elif net_of_canary:
+        notes.append(f"every time change is net of the canary's move ({math.expm1(model.canary_shift):+.1%}) "
+                     f"weighted by {model.canary_weight:.2f}, the share of the runs' common speed it "
+                     "tracked: a machine that moved every case alike is not a change of the code")
     order = [*candidate.cases, *candidate.failed, *baseline.cases]
     return Comparison(
         cases=tuple(verdicts[n] for n in dict.fromkeys(order) if n in verdicts),
@@ -1139,4 +1085,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
         canary=canary,
         paired=paired,
         pairing_narrowing=1 - float(np.median(narrowing)) if narrowing else None,
+        suite=_suite_result(model, policy, [why("environment-mismatch", detail=m) for m in mismatch]
+                            + ([why("machine-not-taken-out", environment_changed=bool(changes))]
+                               if new_machine and not net_of_canary else [])),
     )

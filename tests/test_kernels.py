@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from perf_tests import kernels as K
+from perf_tests.report import sentence
 from perf_tests.table import kernel_note
 from sd.attention import resolve_attention
 
@@ -184,8 +185,9 @@ def test_a_change_of_the_kernel_that_ran_blocks_the_time_verdict_and_survives_a_
     assert base.cases[sdpa].unet_kernels == {"flash"}
     verdict = stats.compare(base, R.load_side(cand_paths, "candidate"))
     case = next(v for v in verdict.cases if v.name == sdpa)
-    time_reasons = " ".join(case.metrics["time"].reasons)
     assert case.metrics["time"].verdict == stats.INCONCLUSIVE
-    assert "the attention kernel that ran differs: flash vs cudnn" in time_reasons
+    (differs,) = [r for r in case.metrics["time"].reasons if r.code == "kernel-differs"]
+    assert (differs["baseline"], differs["candidate"]) == ("flash", "cudnn")
+    assert "the attention kernel that ran differs: flash vs cudnn" in sentence(differs)
     other = next(v for v in verdict.cases if v.name == CASES[0])  # no kernels recorded: judged as before
-    assert "kernel that ran" not in " ".join(other.metrics["time"].reasons)
+    assert "kernel-differs" not in [r.code for r in other.metrics["time"].reasons]

@@ -18,7 +18,7 @@ from noxenvs import PINS, Env
 
 REPO = Path(__file__).resolve().parents[1]
 SESSIONS = {"perf-torch2", "perf-torch20", "perf-torch1", "update-baselines", "compare", "report", "tests",
-            "tests-torch1", "lint", "wheelhouse", "gpu-check", "study"}
+            "tests-torch1", "lint", "wheelhouse", "gpu-check", "study", "gate-validity"}
 
 
 @pytest.fixture

@@ -1,11 +1,9 @@
-"""The comparator (perf_tests/stats.py) on synthetic timings with known answers, over many seeded draws.
+"""The comparator (perf_tests/stats.py) on synthetic timings with known answers.
 
-Run-level noise, as measured on the suite's CPU runs (issue 8): every run (process) has its own speed, 3%
-(log sd) common to all cases of the run, plus 1.5% per case and run; every round 2%, and 2% of the rounds are
-+25% outliers. 12 cases in 3 kinds, 10 rounds per run. The false-alarm rate, power, coverage and MDE are
-measured here over >= 200 draws per setting, not assumed.
-
-    PYTHONPATH=. python tests/test_stats.py      # prints the power table quoted in the README
+Every run (process) has its own speed, 3% (log sd) common to all cases of the run, plus 1.5% per case and
+run; every round 2%, and 2% of the rounds are +25% outliers. 12 cases in 3 kinds, 10 rounds per run. The
+operating characteristics over many draws, in a world the comparator does not assume, are measured by
+tests/test_gate_validity.py (tests/gate_world.py).
 """
 
 from __future__ import annotations
@@ -49,6 +47,11 @@ def make_side(rng, runs, *, factor=1.0, slow=(0,), n_cases=N_CASES, rounds=ROUND
     return S.Side(label, dict(env or ENV), cases, runs, machines=[machine] * runs)
 
 
+def said(result):
+    """The sentences the report writes for a verdict's or a metric's reasons."""
+    return [R.sentence(r) for r in result.reasons]
+
+
 def verdicts(cmp):
     return {c.name: c.verdict for c in cmp.cases}
 
@@ -56,33 +59,6 @@ def verdicts(cmp):
 def time_of(cmp, name=None):
     name = name or case_name(0)
     return next(c for c in cmp.cases if c.name == name).metrics["time"]
-
-
-def simulate(n_b, n_c, factor, draws=DRAWS, seed=0, policy=None, **kw):
-    """Rates over ``draws`` whole comparisons in which case0 is ``factor`` times slower in the candidate.
-
-    hit: case0 a regression; any: any case a regression; no_change: case0 read as no change; cover: share
-    of the cases' 90% intervals that hold their true ratio; mde: median over draws of the median MDE.
-    """
-    rng = np.random.default_rng(seed)
-    hit = anyreg = no_change = covered = judged = 0
-    mdes = []
-    for _ in range(draws):
-        cmp = S.compare(make_side(rng, n_b, **kw), make_side(rng, n_c, factor=factor, **kw), policy or S.Policy())
-        v = verdicts(cmp)
-        hit += v[case_name(0)] == S.REGRESSION
-        anyreg += S.REGRESSION in v.values()
-        no_change += v[case_name(0)] == S.NO_CHANGE
-        for c in cmp.cases:
-            t = c.metrics["time"]
-            if t.ci is not None:
-                true = factor if c.name == case_name(0) else 1.0
-                covered += t.ci[0] <= true <= t.ci[1]
-                judged += 1
-        if cmp.mde_median is not None:
-            mdes.append(cmp.mde_median)
-    return dict(hit=hit / draws, any=anyreg / draws, no_change=no_change / draws,
-                cover=covered / judged if judged else math.nan, mde=float(np.median(mdes)) if mdes else math.nan)
 
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -111,21 +87,7 @@ def test_mde_formula_matches_a_simulated_power_of_80_percent():
     assert np.mean(d > crit) == pytest.approx(0.8, abs=0.01)
 
 
-# --- the targets of issue 8 (run-level noise) -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n_b,n_c", [(1, 1), (3, 3), (5, 3), (5, 5)])
-def test_whole_run_aa_false_alarms_and_coverage(n_b, n_c):
-    r = simulate(n_b, n_c, 1.0, seed=100 + n_b * 10 + n_c)
-    assert r["any"] <= 0.05
-    assert r["cover"] >= 0.85
-
-
-def test_five_vs_three_runs_flag_ten_percent_and_rarely_call_it_no_change():
-    r = simulate(5, 3, 1.10, seed=7)
-    assert r["hit"] >= 0.80
-    assert r["no_change"] <= 0.05
-    assert r["cover"] >= 0.85
+# --- run-level noise: verdicts on a few draws ------------------------------------------------------------
 
 
 def test_a_uniform_slowdown_of_every_case_is_caught_by_the_common_test():
@@ -146,7 +108,7 @@ def test_one_run_per_side_is_never_a_regression_by_rounds_alone():
         assert not cmp.has_regression
         m = time_of(cmp)
         assert m.verdict == S.INCONCLUSIVE and m.mde is None
-        assert any("too few samples" in r for r in m.reasons)
+        assert any("too few samples" in r for r in said(m))
         assert m.ratio == pytest.approx(1.5, rel=0.15)  # the estimate is still reported
 
 
@@ -155,7 +117,7 @@ def test_one_run_per_side_uses_the_documented_prior_and_says_so():
     cmp = S.compare(make_side(rng, 1), make_side(rng, 1, factor=1.10))
     m = time_of(cmp)
     assert m.verdict != S.REGRESSION and m.se == pytest.approx(0.07 * math.sqrt(2))
-    assert any("prior for cpu/torch2" in r for r in m.reasons)
+    assert any("prior for cpu/torch2" in r for r in said(m))
     assert m.mde > 0.20  # and the report will say that this gate could not have seen 20%
 
 
@@ -163,7 +125,7 @@ def test_single_run_candidate_borrows_the_baselines_recorded_noise():
     rng = np.random.default_rng(10)
     cmp = S.compare(make_side(rng, 5), make_side(rng, 1))
     m = time_of(cmp)
-    assert m.se is not None and m.df > 4 and not any("prior" in r for r in m.reasons)
+    assert m.se is not None and m.df > 4 and not any("prior" in r for r in said(m))
 
 
 def test_mde_shrinks_with_more_runs_and_is_reported():
@@ -182,7 +144,7 @@ def test_inconclusive_says_how_many_runs_would_settle_it():
     cmp = S.compare(make_side(rng, 2), make_side(rng, 2, factor=1.03))
     m = time_of(cmp)
     assert m.verdict == S.INCONCLUSIVE and m.runs_needed and m.runs_needed > 2
-    assert any(f"about {m.runs_needed} runs per side" in r for r in m.reasons)
+    assert any(f"about {m.runs_needed} runs per side" in r for r in said(m))
 
 
 def test_ten_percent_speedup_is_an_improvement():
@@ -201,14 +163,12 @@ def test_candidate_on_an_unseen_machine_widens_the_interval_and_says_so():
     same = time_of(S.compare(base, make_side(rng, 3, machine="m1")))
     other = time_of(S.compare(base, make_side(rng, 3, machine="m2")))
     policy = S.Policy()
-    # the common machine variance, the case-specific one in the contrast (less its share in the centre over
-    # the 12 cases) and that share in the median change
-    case_var = policy.machine_case_sd(ENV) ** 2
-    added = policy.machine_sd**2 + case_var * (1 - 1 / N_CASES) + case_var * math.pi / 2 / N_CASES
+    # the policy's sds are of a difference between two machines: the baseline's and the candidate's
+    added = policy.machine_sd**2 + policy.machine_case_sd(ENV) ** 2
     assert other.se == pytest.approx(math.sqrt(same.se**2 + added), rel=0.1)
     assert other.mde > same.mde
     assert any("machine none of the baseline's runs came from" in r and "policy default" in r
-               for r in other.reasons)
+               for r in said(other))
 
 
 def _baseline_on_machines(rng, factors):
@@ -231,19 +191,29 @@ def _machine_sds(why):
     return [float(x) for x in re.findall(r"([\d.]+)% (?:common|per case)", why)]
 
 
+def _pooled_with_prior(prior_sd, machine_var, df):
+    """The per-machine variance pooled with the policy's prior (an sd of a difference between two machines)."""
+    policy = S.Policy()
+    return 100 * math.sqrt((policy.machine_prior_df * prior_sd**2 / 2 + df * machine_var)
+                           / (policy.machine_prior_df + df))
+
+
 def test_machine_variance_is_estimated_from_a_baseline_spanning_machines():
     rng = np.random.default_rng(15)
-    # three machine means log(1.1) apart: sd log(1.1) = 9.5% common, nothing case-specific
+    policy = S.Policy()
+    # three machine means log(1.1) apart: a per-machine variance log(1.1)^2 on 2 df, nothing case-specific
     m = time_of(S.compare(_baseline_on_machines(rng, (1.0, 1.1, 1.21)), make_side(rng, 3, machine="new")))
-    why = next(r for r in m.reasons if "estimated from the baseline's 3 machines" in r)
+    why = next(r for r in said(m) if "estimated from the baseline's 3 machines" in r)
     common, per_case = _machine_sds(why)
-    assert common == pytest.approx(100 * math.log(1.1), abs=2.0) and per_case < 3.0
-    # from two machines (one degree of freedom) never below the defaults: 6.7% common, 20% per case
+    assert common == pytest.approx(_pooled_with_prior(policy.machine_sd, math.log(1.1) ** 2, 2), abs=1.0)
+    case_prior = policy.machine_case_sd(ENV)
+    assert _pooled_with_prior(case_prior, 0.0, 2 * (N_CASES - 1)) - 0.5 <= per_case
+    assert per_case <= _pooled_with_prior(case_prior, 0.03**2, 2 * (N_CASES - 1))
+    # two machines: one degree of freedom, the prior weighs more
     m = time_of(S.compare(_baseline_on_machines(rng, (1.0, 1.1)), make_side(rng, 3, machine="new")))
-    why = next(r for r in m.reasons if "estimated from the baseline's 2 machines" in r)
-    assert "no lower than the policy defaults" in why
+    why = next(r for r in said(m) if "estimated from the baseline's 2 machines" in r)
     common, per_case = _machine_sds(why)
-    assert common == pytest.approx(100 * math.log(1.1) / math.sqrt(2), abs=1.5) and per_case == 20.0
+    assert common == pytest.approx(_pooled_with_prior(policy.machine_sd, math.log(1.1) ** 2 / 2, 1), abs=1.0)
 
 
 def test_a_new_machine_without_the_canary_to_take_it_out_is_inconclusive():
@@ -254,7 +224,7 @@ def test_a_new_machine_without_the_canary_to_take_it_out_is_inconclusive():
                                   env={**ENV, "torch_version": "2.15.0"}), rng, [0.6] * 5)
     cmp = S.compare(base, cand)
     assert {c.verdict for c in cmp.cases} == {S.INCONCLUSIVE} and cmp.new_machine
-    assert "the environment changed" in " ".join(time_of(cmp).reasons)
+    assert "the environment changed" in " ".join(said(time_of(cmp)))
     same_machine = S.compare(base, _with_canary(make_side(rng, 5, factor=0.6, slow=range(N_CASES), machine="m1",
                                                           env={**ENV, "torch_version": "2.15.0"}), rng, [0.6] * 5))
     assert S.IMPROVEMENT in verdicts(same_machine).values()  # a faster PyTorch on one machine is seen
@@ -313,7 +283,7 @@ def test_on_an_unseen_machine_a_large_slowdown_is_still_caught():
         m = time_of(cmp)
         caught += m.verdict == S.REGRESSION
         assert m.ci[0] <= 3.0 <= m.ci[1] or m.verdict == S.REGRESSION
-        assert 0.8 < m.mde < 1.6  # what a comparison across machines of this CPU type can see
+        assert 0.8 < m.mde < 2.0  # what a comparison across machines of this CPU type can see
     assert caught >= 32
 
 
@@ -347,7 +317,7 @@ def test_many_disturbed_runs_are_summed_up_in_one_reason():
     base = _with_canary(make_side(rng, 5), rng, [1.0] * 5)
     cand = _with_canary(make_side(rng, 6), rng, [1.5] * 6)  # the same machine, 50% slower in every run
     m = time_of(S.compare(base, cand))
-    why = [r for r in m.reasons if "machine disturbed" in r]
+    why = [r for r in said(m) if "machine disturbed" in r]
     assert len(why) == 1 and "and 5 more of the 6 candidate runs" in why[0]
 
 
@@ -399,14 +369,14 @@ def test_disturbed_canary_makes_regressions_and_no_change_inconclusive():
     assert not cmp.has_regression and cmp.canary.disturbed
     assert cmp.canary.ratio == pytest.approx(1.31, rel=0.05)
     m = time_of(cmp)
-    assert m.verdict == S.INCONCLUSIVE and any("machine disturbed: canary +" in r for r in m.reasons)
+    assert m.verdict == S.INCONCLUSIVE and any("machine disturbed: canary +" in r for r in said(m))
     # nor is a case that got faster on a machine that got faster an improvement of the code
     fast = _with_canary(make_side(rng, 3, factor=0.7, slow=range(N_CASES)), rng, [0.7, 0.68, 0.72])
     first = fast.cases[case_name(0)]
     first.runs = [[x * 0.6 for x in run] for run in first.runs]  # case 0 moved unlike the others
     fast_cmp = S.compare(base, fast)
     assert fast_cmp.canary.disturbed and S.IMPROVEMENT not in verdicts(fast_cmp).values()
-    assert "(would have been improvement)" in " ".join(time_of(fast_cmp).reasons)
+    assert "(would have been improvement)" in " ".join(said(time_of(fast_cmp)))
     # a quiet canary leaves the same slowdown a regression
     quiet = _with_canary(make_side(rng, 3, factor=1.3, slow=range(N_CASES)), rng, [1.0, 1.01, 1.0])
     assert S.compare(base, quiet).has_regression
@@ -425,28 +395,41 @@ def _noisy_canary(side, rng, shift=1.0):
 
 def test_machine_slower_for_every_case_canary_included_is_not_a_regression():
     # Seen on a fresh clone: every case of the unchanged tree 6-40% slower than the stored baseline, the
-    # canary +16%; the common-change test alone flagged 7 of 8 cases.
+    # canary +16%. A canary that tracks the session's speed (here: exactly, plus 1% of its own noise) takes
+    # the machine's share out; without it, the shift is a significant change of every case.
     rng = np.random.default_rng(21)
-    flagged_without = flagged_with = whole_run = disturbed = 0
+    flagged_without = flagged_with = 0
+    weights = []
     for _ in range(DRAWS):
-        base = _noisy_canary(make_side(rng, 5), rng)
-        cand = _noisy_canary(make_side(rng, 4, factor=1.16, slow=range(N_CASES)), rng, shift=1.16)
+        drift_b, drift_c = rng.normal(0, 0.03, 5), rng.normal(0, 0.03, 4) + math.log(1.16)
+        base = _with_canary(make_side(rng, 5, run_sd=0.0, drift=drift_b), rng,
+                            np.exp(drift_b + rng.normal(0, 0.01, 5)))
+        cand = _with_canary(make_side(rng, 4, run_sd=0.0, drift=drift_c), rng,
+                            np.exp(drift_c + rng.normal(0, 0.01, 4)))
         cmp = S.compare(base, cand)
-        disturbed += bool(cmp.canary.disturbed)
         flagged_with += cmp.has_regression
-        whole_run += cmp.count(S.REGRESSION) > N_CASES // 2
+        weights.append(float(re.search(r"weighted by ([\d.]+)", " ".join(cmp.notes))[1]))
         cand.canary = []
         flagged_without += S.compare(base, cand).has_regression
-    print(f"uniform +16%, canary +16%: flagged {flagged_without}/{DRAWS} without the canary, "
-          f"{flagged_with}/{DRAWS} with it ({whole_run} of them most cases); canary's own limit tripped in "
-          f"{disturbed}")
-    assert disturbed <= DRAWS // 10  # the canary's own limit mostly does not see it
-    assert flagged_without >= 0.9 * DRAWS  # without the canary: a significant common change, every time
-    # With it, the common test is at alpha / 2 against a noisy control (whole-run flags), and what is left
-    # are the case-specific tests, every case being above the +5% point-estimate rule here.
-    assert whole_run <= 0.1 * DRAWS
-    assert flagged_with <= 0.2 * DRAWS
-    assert any("net of the canary's move" in n for n in cmp.notes)
+    assert flagged_without >= 0.9 * DRAWS
+    assert flagged_with <= 0.1 * DRAWS
+    assert float(np.median(weights)) == pytest.approx(1.0, abs=0.15)
+
+
+def test_a_noisy_canary_that_tracks_nothing_gets_a_small_weight():
+    # 13% of its own noise between runs (the committed CPU baseline's canary), unrelated to the runs' speed:
+    # the regression gives it little weight, so a uniform +10% is still caught.
+    rng = np.random.default_rng(28)
+    caught = 0
+    weights = []
+    for _ in range(DRAWS):
+        base = _noisy_canary(make_side(rng, 5), rng)
+        cand = _noisy_canary(make_side(rng, 4, factor=1.10, slow=range(N_CASES)), rng)
+        cmp = S.compare(base, cand)
+        caught += cmp.count(S.REGRESSION) >= N_CASES // 2
+        weights.append(float(re.search(r"weighted by ([-\d.]+)", " ".join(cmp.notes))[1]))
+    assert float(np.median(weights)) < 0.5
+    assert caught >= 0.8 * DRAWS
 
 
 def test_uniform_slowdown_with_a_steady_canary_stays_a_regression():
@@ -460,21 +443,6 @@ def test_uniform_slowdown_with_a_steady_canary_stays_a_regression():
     # The cost of a control this noisy (13% between runs): a uniform change is told from the machine only
     # as well as the canary is measured. With a 1% canary it is caught every time (test above).
     assert caught >= 0.5 * DRAWS
-
-
-def test_paired_canary_shift_is_the_mean_of_pair_differences():
-    rng = np.random.default_rng(23)
-    base = _with_canary(make_side(rng, 3), rng, [1.0, 1.2, 0.9], cv=0.0)
-    cand = _with_canary(make_side(rng, 3), rng, [1.1, 1.32, 0.99], cv=0.0)
-    shift = S.canary_shift(base, cand, S.Policy(), paired=True)
-    assert shift.value == pytest.approx(math.log(1.1)) and shift.se == pytest.approx(0.0, abs=1e-12)
-    unpaired = S.canary_shift(base, cand, S.Policy(), paired=False)
-    assert unpaired.value == pytest.approx(math.log(1.1))
-    # the pooled between-run sd of both sides, sqrt(1/3 + 1/3) of it
-    logs = [np.log([1.0, 1.2, 0.9]), np.log([1.1, 1.32, 0.99])]
-    pooled = math.sqrt(sum(float(np.sum((x - x.mean()) ** 2)) for x in logs) / 4)
-    assert unpaired.se == pytest.approx(pooled * math.sqrt(2 / 3)) and unpaired.df == 4
-    assert S.canary_shift(base, make_side(rng, 3), S.Policy(), paired=False) is None
 
 
 def test_canary_spread_within_a_run_marks_it_disturbed():
@@ -514,7 +482,7 @@ def test_a_disturbed_pair_is_left_out_and_the_rest_judged():
     m = time_of(cmp)
     assert (m.n_baseline, m.n_candidate) == (5, 5)
     assert m.verdict == S.REGRESSION and m.ci[0] <= 1.15 <= m.ci[1]
-    assert not any("machine disturbed" in r for r in m.reasons)
+    assert not any("machine disturbed" in r for r in said(m))
     # judged on all six pairs, the +30% pair would have hidden nothing and still be counted
     assert S.compare(S._keep_runs(base, [0, 1, 3, 4, 5]), S._keep_runs(cand, [0, 1, 3, 4, 5]),
                      paired=True).cases == cmp.cases
@@ -541,7 +509,7 @@ def test_too_few_clean_pairs_leave_every_verdict_inconclusive():
     assert cmp.canary.disturbed_runs == (0, 1) and not cmp.canary.left_out
     m = time_of(cmp)
     assert m.verdict == S.INCONCLUSIVE and m.n_candidate == 3
-    assert "(would have been regression)" in " ".join(m.reasons)
+    assert "machine disturbed: canary" in " ".join(said(m))
 
 
 def test_a_disturbed_candidate_run_is_left_out_against_a_baseline():
@@ -587,7 +555,7 @@ def test_a_different_device_is_incomparable(field, value):
     cmp = S.compare(make_side(rng, 3), make_side(rng, 3, factor=1.5, env={**ENV, field: value}))
     assert cmp.env_mismatch and field in cmp.env_mismatch[0]
     assert {c.verdict for c in cmp.cases} == {S.INCONCLUSIVE}
-    assert all(any("environment mismatch" in r for r in c.metrics["time"].reasons) for c in cmp.cases)
+    assert all(any("environment mismatch" in r for r in said(c.metrics["time"])) for c in cmp.cases)
 
 
 # --- case-level verdicts ----------------------------------------------------------------------------------
@@ -604,7 +572,7 @@ def test_failed_skipped_missing_and_not_selected():
     cmp = S.compare(base, cand)
     v = verdicts(cmp)
     assert v[names[1]] == S.FAILED and v["test_new[x]"] == S.FAILED and cmp.has_failed
-    assert v[names[2]] == S.SKIPPED and "xformers" in cmp.cases[[c.name for c in cmp.cases].index(names[2])].reasons[0]
+    assert v[names[2]] == S.SKIPPED and "xformers" in said(cmp.cases[[c.name for c in cmp.cases].index(names[2])])[0]
     assert v[names[3]] == S.MISSING and cmp.has_missing
     assert names[4] not in v and cmp.not_selected == (names[4],)
     # selection unknown: every baseline case counts as selected
@@ -617,7 +585,7 @@ def test_wrong_output_is_a_failing_verdict():
     base, cand = make_side(rng, 3), make_side(rng, 3)
     cand.cases[case_name(0)].correct = False
     cmp = S.compare(base, cand)
-    assert cmp.cases[0].verdict == S.FAILED and "WRONG" in cmp.cases[0].reasons[0] and cmp.has_failed
+    assert cmp.cases[0].verdict == S.FAILED and "WRONG" in said(cmp.cases[0])[0] and cmp.has_failed
 
 
 def test_changed_definition_hash_is_new_and_not_compared():
@@ -625,7 +593,7 @@ def test_changed_definition_hash_is_new_and_not_compared():
     base, cand = make_side(rng, 3), make_side(rng, 3)
     cand.cases[case_name(0)].definition_hash = "changed"
     c = S.compare(base, cand).cases[0]
-    assert c.verdict == S.NEW and "changed definition" in c.reasons[0] and not c.metrics
+    assert c.verdict == S.NEW and "changed definition" in said(c)[0] and not c.metrics
 
 
 def test_different_attention_backend_used_is_inconclusive():
@@ -634,7 +602,7 @@ def test_different_attention_backend_used_is_inconclusive():
     base.cases[case_name(0)].attention_used = "sdpa-flash"
     cand.cases[case_name(0)].attention_used = "sdpa-math"
     c = S.compare(base, cand).cases[0]
-    assert c.verdict == S.INCONCLUSIVE and "attention backend" in c.metrics["time"].reasons[0]
+    assert c.verdict == S.INCONCLUSIVE and "attention backend" in said(c.metrics["time"])[0]
 
 
 def test_per_case_min_effect_override():
@@ -669,10 +637,10 @@ def test_compile_time_is_compared_only_within_one_cache_state():
     c = _compile([5.0, 5.2], ["warm", "warm"], [45.0, 47.0], ["cold", "cold"])  # fresh machine, cold cache
     m = c.metrics["compile_time"]
     assert m.verdict == S.NOT_COMPARED and c.verdict != S.REGRESSION
-    assert m.reasons == ("not compared: cache state differs (baseline warm, candidate cold)",)
+    assert m.reasons[0].code == "cache-state-differs" and tuple(said(m)) == ("not compared: cache state differs (baseline warm, candidate cold)",)
     c = _compile([5.0, 40.0], ["warm", "cold"], [56.0, 60.0], ["cold", "cold"])
     assert c.metrics["compile_time"].verdict == S.REGRESSION and c.metrics["compile_time"].baseline_median == 40
-    assert "cold cache on both sides" in c.metrics["compile_time"].reasons
+    assert "cold cache on both sides" in said(c.metrics["compile_time"])
     c = _compile([10.0], [], [11.0], [])  # older results without a recorded state: compared as before
     assert c.metrics["compile_time"].verdict == S.NO_CHANGE
 
@@ -686,7 +654,7 @@ def _few(b, c, metric="compile_time", blockers=()):
 
 def test_compile_time_and_memory_verdicts_with_few_values():
     assert _few([10.0], [14.0]).verdict == S.REGRESSION  # one run each: a single ratio vs 25%
-    assert "one run per side" in _few([10.0], [14.0]).reasons[-1]
+    assert "one run per side" in said(_few([10.0], [14.0]))[-1]
     assert _few([10.0], [11.0]).verdict == S.NO_CHANGE
     assert _few([10.0, 10.5, 9.8], [7.0, 7.2]).verdict == S.IMPROVEMENT
     assert _few([10.0, 13.0], [12.0, 13.5]).verdict == S.INCONCLUSIVE  # runs straddle the threshold
@@ -713,19 +681,59 @@ def test_memory_is_judged_on_cuda_and_shown_only_on_cpu():
 # --- the power table (README) ---------------------------------------------------------------------------
 
 
-def power_table(draws: int = DRAWS) -> str:  # pragma: no cover - a report, run by hand
-    lines = [f"run-level noise (3% per run, 1.5% per case-run, 2% per round, 2% of rounds +25%), {N_CASES} cases "
-             f"in {len(KINDS)} kinds, {ROUNDS} rounds per run, {draws} draws per cell; default policy",
-             "runs (base v cand) | A/A false alarm | power +5% | power +10% | power +20% | no change at +10% | "
-             "coverage (90% CI) | median MDE"]
-    for n_b, n_c in ((1, 1), (3, 3), (5, 3), (5, 5)):
-        aa = simulate(n_b, n_c, 1.0, draws, seed=1)
-        p5, p10, p20 = (simulate(n_b, n_c, f, draws, seed=s) for f, s in ((1.05, 2), (1.10, 3), (1.20, 4)))
-        cover = (aa["cover"] + p10["cover"]) / 2
-        lines.append(f"{n_b} v {n_c} | {aa['any']:.3f} | {p5['hit']:.3f} | {p10['hit']:.3f} | {p20['hit']:.3f} | "
-                     f"{p10['no_change']:.3f} | {cover:.3f} | {aa['mde']:.1%}")
-    return "\n".join(lines)
+# --- the model's pieces against independent computations --------------------------------------------------
 
 
-if __name__ == "__main__":  # pragma: no cover
-    print(power_table(200))
+def test_joint_tail_of_the_cases_matches_sidak_and_a_simulation():
+    # independent cases, known variance: P(max of m standard normals >= z) = 1 - Phi(z)^m
+    z = 2.5
+    assert S._max_sf(z, np.zeros(12), math.inf) == pytest.approx(1 - sps.norm.cdf(z) ** 12, rel=1e-6)
+    # shared term and an estimated variance: against draws of the same law
+    rng = np.random.default_rng(0)
+    a, df, n = np.array([0.9] * 6 + [0.5] * 6), 6.0, 400_000
+    u, e = rng.standard_normal((n, 1)), rng.standard_normal((n, 12))
+    s = np.sqrt(rng.chisquare(df, (n, 1)) / df)
+    t = ((a * u + np.sqrt(1 - a**2) * e) / s).max(axis=1)
+    assert S._max_sf(2.8, a, df) == pytest.approx(np.mean(t >= 2.8), abs=0.003)
+
+
+def test_step_down_of_one_case_is_its_t_test_and_is_monotone():
+    assert S.step_down(np.array([2.0]), np.array([0.8]), 7.0)[0] == pytest.approx(sps.t.sf(2.0, 7), rel=1e-4)
+    t = np.array([4.0, 3.0, 0.5, -1.0])
+    p = S.step_down(t, np.full(4, 0.7), 10.0)
+    assert list(np.argsort(p)) == [0, 1, 2, 3] and np.all(p <= 1)
+    # a shared term makes the family less conservative than Bonferroni, never more than the marginal p
+    assert sps.t.sf(4.0, 10) <= p[0] <= 4 * sps.t.sf(4.0, 10)
+
+
+def test_the_suite_as_a_whole_is_its_own_claim():
+    rng = np.random.default_rng(40)
+    cmp = S.compare(make_side(rng, 5), make_side(rng, 4, factor=1.10, slow=range(N_CASES)))
+    assert cmp.suite.verdict == S.REGRESSION and cmp.suite.ci[0] <= 1.10 <= cmp.suite.ci[1]
+    assert "the suite as a whole: +" in R.render_text(cmp)
+    # one case slower: the suite's mean moves by a twelfth of it, the case is flagged on its own evidence
+    cmp = S.compare(make_side(rng, 5), make_side(rng, 3, factor=1.3))
+    assert time_of(cmp).verdict == S.REGRESSION and cmp.suite.verdict != S.REGRESSION
+
+
+def test_unchanged_cases_stay_unflagged_when_most_cases_move():
+    rng = np.random.default_rng(41)
+    flagged = 0
+    for _ in range(20):
+        for factor in (1.25, 0.8):
+            cmp = S.compare(make_side(rng, 5), make_side(rng, 3, factor=factor, slow=range(1, 9)))
+            unchanged = [c.verdict for c in cmp.cases if c.name in {case_name(i) for i in (0, 9, 10, 11)}]
+            moved = [c.verdict for c in cmp.cases if c.name == case_name(1)]
+            flagged += S.REGRESSION in unchanged
+            assert moved[0] in (S.REGRESSION, S.IMPROVEMENT, S.INCONCLUSIVE)
+    assert flagged <= 2
+
+
+def test_reasons_are_codes_with_numbers_and_the_json_carries_the_sentence():
+    rng = np.random.default_rng(42)
+    cmp = S.compare(make_side(rng, 2), make_side(rng, 2, factor=1.03))
+    reason = next(r for r in time_of(cmp).reasons if r.code == "unsettled")
+    assert reason["runs_needed"] == time_of(cmp).runs_needed and reason["mde"] == time_of(cmp).mde
+    doc = R.to_dict(cmp)
+    entry = doc["cases"][0]["metrics"]["time"]["reasons"][-1]
+    assert entry["code"] == "unsettled" and entry["sentence"] == R.sentence(reason)
