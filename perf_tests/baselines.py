@@ -173,6 +173,7 @@ def baseline_doc(baseline: Baseline) -> dict:
                 "run": index, "samples": list(r.samples), "iterations": r.iterations,
                 "compile_cache": r.compile_cache, "correct": r.correct,
                 "attention_kernels": r.extra.get("attention_kernels"),  # perf_tests.kernels; None before
+                "gpu_state": r.extra.get("gpu_state"),  # perf_tests.gpu_state; None off CUDA
                 **{k: r.extra.get(k) for k in PER_RUN_FIELDS},
                 "compile_time_s": r.compile_time_s, "peak_memory_bytes": r.peak_memory_bytes,
             })

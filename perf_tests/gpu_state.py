@@ -59,8 +59,9 @@ class Disturbance:
     case_ms: float
 
     def sentence(self) -> str:
-        share = f"{self.throttled_ms:.0f} ms of {self.case_ms:.0f} ms" if self.case_ms else f"{self.throttled_ms:.0f} ms"
-        return f"GPU throttled during the case ({', '.join(self.reasons)}; {share})"
+        what = "thermal throttling" if any("thermal" in r for r in self.reasons) else "GPU slowdown"
+        share = f"{self.throttled_ms:.0f} of {self.case_ms:.0f} ms" if self.case_ms else f"{self.throttled_ms:.0f} ms"
+        return f"{what} ({', '.join(self.reasons)}; {share} held below target clocks)"
 
 
 def disturbance(state: Mapping[str, Any] | None) -> Disturbance | None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from perf_tests.cases import parse_name
+from perf_tests.gpu_state import disturbance
 from perf_tests.machine import env_label
 from perf_tests.stats import DEFAULT_ENV_FIELDS, CaseSamples, Side, environment_mismatch
 
@@ -542,7 +543,7 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
                 path, name, _samples(path, f"{at}.samples", entry.get("samples"), fix, missing_fix=fix),
                 {**{k: case.get(k) for k in ("case", "definition_hash", "attention_used", "vae_attention_used")},
                  **{k: entry.get(k) for k in (*PER_RUN_FIELDS, "iterations", "compile_cache", "correct",
-                                              "attention_kernels")}},
+                                              "attention_kernels", "gpu_state")}},
                 f"{where} (runs[{i}]): ", fix)
     runs = []
     for i, (entry, cases) in enumerate(zip(run_docs, per_run, strict=True)):
@@ -646,7 +647,17 @@ def _side(runs: Sequence[Run], label: str, environment: dict, selected_known: bo
         machines=[r.machine_id for r in runs],
         canary=[list(r.canary) for r in runs],
         skipped=skipped, failed=failed, selected=selected, run_order=None,
+        disturbances=[_device_disturbance(r) for r in runs],
     )
+
+
+def _device_disturbance(run: Run) -> str | None:
+    """Why the device slowed this run down by itself (a case the GPU throttled), else None."""
+    for name, r in run.cases.items():
+        found = disturbance(r.extra.get("gpu_state"))
+        if found is not None:
+            return f"machine disturbed: {found.sentence()} in {name}"
+    return None
 
 
 def side_from_runs(runs: Sequence[Run], label: str) -> Side:

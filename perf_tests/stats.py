@@ -165,6 +165,8 @@ class Side:
     failed: dict[str, str] = field(default_factory=dict)  # name -> reason
     selected: set[str] | None = None  # None: unknown (e.g. a baseline), every baseline case counts as selected
     run_order: list[int] | None = None  # global position of each run when A and B alternated
+    # per run: why the device slowed it down by itself (a throttled GPU, perf_tests.gpu_state), else None
+    disturbances: list[str | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -791,8 +793,12 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     """
     b_runs = [np.asarray(r, dtype=float) for r in baseline.canary if len(r)]
     c_runs = [np.asarray(r, dtype=float) for r in candidate.canary if len(r)]
-    if not c_runs:
-        return None
+    device = _device_disturbances(baseline, candidate, paired)
+    if not c_runs:  # no canary: a run the device slowed down by itself is still disturbed
+        if not any(device):
+            return None
+        runs = tuple(CanaryRun("candidate", i, math.nan, math.nan, d) for i, d in enumerate(device))
+        return CanaryResult(runs, None, None, tuple(d for d in device if d), by_pair=paired)
     by_pair = paired and len(b_runs) == len(c_runs) == len(candidate.canary) == candidate.n_runs
     b_meds = _canary_log_medians(baseline)
     b_cvs = [robust_cv(r) for r in b_runs]
@@ -832,6 +838,8 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
         elif ref is not None and abs(math.log(med) - ref) > shift_limit:
             trouble = (f"machine disturbed: canary {math.expm1(math.log(med) - ref):+.1%} in candidate run {i + 1} "
                    f"against {against} (the baseline's run-to-run noise allows ±{math.expm1(shift_limit):.1%})")
+        if trouble is None and len(device) == len(c_runs):
+            trouble = device[i]
         runs.append(CanaryRun("candidate", i, med, cv, trouble))
         if trouble:
             disturbed.append(trouble)
@@ -841,6 +849,19 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     env_shift = f"plain kernels moved {ratio - 1:+.1%} with the environment change" if env_changed and ratio else None
     return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift,
                         by_pair=by_pair)
+
+
+def _device_disturbances(baseline: Side, candidate: Side, paired: bool) -> list[str | None]:
+    """Per candidate run (pair, when paired): why the device slowed it down by itself, else None."""
+    own = candidate.disturbances if len(candidate.disturbances) == candidate.n_runs else []
+    if not paired:
+        return list(own)
+    partner = baseline.disturbances if len(baseline.disturbances) == baseline.n_runs else []
+    if not own and not partner:
+        return []
+    own, partner = own or [None] * candidate.n_runs, partner or [None] * baseline.n_runs
+    return [c or (f"{b} (the other side of pair {i + 1})" if b else None)
+            for i, (c, b) in enumerate(zip(own, partner, strict=False))]
 
 
 def _keep_runs(side: Side, keep: Sequence[int]) -> Side:
@@ -854,7 +875,8 @@ def _keep_runs(side: Side, keep: Sequence[int]) -> Side:
                                     peak_memory_bytes=pick(cs.peak_memory_bytes))
              for n, cs in side.cases.items()}
     return dataclasses.replace(side, cases=cases, n_runs=len(keep), machines=pick(side.machines),
-                               canary=pick(side.canary), run_order=pick(side.run_order))
+                               canary=pick(side.canary), run_order=pick(side.run_order),
+                               disturbances=pick(side.disturbances))
 
 
 def _leave_out_disturbed(baseline: Side, candidate: Side, canary: CanaryResult | None, judged: Sequence[str],

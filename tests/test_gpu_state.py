@@ -50,7 +50,7 @@ def test_a_thermally_throttled_case_is_disturbed_with_its_reason():
     assert d is not None and d.code == "gpu-throttled"
     assert d.throttled_ms == pytest.approx(1200.0)  # 6.2e9 - 5.0e9 ns
     assert d.reasons == ("sw_thermal_slowdown", "hw_thermal_slowdown", "thermal policy")
-    assert "thermal" in d.sentence() and "1200 ms of 2000 ms" in d.sentence()
+    assert d.sentence().startswith("thermal throttling (") and "1200 of 2000 ms" in d.sentence()
 
 
 def test_counter_noise_below_one_percent_without_a_reason_bit_is_not_a_disturbance():
@@ -135,3 +135,56 @@ def test_without_nvml_the_probe_says_why(monkeypatch):
 def test_the_module_imports_no_torch():
     code = "import sys, perf_tests.gpu_state; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def _judge(tmp_path, candidate_state: str, *, through_baseline: bool):
+    """Three clean baseline runs; three candidate runs, the second of which ran one case with the GPU in
+    ``candidate_state`` (a replay). Returns (comparison, the baseline side's per-run disturbances)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from perf_json import CASES, write_run
+
+    from perf_tests import baselines as B
+    from perf_tests import results as R
+    from perf_tests import stats
+
+    clean = case_state("clean.json")
+    state = case_state(candidate_state)
+    base = [write_run(tmp_path / f"b{s}.json", s, extra={CASES[2]: {"gpu_state": clean}}) for s in (1, 2, 3)]
+    cand = [write_run(tmp_path / f"c{s}.json", s, extra={CASES[2]: {"gpu_state": state if s == 5 else clean}})
+            for s in (4, 5, 6)]
+    if through_baseline:
+        (update,) = B.update_baselines(base, tmp_path / "baselines")
+        assert json.loads(update.path.read_text())["cases"][CASES[2]]["runs"][0]["gpu_state"] == clean
+        baseline = R.side_from_baseline(R.read_baseline(update.path), "baseline")
+    else:
+        baseline = R.load_side(base, "baseline")
+    return stats.compare(baseline, R.load_side(cand, "candidate")), baseline.disturbances
+
+
+@pytest.mark.parametrize("through_baseline", [False, True])
+def test_a_throttled_run_is_disturbed_and_a_clean_one_is_judged(tmp_path, through_baseline):
+    hot, base_disturbed = _judge(tmp_path, "throttled.json", through_baseline=through_baseline)
+    assert base_disturbed == [None, None, None]
+    (reason,) = hot.canary.disturbed
+    assert reason.startswith("machine disturbed: thermal throttling (sw_thermal_slowdown, hw_thermal_slowdown")
+    assert hot.canary.disturbed_runs == (1,) and hot.canary.left_out == (1,)  # the run is left out
+
+    cool, _ = _judge(tmp_path, "clean.json", through_baseline=through_baseline)
+    assert cool.canary.disturbed == () and cool.canary.left_out == ()
+    assert all(c.verdict not in ("regression", "improvement") for c in cool.cases)
+
+
+def test_a_throttled_member_disturbs_its_pair_in_ab(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from perf_json import CASES, write_run
+
+    from perf_tests import results as R
+    from perf_tests import stats
+
+    hot, clean = case_state("throttled.json"), case_state("clean.json")
+    a = [write_run(tmp_path / f"a{s}.json", s, extra={CASES[0]: {"gpu_state": clean}}) for s in (1, 2, 3)]
+    b = [write_run(tmp_path / f"b{s}.json", s, extra={CASES[0]: {"gpu_state": hot if s == 13 else clean}})
+         for s in (11, 12, 13)]
+    cmp = stats.compare(R.load_side(b, "B"), R.load_side(a, "A"), paired=True)
+    (reason,) = cmp.canary.disturbed
+    assert "thermal throttling" in reason and reason.endswith("(the other side of pair 3)")
