@@ -47,10 +47,10 @@ def _counts(doc: Mapping[str, Any]) -> str:
 def _suite_line(doc: Mapping[str, Any]) -> str:
     suite = doc.get("suite")
     if not suite:
-        return "The suite as a whole: not estimated (fewer than two timed cases)."
-    return (f"The suite as a whole (geometric mean over {suite['cases']} cases): **{_pct(suite['ratio'])}** "
-            f"{_interval(suite.get('ci'))}, {suite['verdict']}; smallest change it could have seen "
-            f"{_mde(suite.get('mde'))}.")
+        return "The suite as a whole: not estimated (no case measured in every run on both sides)."
+    return (f"The suite as a whole (geometric mean over the cases measured in every run): "
+            f"**{_pct(suite['ratio'])}** {_interval(suite.get('ci'))}, {suite['verdict']}; the smallest "
+            f"change of the whole suite it could have seen: {_mde(suite.get('mde'))}.")
 
 
 def _flagged_rows(doc: Mapping[str, Any]) -> list[str]:
