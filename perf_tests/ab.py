@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tests.results import InputError
+from perf_tests.errors import InputError
 from perf_tests.worktree import checkout
 
 

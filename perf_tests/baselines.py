@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.results import (  # noqa: F401  (InputError, MissingBaseline, load_side: re-exported for ab.py)
+from perf_tests.results import (
     PER_RUN_FIELDS,
     SCHEMA,
     SCHEMA_VERSION,
@@ -46,7 +46,6 @@ from perf_tests.results import (  # noqa: F401  (InputError, MissingBaseline, lo
     InputError,
     MissingBaseline,
     Run,
-    load_side,
     read_baseline,
     read_run,
 )

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from scipy import special
 
-from perf_tests.results import InputError
+from perf_tests.errors import InputError
 from perf_tests.stats import Policy
 from perf_tests.worktree import checkout, git, repo_root, resolve
 
@@ -59,7 +59,7 @@ class MeasureFailed(Exception):
 
 def suite_args(case_name: str) -> list[str]:
     """The suite options selecting exactly this one case: the coupling to the suite's command line."""
-    from perf_tests.cases import MEMORY_FORMATS, PROJECTIONS, parse_name
+    from perf_tests.names import MEMORY_FORMATS, PROJECTIONS, parse_name
 
     c = parse_name(case_name)
     args = [f"--profile={c.profile}", f"--attention={c.attention}", f"--compile={c.compile}",
@@ -353,7 +353,7 @@ def add_parser(sub) -> None:
 
 def cmd_bisect(args: argparse.Namespace) -> int:
     from perf_tests import explain
-    from perf_tests.cases import parse_name
+    from perf_tests.names import parse_name
 
     try:
         parse_name(args.case)

@@ -17,20 +17,11 @@ from pathlib import Path
 
 from perf_tests import stats
 from perf_tests.baselines import locate_baselines
+from perf_tests.errors import EXIT_FAIL, EXIT_OK, InputError
 from perf_tests.report import RENDERERS, plot_flagged
-from perf_tests.results import (
-    Baseline,
-    InputError,
-    MissingBaseline,
-    profiles_of,
-    read_any,
-    read_baseline,
-    side_from_baseline,
-    side_from_runs,
-)
+from perf_tests.results import MissingBaseline, load_side, profiles_of, read_baseline, side_from_baseline
 from perf_tests.stats import Comparison, Policy, Side
 
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 REPORT_SUFFIXES = {"text": ".txt", "markdown": ".md", "json": ".json"}
 
 
@@ -40,29 +31,6 @@ class Outcome:
     baseline: Side | None
     candidate: Side
     warnings: list[str] = field(default_factory=list)
-
-
-def read_side(paths: list[str | os.PathLike], label: str | None = None) -> tuple[Side, list[str]]:
-    """One side from one baseline or from runs (merged), and warnings about runs that did not finish."""
-    if not paths:
-        raise InputError("no input files given.")
-    label = label or ", ".join(Path(p).name for p in paths)
-    records = [read_any(p) for p in paths]
-    if any(isinstance(r, Baseline) for r in records):
-        if len(records) > 1:
-            raise InputError("a baseline file cannot be merged with other files on one side; pass it alone.")
-        return side_from_baseline(records[0], label), []
-    warnings = []
-    for run in records:
-        if not run.complete:
-            lacking = run.lacking
-            shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
-            warnings.append(
-                f"{run.source}: the run did not finish (no 'end' line in its journal); it lacks "
-                f"{len(lacking)} selected case(s)" + (f": {shown}" if lacking else "")
-                + ". They count as missing."
-            )
-    return side_from_runs(records, label), warnings
 
 
 def _baseline_side(paths: list[Path]) -> Side:
@@ -83,7 +51,7 @@ def load_and_compare(
 ) -> Outcome:
     """Read both sides and compare them. A baseline folder without this device's file is a warning (no
     comparison), or :class:`MissingBaseline` with ``require_baseline``."""
-    candidate, warnings = read_side(candidates)
+    candidate, warnings = load_side(candidates)
     if Path(baseline).is_dir():
         profiles = profiles_of(candidate)
         if not profiles:
@@ -98,7 +66,7 @@ def load_and_compare(
                 raise
             return Outcome(None, None, candidate, [*warnings, str(exc)])
     else:
-        base, base_warnings = read_side([baseline])
+        base, base_warnings = load_side([baseline])
         warnings += base_warnings
     return Outcome(stats.compare(base, candidate, policy, paired=paired), base, candidate, warnings)
 
@@ -112,8 +80,8 @@ def load_and_compare_ab(
     if len(ref_runs) != len(current_runs) or not ref_runs:
         raise InputError(f"A/B needs as many runs of each side, at least one: {len(current_runs)} of the current "
                          f"tree, {len(ref_runs)} of the reference.")
-    base, warnings = read_side(ref_runs, ref_label)
-    candidate, cand_warnings = read_side(current_runs, current_label)
+    base, warnings = load_side(ref_runs, ref_label)
+    candidate, cand_warnings = load_side(current_runs, current_label)
     candidate.run_order = [2 * i for i in range(len(current_runs))]
     base.run_order = [2 * i + 1 for i in range(len(ref_runs))]
     comparison = stats.compare(base, candidate, policy, paired=True)

@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from perf_tests.tabular import markdown_table, text_table
+
 DEFAULT_CALLS = 5  # profiled calls per process
 DEFAULT_WARMUP = 2  # untimed calls before profiling (the first compiles a compiled case)
 DEFAULT_RUNS = 2  # processes per side, interleaved
@@ -359,10 +361,7 @@ def render_text(diffs: Sequence[OperatorDiff]) -> str:
             out += [f"  not profiled: {line}" for line in d.error.splitlines()] + [""]
             continue
         out.append("  " + _step_line(d))
-        table = [_HEAD, *(_cells(r) for r in d.rows)]
-        widths = [max(len(row[i]) for row in table) for i in range(len(_HEAD) - 1)]
-        for row in table:
-            out.append("  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+        out += text_table(_HEAD, [_cells(r) for r in d.rows], "rrrrrl", rule=False, indent="  ")
         for side, paths in d.traces.items():
             out.append(f"  {side} traces: {', '.join(paths)}")
         out.append("")
@@ -379,11 +378,8 @@ def render_markdown(diffs: Sequence[OperatorDiff]) -> str:
         if d.error:
             out += ["```", d.error, "```", ""]
             continue
-        out += [_step_line(d), "", "| " + " | ".join(_HEAD) + " |", "|" + "---:|" * 5 + ":---|"]
-        for r in d.rows:
-            cells = list(_cells(r))
-            cells[-1] = f"`{r.name}`" + (" (compiled)" if r.compiled else "")
-            out.append("| " + " | ".join(cells) + " |")
+        rows = [[*_cells(r)[:-1], f"`{r.name}`" + (" (compiled)" if r.compiled else "")] for r in d.rows]
+        out += [_step_line(d), "", *markdown_table(_HEAD, rows, "rrrrrl")]
         out += ["", "Chrome traces: " + "; ".join(f"{s}: {', '.join(f'`{p}`' for p in ps)}"
                                                 for s, ps in d.traces.items()), ""]
     out.append(_FOOT)
@@ -415,7 +411,7 @@ def add_profile_options(p: argparse.ArgumentParser) -> None:
 
 
 def profile_kwargs(args: argparse.Namespace) -> dict:
-    from perf_tests.results import InputError
+    from perf_tests.errors import InputError
 
     if args.repeats < 1 or args.runs_per_side < 1:
         raise InputError("--repeats and --runs-per-side must be at least 1.")
@@ -436,8 +432,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from perf_tests.cases import parse_name
-    from perf_tests.results import InputError
+    from perf_tests.errors import InputError
+    from perf_tests.names import parse_name
 
     for name in args.cases:
         try:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from perf_tests.tabular import markdown_table, text_table
 from perf_tests.timing import sync
 from sd.capabilities import has_compile
 from sd.compile import compile_fn, compile_model
@@ -426,17 +427,11 @@ def format_report(report: ParityReport, fmt: str) -> str:
             row.update(ours_median_s=r.ours_median_s, theirs_median_s=r.theirs_median_s)
             rows.append(row)
         return json.dumps({"settings": report.settings, "rungs": rows}, indent=2) + "\n"
-    rows = [HEADER] + [_row(r) for r in report.results]
+    rows = [_row(r) for r in report.results]
     if fmt == "markdown":
-        lines = [" ".join(_preamble(report.settings)), ""]
-        lines += ["| " + " | ".join(row) + " |" for row in rows[:1]]
-        lines.append("|" + "|".join("---" for _ in HEADER) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+        lines = [" ".join(_preamble(report.settings)), "", *markdown_table(HEADER, rows)]
         return "\n".join(lines) + "\n"
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
-    lines = _preamble(report.settings) + [""]
-    for row in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    lines = [*_preamble(report.settings), "", *text_table(HEADER, rows, rule=False)]
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,7 @@ from perf_tests.stats import (
     MetricResult,
     Side,
 )
+from perf_tests.tabular import format_seconds, markdown_table, text_table
 
 _MARK = {FAILED: "FAILED", REGRESSION: "REGRESSION", MISSING: "MISSING", IMPROVEMENT: "improvement",
          NO_CHANGE: "no change", INCONCLUSIVE: "inconclusive", NEW: "new", SKIPPED: "skipped",
@@ -43,12 +44,6 @@ BLIND_MDE = 0.20
 
 def _pct(x: float) -> str:
     return f"{x - 1:+.1%}"
-
-
-def _seconds(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.3f} s"
 
 
 def _bytes(x: float | None) -> str:
@@ -153,8 +148,8 @@ def _rows(cmp: Comparison) -> list[list[str]]:
         rows.append([
             c.name,
             _MARK[c.verdict],
-            _seconds(t.baseline_median if t else None),
-            _seconds(t.candidate_median if t else None),
+            format_seconds(t.baseline_median if t else None),
+            format_seconds(t.candidate_median if t else None),
             _change(t),
             "-" if t is None or t.mde is None else f"{t.mde:.1%}",
             "-" if t is None else f"{t.n_baseline}v{t.n_candidate}",
@@ -183,13 +178,7 @@ def _notes(cmp: Comparison) -> list[tuple[str, list[str]]]:
 
 
 def render_text(cmp: Comparison) -> str:
-    rows = [_HEADER] + _rows(cmp)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
-    lines = [f"{cmp.candidate_label} vs {cmp.baseline_label}", *context_lines(cmp)]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = [f"{cmp.candidate_label} vs {cmp.baseline_label}", *context_lines(cmp), *text_table(_HEADER, _rows(cmp))]
     if _notes(cmp):
         lines.append("")
         for name, reasons in _notes(cmp):
@@ -210,12 +199,8 @@ def render_markdown(cmp: Comparison) -> str:
     lines += [f"> {_md(line)}" for line in context_lines(cmp)]
     if context_lines(cmp):
         lines.append("")
-    lines.append("| " + " | ".join(_HEADER) + " |")
-    lines.append("|" + "---|" * len(_HEADER))
-    for c, r in zip(cmp.cases, _rows(cmp), strict=True):
-        r[0] = f"`{r[0]}`"
-        r[1] = f"{_EMOJI[c.verdict]} {r[1]}"
-        lines.append("| " + " | ".join(_md(x) for x in r) + " |")
+    rows = [[f"`{r[0]}`", f"{_EMOJI[c.verdict]} {r[1]}", *r[2:]] for c, r in zip(cmp.cases, _rows(cmp), strict=True)]
+    lines += markdown_table(_HEADER, rows)
     if _notes(cmp):
         lines += ["", "<details><summary>Reasons</summary>", ""]
         for name, reasons in _notes(cmp):

@@ -28,13 +28,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.cases import parse_name
+from perf_tests.errors import InputError
+from perf_tests.journal import JOURNAL_SUFFIX, journal_path
+from perf_tests.names import parse_name
 from perf_tests.stats import DEFAULT_ENV_FIELDS, CaseSamples, Side, environment_mismatch
 
 SCHEMA = "sd-perf-baseline"
 SCHEMA_VERSION = 2  # written; versions 1 and 2 are read
 READABLE_SCHEMA_VERSIONS = (1, 2)
-JOURNAL_SUFFIX = ".journal.jsonl"
 
 # What a baseline remembers about the machine (machine_info keys written by the perf_tests conftest, plus
 # pytest-benchmark's own python_version). machine_id is kept per run, not in the shared fingerprint.
@@ -57,10 +58,6 @@ BASELINE_HINT = (
     "Regenerate the baseline with `python -m perf_tests update-baselines --replace RUN.json ...` or restore "
     "it from git (`git checkout -- FILE`)."
 )
-
-
-class InputError(Exception):
-    """A result or baseline file that cannot be used; the message says what is wrong and how to fix it."""
 
 
 class MissingBaseline(InputError):
@@ -247,12 +244,6 @@ def _load_json(path: Path) -> dict:
     if not isinstance(doc, dict):
         raise InputError(f"{path}: expected a JSON object, found {type(doc).__name__}. {RERUN_HINT}")
     return doc
-
-
-def journal_path(result_json: str | os.PathLike) -> Path:
-    """``X.json`` -> ``X.journal.jsonl`` (the journal the suite writes beside its result JSON)."""
-    p = Path(result_json)
-    return p.with_name(p.name.removesuffix(".json") + JOURNAL_SUFFIX)
 
 
 def read_any(path: str | os.PathLike) -> Run | Baseline:
@@ -608,18 +599,28 @@ def side_from_baseline(baseline: Baseline, label: str) -> Side:
     return _side(baseline.runs, label, dict(baseline.environment), selected_known=False)
 
 
-def load_side(paths: Sequence[str | os.PathLike], label: str | None = None) -> Side:
-    """One side from one baseline file, or from one or more runs (result JSON or journals, merged)."""
+def load_side(paths: Sequence[str | os.PathLike], label: str | None = None) -> tuple[Side, list[str]]:
+    """One side from one baseline file, or from one or more runs (result JSON or journals, merged), and
+    warnings about runs that did not finish."""
     if not paths:
         raise InputError("no input files given.")
     label = label or ", ".join(Path(p).name for p in paths)
     records = [read_any(p) for p in paths]
-    baselines = [r for r in records if isinstance(r, Baseline)]
-    if baselines:
+    if any(isinstance(r, Baseline) for r in records):
         if len(records) > 1:
             raise InputError("a baseline file cannot be merged with other files on one side; pass it alone.")
-        return side_from_baseline(baselines[0], label)
-    return side_from_runs(records, label)
+        return side_from_baseline(records[0], label), []
+    warnings = []
+    for run in records:
+        if not run.complete:
+            lacking = run.lacking
+            shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+            warnings.append(
+                f"{run.source}: the run did not finish (no 'end' line in its journal); it lacks "
+                f"{len(lacking)} selected case(s)" + (f": {shown}" if lacking else "")
+                + ". They count as missing."
+            )
+    return side_from_runs(records, label), warnings
 
 
 def profiles_of(source: Run | Side | Iterable[Run]) -> list[str]:

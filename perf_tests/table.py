@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.cases import (
+from perf_tests.names import (
     ATTENTION_BACKENDS,
     COMPILE_MODES,
     KINDS,
@@ -28,7 +28,8 @@ from perf_tests.cases import (
     PROJECTIONS,
     Case,
 )
-from perf_tests.results import Run, format_seconds, read_run, run_from_doc
+from perf_tests.results import Run, read_run, run_from_doc
+from perf_tests.tabular import format_seconds, markdown_table, text_table
 
 STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient", "sdpa-mem-efficient+compile")
 _COMPILE_ORDER = ("eager", *COMPILE_MODES)
@@ -89,20 +90,13 @@ class StudyTable:
 
     def to_markdown(self) -> str:
         header, body = self._grid()
-        lines = [f"### {self.title}", "", "| " + " | ".join(header) + " |",
-                 "|" + "---|" + "---:|" * len(self.batch_sizes)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
+        lines = [f"### {self.title}", "", *markdown_table(header, body, "l" + "r" * len(self.batch_sizes))]
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines).rstrip() + "\n"
 
     def to_text(self) -> str:
         header, body = self._grid()
-        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-
-        def fmt(row):
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-
-        lines = [self.title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]
+        lines = [self.title, *text_table(header, body, "l" + "r" * len(self.batch_sizes))]
         lines += [f"  * {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
@@ -269,10 +263,10 @@ class Ladder:
     notes: list[str] = field(default_factory=list)
 
     def to_markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| step | case | median | gain over the step above |", "|---|---|---:|---:|"]
-        for r in self.rungs:
-            gain = "–" if r.gain is None else f"{r.gain * 100:+.1f}%"
-            lines.append(f"| {r.label} | `{r.case}` | {format_seconds(r.median_s)} | {gain} |")
+        rows = [[r.label, f"`{r.case}`", format_seconds(r.median_s), "–" if r.gain is None else f"{r.gain * 100:+.1f}%"]
+                for r in self.rungs]
+        lines = [f"### {self.title}", "",
+                 *markdown_table(["step", "case", "median", "gain over the step above"], rows, "llrr")]
         return "\n".join([*lines, "", *[f"- {n}" for n in self.notes]]).rstrip() + "\n"
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tests.results import InputError
+from perf_tests.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ def test_atomic_write_creates_folders(tmp_path):
 
 def test_missing_baseline_names_existing_ones_and_how_to_create(tmp_path):
     B.update_baselines([write_run(tmp_path / "r1.json", 1)], tmp_path / "baselines")
-    side = R.load_side([write_run(tmp_path / "gpu.json", machine={"device_slug": "nvidia-a100-sxm4-80gb"})])
+    side, _ = R.load_side([write_run(tmp_path / "gpu.json", machine={"device_slug": "nvidia-a100-sxm4-80gb"})])
     with pytest.raises(B.MissingBaseline) as exc:
         B.locate_baselines(tmp_path / "baselines", side, ["tiny"])
     msg = str(exc.value)
