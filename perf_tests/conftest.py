@@ -13,6 +13,8 @@ during timed rounds. A bad option value stops the run before anything is built, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from perf_tests import cases as C
@@ -71,7 +73,8 @@ def pytest_addoption(parser):
                 help="torch.set_num_threads for the run, or 'auto' for torch's default (default: 1 on CPU, "
                      "untouched on CUDA)")
     g.addoption("--study-dir", dest="perf_study_dir", default=None,
-                help="write the study table (study.md, study.txt) and bar charts (study-<kind>.png) here")
+                help="write the study table (study.md, study.txt) and bar charts (study.png, or "
+                     "study-<kind>.png for several kinds) here")
     g.addoption("--study-reference", dest="perf_study_reference", default="original",
                 help="reference row of the study table (default: original)")
     g.addoption("--inject-delay", dest="perf_inject_delay", default=None,
@@ -257,7 +260,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     "perf_tests.skipped)")
     out = config.getoption("perf_study_dir")
     if out:
-        for path in write_study([run], out, reference):
+        out = Path(out)
+        for path in [*write_study([run], out / "study.md", reference=reference, plot=out / "study.png"),
+                     *write_study([run], out / "study.txt", reference=reference)]:
             terminalreporter.write_line(f"wrote {path}")
 
 

@@ -33,8 +33,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from perf_tests.tabular import markdown_table, text_table
-
 DEFAULT_CALLS = 5  # profiled calls per process
 DEFAULT_WARMUP = 2  # untimed calls before profiling (the first compiles a compiled case)
 DEFAULT_RUNS = 2  # processes per side, interleaved
@@ -354,6 +352,8 @@ _FOOT = ("(?) = the processes of the two sides overlap for this operator: within
 
 
 def render_text(diffs: Sequence[OperatorDiff]) -> str:
+    from perf_tests.tabular import text_table
+
     out = []
     for d in diffs:
         out.append(_title(d))
@@ -371,6 +371,8 @@ def render_text(diffs: Sequence[OperatorDiff]) -> str:
 
 
 def render_markdown(diffs: Sequence[OperatorDiff]) -> str:
+    from perf_tests.tabular import markdown_table
+
     out = ["### Operators that got slower", ""]
     for d in diffs:
         out.append(f"**`{d.case}`**: {d.candidate} vs {d.baseline}")
@@ -392,63 +394,6 @@ def to_dict(diffs: Sequence[OperatorDiff]) -> dict:
 
 RENDERERS = {"text": render_text, "markdown": render_markdown,
              "json": lambda diffs: json.dumps(to_dict(diffs), indent=1) + "\n"}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_profile_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("profiling")
-    g.add_argument("--repeats", type=int, default=DEFAULT_CALLS,
-                   help="profiled calls per process, after the warm-up (default %(default)s)")
-    g.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
-                   help="calls before profiling; the first compiles a compiled case (default %(default)s)")
-    g.add_argument("--runs-per-side", type=int, default=DEFAULT_RUNS,
-                   help="profiled processes per side, interleaved baseline, candidate, ... (default %(default)s)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
-    g.add_argument("--top", type=int, default=TOP, help="operators listed per case (default %(default)s)")
-
-
-def profile_kwargs(args: argparse.Namespace) -> dict:
-    from perf_tests.errors import InputError
-
-    if args.repeats < 1 or args.runs_per_side < 1:
-        raise InputError("--repeats and --runs-per-side must be at least 1.")
-    return dict(runs=args.runs_per_side, calls=args.repeats, warmup=args.warmup, device=args.device, top=args.top)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("explain", help="operator-level profile diff of a case: current tree vs a git ref",
-                       description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ref", metavar="BASELINE_REF", help="git ref profiled as the baseline (temporary worktree)")
-    p.add_argument("cases", metavar="CASE", nargs="+",
-                   help="benchmark name(s), e.g. 'test_unet_step[tiny-sdpa-eager-bs1-fp32]'")
-    add_profile_options(p)
-    p.add_argument("--output-dir", type=Path, default=Path("results/explain"),
-                   help="traces, per-process summaries and explain.{txt,md,json} (default %(default)s)")
-    p.add_argument("--format", choices=tuple(RENDERERS), default="text", help="printed report (default %(default)s)")
-    p.set_defaults(func=cmd_explain)
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    from perf_tests.errors import InputError
-    from perf_tests.names import parse_name
-
-    for name in args.cases:
-        try:
-            parse_name(name)
-        except ValueError as exc:
-            raise InputError(f"{exc}; a case is named as in the gate's report, e.g. "
-                             "'test_unet_step[tiny-sdpa-eager-bs1-fp32]'.") from None
-    t0 = time.perf_counter()
-    diffs = explain_cases(args.ref, args.cases, args.output_dir, **profile_kwargs(args),
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
-    write_reports(diffs, args.output_dir)
-    sys.stdout.write(RENDERERS[args.format](diffs))
-    print(f"[explain] {time.perf_counter() - t0:.0f} s; reports in {args.output_dir}/explain.{{txt,md,json}}",
-          file=sys.stderr)
-    return 2 if any(d.error for d in diffs) else 0
 
 
 def write_reports(diffs: Sequence[OperatorDiff], out_dir: Path) -> None:

@@ -19,7 +19,7 @@ JSON). Other load on a shared machine then slows both sides of a pair alike, so 
 even when the absolute times do not. Per rung the report gives both medians and the ratio ours/theirs as
 the median of the paired per-call ratios with a percentile bootstrap interval; the target is ratio <= 1.00.
 
-    python -m perf_tests.parity --preset tiny --batch-size 2 --rounds 20 --format markdown
+    python -m perf_tests parity --preset tiny --batch-size 2 --rounds 20 --format markdown
 
 Exit status: 0 when no rung is slower than diffusers beyond its interval and every output matches;
 1 when a rung is (interval wholly above 1) or its outputs differ; 2 on bad input or an error.
@@ -27,7 +27,6 @@ Exit status: 0 when no rung is slower than diffusers beyond its interval and eve
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import fnmatch
@@ -42,10 +41,10 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from perf_tests.errors import InputError
 from perf_tests.tabular import markdown_table, text_table
 from perf_tests.timing import sync
 from sd.capabilities import has_compile
@@ -65,8 +64,8 @@ SEEDS = {"x": 2, "context": 102}
 TOLERANCE = {"fp32": (1e-5, 1e-3), "fp16": (1e-3, 2e-2), "bf16": (1e-2, 5e-2)}
 
 
-class ParityError(Exception):
-    """Bad input or a missing requirement; main() prints it as one `error:` paragraph, exit 2."""
+class ParityError(InputError):
+    """Bad input or a missing requirement: one `error:` paragraph, exit 2."""
 
 
 @dataclass(frozen=True)
@@ -435,42 +434,7 @@ def format_report(report: ParityReport, fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m perf_tests.parity",
-        description="Our UNet forward against diffusers' UNet2DConditionModel, rung by rung, interleaved.",
-    )
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "sd21-base"))
-    parser.add_argument("--batch-size", type=int, default=2, help="latents per UNet call (default 2)")
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved timed calls per side (default 20)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per side first (default 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rungs", default=None,
-                        help="comma-separated rung ids or patterns, e.g. 'eager-*' (default: all)")
-    parser.add_argument("--format", default="text", choices=("text", "markdown", "json"))
-    parser.add_argument("--output", type=Path, default=None, help="also write the report to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        report = run_parity(
-            args.preset,
-            batch_size=args.batch_size,
-            rounds=args.rounds,
-            warmup=args.warmup,
-            device=args.device,
-            rungs=args.rungs.split(",") if args.rungs else None,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-        )
-    except ParityError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    text = format_report(report, args.format)
-    sys.stdout.write(text)
-    if args.output is not None:
-        args.output.write_text(text)
-    return report.exit_code
+if __name__ == "__main__":  # the command is `python -m perf_tests parity`
+    from perf_tests.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["parity", *sys.argv[1:]]))

@@ -37,81 +37,17 @@ from perf_tests import turns
 from perf_tests.ab import Tree, ab_trees
 from perf_tests.baselines import locate_baselines, update_baselines
 from perf_tests.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
+from perf_tests.errors import EXIT_FAIL, EXIT_OK, InputError
+from perf_tests.job_summary import append_step_summary
 from perf_tests.machine import env_label
-from perf_tests.results import InputError, profiles_of, read_baseline, read_run
+from perf_tests.results import profiles_of, read_baseline, read_run
 from perf_tests.stats import FAILED, MISSING, REGRESSION, Policy
 
-EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 PYTEST_NO_TESTS = 5
 
 
-class RunError(Exception):
+class RunError(InputError):
     """A bad option or a suite process without a result: exit 2."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Options
-# ---------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m perf_tests run",
-        description="One perf run end to end: suite processes, study table, verdict, job summary.",
-        epilog="arguments after -- go to pytest, e.g. -- --case-kind unet-step --batch-size 1",
-    )
-    p.add_argument("--grid", choices=("gate", "full"), help="the suite's grid (default: the suite's, gate)")
-    runs = p.add_mutually_exclusive_group()
-    runs.add_argument("--runs", type=int, help="suite processes (per side with --ab); default 1")
-    runs.add_argument("--budget", type=float, metavar="MINUTES",
-                      help="run the suite again while the next run fits in MINUTES of suite time (at least once)")
-    p.add_argument("--ab", metavar="REF", help="A/B: the current tree against git REF, alternating A,B,A,B")
-    p.add_argument("--interleave", choices=("rounds", "runs"), default="rounds",
-                   help="with --ab: 'rounds' (default) starts both processes of a pair together and they take "
-                        "turns after every timed round; 'runs' runs A, then B")
-    p.add_argument("--results", type=Path, help="output folder (default results/<UTC timestamp>)")
-    p.add_argument("--label", help="file name prefix (default: torch1 or torch2, from the installed torch)")
-    p.add_argument("--baseline-dir", type=Path, default=Path("baselines"), help="baseline store (default baselines)")
-    p.add_argument("--gate", choices=("fail", "warn"), default="fail",
-                   help="warn: report timing regressions without failing (failed cases still fail)")
-    p.add_argument("--require-all", action="store_true", help="a selected case that left no result fails")
-    p.add_argument("--require-baseline", action="store_true", help="no baseline for this device is an error")
-    p.add_argument("--fail-on-inconclusive", action="store_true", help="an inconclusive case fails")
-    p.add_argument("--explain", action="store_true",
-                   help="profile every case flagged as a regression on both sides (the --ab REF, else --explain-ref)"
-                        " and write the operators whose time grew most into the verdict (perf_tests explain)")
-    p.add_argument("--explain-ref", metavar="REF",
-                   help="with --explain and a stored baseline: the git ref to profile against (default: the "
-                        "commit the baseline's last run was recorded at)")
-    p.add_argument("--update-baselines", action="store_true", help="record the runs into --baseline-dir")
-    p.add_argument("--replace", action="store_true", help="with --update-baselines: start the baseline anew")
-    return p
-
-
-def split_pytest_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(run's own arguments, pytest's): everything after the first ``--`` goes to pytest."""
-    argv = list(argv)
-    if "--" not in argv:
-        return argv, []
-    i = argv.index("--")
-    return argv[:i], argv[i + 1:]
-
-
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    own, pytest_args = split_pytest_args(argv)
-    parser = build_parser()
-    opts = parser.parse_args(own)
-    if opts.runs is not None and opts.runs < 1:
-        parser.error("--runs must be at least 1")
-    if opts.budget is not None and opts.budget <= 0:
-        parser.error("--budget must be a positive number of minutes")
-    if opts.replace and not opts.update_baselines:
-        parser.error("--replace only goes with --update-baselines")
-    if "--interleave" in own and not opts.ab:
-        parser.error("--interleave only goes with --ab (it orders the two sides of a pair)")
-    if opts.ab and opts.update_baselines:
-        parser.error("--update-baselines records this tree's runs; it does not go with --ab")
-    if "--benchmark-json" in pytest_args or any(a.startswith("--benchmark-json=") for a in pytest_args):
-        parser.error("--benchmark-json is set by run (one file per process, in --results)")
-    return opts, pytest_args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,38 +225,21 @@ def final_exit(gate_code: int, *, failed: int, gate: str) -> int:
 
 
 def _summary(paths: Sequence[Path]) -> None:
-    target = os.environ.get("GITHUB_STEP_SUMMARY")
-    if not target:
-        return
-    with open(target, "a", encoding="utf-8") as fh:
-        for path in paths:
-            if path.is_file():
-                fh.write(path.read_text(encoding="utf-8").rstrip("\n") + "\n\n")
+    append_step_summary(path.read_text(encoding="utf-8") for path in paths if path.is_file())
 
 
 def write_study(files: Sequence[Path], out: Path, label: str) -> Path | None:
-    """The study table over all runs, through the report command (study-<label>.md and .png)."""
-    from perf_tests.__main__ import main as cli
+    """The study table over all runs (study-<label>.md and its bar chart), printed too."""
+    from perf_tests.table import write_study as write
 
     md = out / f"study-{label}.md"
-    code = cli(["report", *map(str, files), "--output", str(md), "--plot", str(out / f"study-{label}.png")])
-    if code != 0 or not md.is_file():
-        print(f"warning: no study table (report exited {code})", file=sys.stderr)
-        return None
+    write([read_run(f) for f in files], md, plot=out / f"study-{label}.png")
     print(md.read_text(encoding="utf-8"))
     return md
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(sys.argv[1:] if argv is None else argv)
-    except (RunError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-
-
-def _main(argv: Sequence[str]) -> int:
-    opts, pytest_args = parse_args(argv)
+def run(opts: argparse.Namespace, pytest_args: Sequence[str]) -> int:
+    """The run end to end (options of ``python -m perf_tests run``); errors raise RunError or InputError."""
     out = opts.results or Path("results") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     label = opts.label or env_label(importlib.metadata.version("torch"))

@@ -346,14 +346,33 @@ def plot_study(table: StudyTable, path: str | Path) -> Path:
     return path
 
 
-def write_study(runs: list[Run], out_dir: str | Path, reference: str = "original") -> list[Path]:
-    """Write study.md, study.txt and one study-<kind>.png per kind into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tables = build_study_tables(runs, reference)
-    (out / "study.md").write_text("\n".join(t.to_markdown() for t in tables))
-    (out / "study.txt").write_text("\n".join(t.to_text() for t in tables))
-    written = [out / "study.md", out / "study.txt"]
-    for t in tables:
-        written.append(plot_study(t, out / f"study-{t.kind}.png"))
+def study_text(runs: list[Run], reference: str = "original", kind: str | None = None,
+               fmt: str = "markdown") -> tuple[str, list[StudyTable]]:
+    """The study tables in ``fmt`` (one per kind present, or ``kind``'s), each followed by the optimization
+    ladder of its kind where the runs measured two of its steps; and the tables."""
+    kinds = [kind] if kind else available_kinds(runs)
+    tables = [build_study_table(runs, reference, k) for k in kinds]
+    text = "\n".join(t.to_markdown() if fmt == "markdown" else t.to_text() for t in tables)
+    ladders = [ladder for k in kinds if len((ladder := build_ladder(runs, k)).rungs) >= 2]
+    text += "".join("\n" + ladder.to_markdown() for ladder in ladders)
+    return (text if text.endswith("\n") else text + "\n"), tables
+
+
+def write_study(runs: list[Run], output: str | Path | None, *, reference: str = "original",
+                kind: str | None = None, fmt: str | None = None, plot: str | Path | None = None) -> list[Path]:
+    """The one writer of the study table: :func:`study_text` into ``output`` (Markdown, or plain text for a
+    ``.txt`` file unless ``fmt`` says), and with ``plot`` a bar chart per table: ``plot`` itself for one
+    table, ``<plot stem>-<kind>.png`` for several. Returns the files written."""
+    fmt = fmt or ("text" if output is not None and Path(output).suffix == ".txt" else "markdown")
+    text, tables = study_text(runs, reference, kind, fmt)
+    written = []
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        written.append(output)
+    if plot is not None:
+        plot = Path(plot)
+        for t in tables:
+            written.append(plot_study(t, plot if len(tables) == 1 else plot.with_name(f"{plot.stem}-{t.kind}{plot.suffix}")))
     return written

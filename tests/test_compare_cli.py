@@ -244,7 +244,8 @@ def test_usage_errors_exit_2(capsys, runs, argv):
 
 
 def test_machine_case_sd_option_sets_the_policy_for_every_device_type():
-    from perf_tests.__main__ import build_parser, build_policy
+    from perf_tests.cli import build_parser
+    from perf_tests.cli.options import build_policy
 
     args = build_parser().parse_args(["compare", "a.json", "b.json", "--machine-case-sd", "0.05"])
     policy = build_policy(args)

@@ -13,6 +13,7 @@ import torch
 from conftest import micro_config
 
 from perf_tests import parity
+from perf_tests.cli import main as cli
 
 
 def test_ratio_interval_known_answers():
@@ -84,5 +85,5 @@ def test_main_without_diffusers_is_an_error_paragraph(monkeypatch, capsys):
         raise parity.ParityError("diffusers does not import here")
 
     monkeypatch.setattr(parity, "_diffusers", missing)
-    assert parity.main(["--rounds", "2", "--rungs", "eager-*"]) == 2
+    assert cli(["parity", "--rounds", "2", "--rungs", "eager-*"]) == 2
     assert capsys.readouterr().err.startswith("error: diffusers")

@@ -134,8 +134,12 @@ def test_plot_and_write_study(tmp_path):
     t = build_study_table(study_runs())
     png = plot_study(t, tmp_path / "fig" / "study.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    written = write_study(study_runs(), tmp_path / "out")
-    assert sorted(p.name for p in written) == ["study-txt2img.png", "study.md", "study.txt"]
+    out = tmp_path / "out"
+    written = write_study(study_runs(), out / "study.md", plot=out / "study.png")
+    written += write_study(study_runs(), out / "study.txt")
+    assert sorted(p.name for p in written) == ["study.md", "study.png", "study.txt"]
+    assert (out / "study.txt").read_text().startswith(build_study_table(study_runs()).to_text())
+    assert (out / "study.md").read_text().startswith(build_study_table(study_runs()).to_markdown())
 
 
 def test_a_cell_is_never_made_of_a_median_alone():

@@ -16,17 +16,19 @@ import pytest
 
 from perf_tests import run as R
 from perf_tests.ab import Tree, ab_trees
+from perf_tests.cli import main as cli
+from perf_tests.cli import parse_args, split_passthrough
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # --- options ----------------------------------------------------------------------------------------------
 def test_arguments_after_the_first_double_dash_go_to_pytest():
-    assert R.split_pytest_args(["--runs", "2", "--", "--case-kind", "unet-step", "--", "x"]) == (
+    assert split_passthrough(["--runs", "2", "--", "--case-kind", "unet-step", "--", "x"]) == (
         ["--runs", "2"], ["--case-kind", "unet-step", "--", "x"])
-    assert R.split_pytest_args(["--runs", "2"]) == (["--runs", "2"], [])
-    opts, pytest_args = R.parse_args(["--grid", "full", "--budget", "3", "--", "--rounds", "5"])
-    assert (opts.grid, opts.budget, opts.runs, pytest_args) == ("full", 3.0, None, ["--rounds", "5"])
+    assert split_passthrough(["--runs", "2"]) == (["--runs", "2"], [])
+    opts = parse_args(["run", "--grid", "full", "--budget", "3", "--", "--rounds", "5"])
+    assert (opts.grid, opts.budget, opts.runs, opts.passthrough) == ("full", 3.0, None, ["--rounds", "5"])
 
 
 @pytest.mark.parametrize("argv", [
@@ -36,7 +38,7 @@ def test_arguments_after_the_first_double_dash_go_to_pytest():
 ])
 def test_bad_options_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        R.parse_args(argv)
+        cli(["run", *argv])
     assert exc.value.code == 2
 
 
@@ -196,7 +198,7 @@ def test_exit_code_mapping(gate_code, failed, gate, expected):
 
 def test_run_outside_a_repository_root_is_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert R.main(["--runs", "1"]) == 2
+    assert cli(["run", "--runs", "1"]) == 2
     assert "error:" in capsys.readouterr().err
 
 
@@ -269,7 +271,7 @@ def test_ab_end_to_end_on_a_fake_suite(tmp_path, monkeypatch, capsys):
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     out = tmp_path / "out"
-    code = R.main(["--ab", "HEAD", "--runs", "3", "--results", str(out), "--label", "torch2",
+    code = cli(["run", "--ab", "HEAD", "--runs", "3", "--results", str(out), "--label", "torch2",
                    "--", "--benchmark-timer=time.process_time"])
     err = capsys.readouterr().err
     assert code in (0, 1), err
@@ -349,7 +351,7 @@ def test_explain_profiles_each_flagged_case_in_both_ab_trees_and_writes_it_into_
 
     monkeypatch.setattr(explain, "explain_trees", fake_explain_trees)
     out = tmp_path / "out"
-    code = R.main(["--ab", "HEAD", "--runs", "3", "--explain", "--results", str(out), "--label", "torch2",
+    code = cli(["run", "--ab", "HEAD", "--runs", "3", "--explain", "--results", str(out), "--label", "torch2",
                    "--", "--benchmark-timer=time.process_time"])
     assert code == 1, capsys.readouterr().err
     (ref_tree, current, names, label), = seen
@@ -365,7 +367,7 @@ def test_update_baselines_records_the_runs_of_a_fake_suite(tmp_path, monkeypatch
     repo = _fake_repo(tmp_path)
     monkeypatch.chdir(repo)
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    code = R.main(["--update-baselines", "--runs", "2", "--results", str(tmp_path / "out"),
+    code = cli(["run", "--update-baselines", "--runs", "2", "--results", str(tmp_path / "out"),
                    "--baseline-dir", str(tmp_path / "bl"), "--label", "torch2"])
     assert code == 0, capsys.readouterr().err
     written = list((tmp_path / "bl").rglob("*.json"))
@@ -378,12 +380,12 @@ def test_a_run_with_a_failed_case_is_never_recorded_and_fails_even_with_gate_war
     repo = _fake_repo(tmp_path, failing=True)
     monkeypatch.chdir(repo)
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    code = R.main(["--update-baselines", "--results", str(tmp_path / "out"), "--baseline-dir", str(tmp_path / "bl"),
+    code = cli(["run", "--update-baselines", "--results", str(tmp_path / "out"), "--baseline-dir", str(tmp_path / "bl"),
                    "--label", "torch2"])
     assert code == 1 and "not recorded" in capsys.readouterr().err
     assert not (tmp_path / "bl").exists()
     (tmp_path / "bl").mkdir()  # no baseline for this device: the failed case alone fails the run
-    code = R.main(["--gate", "warn", "--results", str(tmp_path / "out2"), "--baseline-dir", str(tmp_path / "bl"),
+    code = cli(["run", "--gate", "warn", "--results", str(tmp_path / "out2"), "--baseline-dir", str(tmp_path / "bl"),
                    "--label", "torch2"])
     assert code == 1
 
