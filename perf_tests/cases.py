@@ -32,7 +32,7 @@ from perf_tests.names import (  # noqa: F401  (re-exported: the suite's vocabula
 )
 
 if TYPE_CHECKING:
-    from sd.capabilities import DeviceCapabilities
+    from sd.device import DeviceCapabilities
 
 # Bump when the meaning of a measurement changes (what a kind times, its inputs, the warm-up rule), so
 # that old baselines stop matching instead of being compared with something else.

@@ -13,7 +13,9 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-ATTENTION_BACKENDS = ("original", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-mem-efficient", "xformers")
+ATTENTION_BACKENDS = (
+    "original", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn", "xformers",
+)
 COMPILE_MODES = ("eager", "compile", "compile-max-autotune", "compile-reduce-overhead")
 PRECISIONS = ("fp32", "fp16", "bf16", "autocast")
 

@@ -432,9 +432,3 @@ def format_report(report: ParityReport, fmt: str) -> str:
         return "\n".join(lines) + "\n"
     lines = [*_preamble(report.settings), "", *text_table(HEADER, rows, rule=False)]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # the command is `python -m perf_tests parity`
-    from perf_tests.cli import main
-
-    sys.exit(main(["parity", *sys.argv[1:]]))

@@ -21,7 +21,7 @@ from perf_tests.canary import Canary
 from perf_tests.machine import env_label
 from perf_tests.timing import MIN_ROUND_S, is_oom, measure, sync
 from perf_tests.workloads import ModelCache, make_workload
-from sd.capabilities import DeviceCapabilities, probe_device
+from sd.device import DeviceCapabilities, probe_device
 from sd.errors import AttentionUnavailable, CompileUnavailable
 from sd.precision import precision_dtype
 

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import ConfigError, SDError
-from .precision import autocast_context, precision_dtype
-from .samplers import num_model_steps, resolve_sampler, sample
+from sd.errors import ConfigError, SDError
+from sd.precision import autocast_context, precision_dtype
+from sd.samplers import num_model_steps, resolve_sampler, sample
 
 # Models already warned about random weights (the warning is said once per model, however many calls).
 _WARNED_RANDOM: weakref.WeakSet = weakref.WeakSet()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SDError
+from sd.errors import SDError
 
 _ALIASES = {"dpm": "dpmpp-2m", "dpmpp_2m": "dpmpp-2m", "dpm-solver": "dpmpp-2m"}
 

@@ -24,9 +24,9 @@ import open_clip
 import torch
 from torch import nn
 
-from . import capabilities
-from .config import TextEncoderConfig
-from .errors import ConfigError
+from sd import capabilities
+from sd.config import TextEncoderConfig
+from sd.errors import ConfigError
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs" / "open_clip"
 LAYERS = {"last": 0, "penultimate": 1}  # how many final blocks to skip (the original's layer_idx)

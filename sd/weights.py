@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from sd.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

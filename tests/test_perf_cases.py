@@ -10,7 +10,7 @@ import pytest
 
 from perf_tests import cases as C
 from perf_tests.suite import OptionError, Options
-from sd.capabilities import DeviceCapabilities
+from sd.device import DeviceCapabilities
 
 ALL_AVAILABLE = dict.fromkeys(C.ATTENTION_BACKENDS)
 CPU_TORCH2 = DeviceCapabilities(
