@@ -71,6 +71,12 @@ def project_requirements(extras: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(reqs))
 
 
+def extra_requirements(extra: str) -> list[str]:
+    """One optional-dependencies list of pyproject.toml, without the project's own dependencies."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return list(project.get("optional-dependencies", {})[extra])
+
+
 @dataclass(frozen=True)
 class Env:
     name: str  # torch2 | torch20 | torch1

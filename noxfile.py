@@ -153,9 +153,8 @@ def gpu_check(session: nox.Session) -> None:
 
 
 def _install_analysis(session: nox.Session) -> None:
-    """The torch2 environment's packages: reading results needs the vocabulary of `sd` (case ids, compile
-    modes), which imports PyTorch."""
-    noxenvs.install(session, TORCH2, ("perf",))
+    """What reading, judging and rendering results import: numpy, scipy, matplotlib (no PyTorch)."""
+    session.install(*noxenvs.extra_requirements("analysis"))
 
 
 @env_session(TORCH2, "compare")

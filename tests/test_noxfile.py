@@ -231,6 +231,14 @@ def test_update_baselines_runs_the_perf_sessions_on_the_full_grid(noxfile):
                                                  "--case-kind", "unet-step"])]
 
 
+def test_compare_and_report_install_numpy_scipy_and_matplotlib_only(noxfile):
+    """What `python -m perf_tests compare|report` import (tests/test_layers.py checks: no torch, no sd)."""
+    session = FakeSession()
+    session.install = lambda *reqs: session.runs.append(["install", *reqs])
+    noxfile.module._install_analysis(session)
+    assert [noxenvs.req_name(r) for r in session.runs[0][1:]] == ["numpy", "scipy", "matplotlib"]
+
+
 def test_nox_lists_the_sessions_without_starting_an_interpreter(tmp_path):
     """`nox -l` for real, with process creation refused inside nox (sitecustomize)."""
     pytest.importorskip("nox")
