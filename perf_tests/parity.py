@@ -36,7 +36,6 @@ import json
 import math
 import random
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence

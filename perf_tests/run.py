@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perf_tests import turns
-from perf_tests.ab import Tree, ab_trees
+from perf_tests.ab import ab_trees
 from perf_tests.baselines import locate_baselines, update_baselines
 from perf_tests.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
 from perf_tests.errors import EXIT_FAIL, EXIT_OK, InputError
@@ -42,6 +42,7 @@ from perf_tests.job_summary import append_step_summary
 from perf_tests.machine import env_label
 from perf_tests.results import profiles_of, read_baseline, read_run
 from perf_tests.stats import FAILED, MISSING, REGRESSION, Policy
+from perf_tests.worktree import Tree
 
 PYTEST_NO_TESTS = 5
 
@@ -153,7 +154,7 @@ def run_all(
     pair side by side taking turns round by round unless ``--interleave runs``."""
     budget_s = opts.budget * 60 if opts.budget is not None else None
     side_by_side = len(trees) == 2 and getattr(opts, "interleave", "rounds") == "rounds"
-    older = [t.label for t in trees if not (t.root / "perf_tests" / "turns.py").is_file()]
+    older = [t.label for t in trees if not (t.path / "perf_tests" / "turns.py").is_file()]
     if side_by_side and older:  # a tree without turns.py would not wait for its turn: run A, then B
         log(f"[run] {', '.join(older)} cannot take turns round by round (no perf_tests/turns.py): "
             "each pair runs A, then B")
@@ -168,17 +169,17 @@ def run_all(
         jobs, paths = [], []
         for tree in trees:
             path = (out / _result_name(label, tree, index)).resolve()
-            pythonpath = [str(tree.root), *filter(None, [os.environ.get("PYTHONPATH")])]
+            pythonpath = [str(tree.path), *filter(None, [os.environ.get("PYTHONPATH")])]
             # The Inductor cache is the suite's own persistent folder, shared by all runs and both A/B sides:
             # it keys entries by graph content, and every measured compilation reads it (warm mode).
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
-            jobs.append(Job(suite_command(path, opts.grid, pytest_args), tree.root, env, path.with_suffix(".log")))
+            jobs.append(Job(suite_command(path, opts.grid, pytest_args), tree.path, env, path.with_suffix(".log")))
             paths.append(path)
             log(f"[run] {label} run {index}{f' side {tree.side} ({tree.label})' if tree.side else ''}: "
                 f"{' '.join(jobs[-1].cmd[1:])}" + (f" (output: {jobs[-1].log})" if side_by_side else ""))
             if not side_by_side:
                 t0 = clock()
-                returncode = launch(jobs[-1].cmd, tree.root, env)
+                returncode = launch(jobs[-1].cmd, tree.path, env)
                 run = SuiteRun(tree, index, path, clock() - t0, returncode)
                 check_run(run)
                 runs.append(run)
@@ -206,7 +207,7 @@ def source_trees(root: Path, ab_ref: str | None) -> Iterator[tuple[Tree, ...]]:
     if not (root / "perf_tests").is_dir():
         raise RunError(f"{root} has no perf_tests/ folder: run from the repository root.")
     if ab_ref is None:
-        yield (Tree("", root, "current tree"),)
+        yield (Tree(root, "current tree"),)
         return
     with ab_trees(ab_ref, root) as pair:
         yield pair
@@ -309,7 +310,7 @@ def _explain(opts: argparse.Namespace, trees: Sequence[Tree], outcome: Outcome, 
     folder = out / "explain"
     if opts.ab:
         current, ref = trees
-        diffs = explain.explain_trees(ref.root, current.root, flagged, folder, baseline_label=ref.label,
+        diffs = explain.explain_trees(ref.path, current.path, flagged, folder, baseline_label=ref.label,
                                       candidate_label=current.label, log=log)
     else:
         ref = opts.explain_ref or _baseline_commit(opts.baseline_dir, outcome)
@@ -317,7 +318,7 @@ def _explain(opts: argparse.Namespace, trees: Sequence[Tree], outcome: Outcome, 
             print("warning: --explain: the baseline records no git commit to profile against; pass --explain-ref",
                   file=sys.stderr)
             return
-        diffs = explain.explain_cases(ref, flagged, folder, root=trees[0].root, log=log)
+        diffs = explain.explain_cases(ref, flagged, folder, root=trees[0].path, log=log)
     explain.write_reports(diffs, folder)
     for fmt, path in reports.items():
         if fmt == "json":

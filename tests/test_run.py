@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from perf_tests import run as R
-from perf_tests.ab import Tree, ab_trees
+from perf_tests.ab import ab_trees
 from perf_tests.cli import main as cli
 from perf_tests.cli import parse_args, split_passthrough
+from perf_tests.worktree import Tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,7 @@ def _opts(**kw) -> argparse.Namespace:
 def test_budget_runs_until_the_next_would_overrun(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     fake = FakeSuite([180, 90, 90, 90, 90])
-    runs = R.run_all([Tree("", tmp_path, "current tree")], _opts(budget=8), [], tmp_path, "torch2",
+    runs = R.run_all([Tree(tmp_path, label="current tree")], _opts(budget=8), [], tmp_path, "torch2",
                      launch=fake.launch, clock=fake.clock, log=lambda m: None)
     # 180 + 90 + 90 + 90 = 450 s; a fifth would end at 540 s > 480
     assert [r.path.name for r in runs] == [f"torch2-run{i}.json" for i in (1, 2, 3, 4)]
@@ -104,25 +105,25 @@ def test_budget_runs_until_the_next_would_overrun(tmp_path, monkeypatch):
 
 def test_runs_default_to_one(tmp_path):
     fake = FakeSuite([1])
-    runs = R.run_all([Tree("", tmp_path, "")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
+    runs = R.run_all([Tree(tmp_path, label="")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
                      lambda m: None)
     assert len(runs) == 1
 
 
 def test_ab_alternates_a_and_b_in_pairs_each_side_in_its_tree(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    a, b = Tree("A", tmp_path / "a", "current tree"), Tree("B", tmp_path / "b", "HEAD (abc)")
+    a, b = Tree(tmp_path / "a", side="A", label="current tree"), Tree(tmp_path / "b", side="B", label="HEAD (abc)")
     fake = FakeSuite([10])
     R.run_all([a, b], _opts(runs=3), ["-x"], tmp_path, "torch2", fake.launch, fake.clock, lambda m: None)
     assert [c[0] for c in fake.calls] == ["torch2-A-run1.json", "torch2-B-run1.json", "torch2-A-run2.json",
                                           "torch2-B-run2.json", "torch2-A-run3.json", "torch2-B-run3.json"]
     assert [c[1].name for c in fake.calls] == ["a", "b"] * 3
-    assert [c[3].split(os.pathsep)[0] for c in fake.calls[:2]] == [str(a.root), str(b.root)]
+    assert [c[3].split(os.pathsep)[0] for c in fake.calls[:2]] == [str(a.path), str(b.path)]
 
 
 def test_ab_budget_counts_pairs(tmp_path):
     fake = FakeSuite([60])  # a pair takes 120 s: 3 pairs fit in 6 minutes, never half a pair
-    runs = R.run_all([Tree("A", tmp_path, ""), Tree("B", tmp_path, "")], _opts(budget=6.5), [], tmp_path, "t",
+    runs = R.run_all([Tree(tmp_path, side="A", label=""), Tree(tmp_path, side="B", label="")], _opts(budget=6.5), [], tmp_path, "t",
                      fake.launch, fake.clock, lambda m: None)
     assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3)]
 
@@ -130,7 +131,7 @@ def test_ab_budget_counts_pairs(tmp_path):
 def _turn_taking_tree(root: Path, side: str, label: str) -> Tree:
     (root / "perf_tests").mkdir(parents=True)
     (root / "perf_tests" / "turns.py").write_text("")
-    return Tree(side, root, label)
+    return Tree(root, label, side=side)
 
 
 def test_ab_pairs_run_side_by_side_when_both_trees_take_turns(tmp_path):
@@ -154,7 +155,7 @@ def test_ab_pairs_run_side_by_side_when_both_trees_take_turns(tmp_path):
               lambda m: None, launch_pair=None)
     assert [c[0] for c in fake2.calls] == ["u-A-run1.json", "u-B-run1.json"]
     logged = []
-    R.run_all([a, Tree("B", tmp_path / "old", "v1 (def)")], _opts(runs=1), [], tmp_path, "v", fake2.launch,
+    R.run_all([a, Tree(tmp_path / "old", side="B", label="v1 (def)")], _opts(runs=1), [], tmp_path, "v", fake2.launch,
               fake2.clock, logged.append, launch_pair=None)
     assert any("v1 (def) cannot take turns" in m for m in logged)
 
@@ -165,7 +166,7 @@ def test_a_suite_process_without_a_result_is_an_error_naming_its_journal(tmp_pat
     journal.write_text('{"type": "start"}\n')
     fake = FakeSuite([1], returncode=-9, write=False)
     with pytest.raises(R.RunError, match="exit -9 and no result.*journal.jsonl"):
-        R.run_all([Tree("", tmp_path, "")], _opts(runs=2), [], tmp_path, "torch2", fake.launch, fake.clock,
+        R.run_all([Tree(tmp_path, label="")], _opts(runs=2), [], tmp_path, "torch2", fake.launch, fake.clock,
                   lambda m: None)
     assert len(fake.calls) == 1  # no second run after a crash
 
@@ -173,13 +174,13 @@ def test_a_suite_process_without_a_result_is_an_error_naming_its_journal(tmp_pat
 def test_pytest_collecting_no_test_is_an_error(tmp_path):
     fake = FakeSuite([1], returncode=5, write=False)
     with pytest.raises(R.RunError, match="collected no test"):
-        R.run_all([Tree("", tmp_path, "")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
+        R.run_all([Tree(tmp_path, label="")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
                   lambda m: None)
 
 
 def test_a_failed_case_pytest_exit_1_with_a_result_is_a_result(tmp_path):
     fake = FakeSuite([1], returncode=1)
-    runs = R.run_all([Tree("", tmp_path, "")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
+    runs = R.run_all([Tree(tmp_path, label="")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
                      lambda m: None)
     assert runs[0].returncode == 1
 
@@ -218,10 +219,10 @@ def test_ab_trees_check_out_the_ref_beside_the_tree_and_remove_it(tmp_path):
     _git(repo, "commit", "-q", "-m", "ref")
     (repo / "perf_tests" / "v.txt").write_text("working tree")
     with ab_trees("HEAD", repo) as (a, b):
-        assert (a.side, b.side) == ("A", "B") and a.root == repo
-        assert (b.root / "perf_tests" / "v.txt").read_text() == "ref"
+        assert (a.side, b.side) == ("A", "B") and a.path == repo
+        assert (b.path / "perf_tests" / "v.txt").read_text() == "ref"
         assert b.label.startswith("HEAD (")
-    assert not b.root.exists()
+    assert not b.path.exists()
     listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
     assert len(listed.strip().splitlines()) == 1
 
@@ -322,7 +323,7 @@ def test_ab_pairs_take_turns_through_pytest_benchmark_rounds(tmp_path, monkeypat
     _git(repo, "commit", "-q", "-m", "reference")
     monkeypatch.chdir(repo)
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # perf_tests.turns for the fake suite
-    trees = [Tree("A", repo, "current tree"), Tree("B", repo, "HEAD")]
+    trees = [Tree(repo, side="A", label="current tree"), Tree(repo, side="B", label="HEAD")]
     runs = R.run_all(trees, _opts(runs=1), [], tmp_path, "t", log=lambda m: None)
     assert [r.returncode for r in runs] == [0, 0]
     pids = log.read_text().split()
