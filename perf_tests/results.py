@@ -110,7 +110,8 @@ class Run:
     cases: dict[str, CaseResult]
     skipped: dict[str, Skip] = field(default_factory=dict)
     failed: dict[str, Failure] = field(default_factory=dict)
-    selected: tuple[str, ...] | None = None  # every case selected in the run; None: unknown (harness 1, baselines)
+    # every case selected in the run; None: unknown (harness 1, baselines)
+    selected: tuple[str, ...] | None = None
     canary: tuple[float, ...] = ()  # per-call seconds of the canary workload
     canary_timeline: tuple[dict, ...] = ()  # {"t", "seconds", "before"} in run order
     grid_name: str | None = None

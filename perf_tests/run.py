@@ -251,7 +251,8 @@ def run(opts: argparse.Namespace, pytest_args: Sequence[str]) -> int:
 
 def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRun], out: Path, label: str) -> int:
     study = write_study([r.path for r in runs], out, label)
-    failed = sum(r.returncode == 1 or bool(_recorded_failures(r.path)) for r in runs)  # processes with a failed case
+    # processes with a failed case
+    failed = sum(r.returncode == 1 or bool(_recorded_failures(r.path)) for r in runs)
 
     if opts.update_baselines:
         unfinished = _unfinished([r.path for r in runs]) if opts.require_all else []

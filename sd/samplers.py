@@ -44,7 +44,8 @@ def _check_no_eta(sampler: str, eta: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# DDIM / PLMS schedule (ldm/modules/diffusionmodules/util.py: make_ddim_timesteps, make_ddim_sampling_parameters)
+# DDIM / PLMS schedule (ldm/modules/diffusionmodules/util.py: make_ddim_timesteps,
+# make_ddim_sampling_parameters)
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:

@@ -131,7 +131,8 @@ def test_step_summary_is_appended(capsys, runs, tmp_path, monkeypatch):
     assert text.startswith("earlier step\n") and "Performance gate" in text
 
 
-# --- failures fail, missing cases under --require-all, a killed run's journal ---------------------------------
+# --- failures fail, missing cases under --require-all, a killed run's journal
+# ---------------------------------
 
 
 @pytest.mark.parametrize("kind", ["wrong-output", "non-finite", "error", "oom"])
@@ -193,7 +194,8 @@ def test_every_format_is_rendered_once_into_the_report_dir(capsys, runs, tmp_pat
     assert sorted(written) == ["json", "markdown", "text"]  # no flagged case, no plot
 
 
-# --- bad input: message and exit code 2 ----------------------------------------------------------------------
+# --- bad input: message and exit code 2
+# ----------------------------------------------------------------------
 
 
 def _bad_files(tmp_path):

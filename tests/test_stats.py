@@ -654,7 +654,8 @@ def test_new_case_and_reproducible_verdicts():
     assert a == b
 
 
-# --- compile time and peak memory ----------------------------------------------------------------------------
+# --- compile time and peak memory
+# ----------------------------------------------------------------------------
 
 
 def _compile(b_vals, b_states, c_vals, c_states):
