@@ -101,7 +101,8 @@ def update_baselines(session: nox.Session) -> None:
     parser.add_argument("--env", choices=["torch2", "torch1", "both"], default="both")
     own, pytest_args = noxenvs.split_posargs(session.posargs)
     opts, own = parser.parse_known_args(own)
-    defaults = [arg for opt, value in (("--grid", "full"), ("--runs", "3")) if opt not in own for arg in (opt, value)]
+    defaults = [arg for opt, value in (("--grid", "full"), ("--runs",
+                                                            "3")) if opt not in own for arg in (opt, value)]
     for name in ["torch2", "torch1"] if opts.env == "both" else [opts.env]:
         session.notify(f"perf-{name}", posargs=["--update-baselines", *defaults, *own, "--", *pytest_args])
 
@@ -139,7 +140,8 @@ def gpu_check(session: nox.Session) -> None:
     opts, own = parser.parse_known_args(own)
     offline = ["--no-index", "--find-links", str(opts.wheelhouse)]
     session.install(*offline, "-r", str(opts.wheelhouse / "requirements.txt"))
-    out = session.run("python", "-c", "import torch; assert torch.cuda.is_available(), 'no CUDA device visible';"
+    out = session.run("python", "-c",
+                      "import torch; assert torch.cuda.is_available(), 'no CUDA device visible';"
                       " print(torch.__version__)", silent=True)
     torch = str(out).strip().splitlines()[-1] if out else ""
     xformers = noxenvs.xformers_wheel(opts.wheelhouse, torch) if torch else None
@@ -161,7 +163,8 @@ def _install_analysis(session: nox.Session) -> None:
 def compare(session: nox.Session) -> None:
     """Compare results: nox -s compare -- BASELINE CANDIDATE... [options of `python -m perf_tests compare`]."""
     if len([a for a in session.posargs if not a.startswith("-")]) < 2:
-        session.error("usage: nox -s compare -- BASELINE CANDIDATE [options of `python -m perf_tests compare`]")
+        session.error("usage: nox -s compare -- BASELINE CANDIDATE [options of `python -m perf_tests "
+                      "compare`]")
     _install_analysis(session)
     session.run("python", "-m", "perf_tests", "compare", *session.posargs)
 
@@ -181,7 +184,8 @@ def report(session: nox.Session) -> None:
     if not files:
         session.error("usage: nox -s report -- results/<timestamp> | RESULT.json ... [--reference original]")
     if len(folders) == 1 and "--output" not in options:
-        options += ["--output", os.path.join(folders[0], "study.md"), "--plot", os.path.join(folders[0], "study.png")]
+        options += ["--output", os.path.join(folders[0], "study.md"), "--plot", os.path.join(folders[0],
+                                                                                             "study.png")]
     _install_analysis(session)
     session.run("python", "-m", "perf_tests", "report", *files, *options)
     if "--output" in options and os.path.isfile(output := options[options.index("--output") + 1]):
@@ -209,7 +213,8 @@ def lint(session: nox.Session) -> None:
     """ruff on the code; check-jsonschema and zizmor (offline) on the workflows; shellcheck on .ci/run."""
     session.install(*TOOLS)
     checks = {"ruff": ["ruff", "check", "."],
-              "check-jsonschema": ["check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS],
+              "check-jsonschema": ["check-jsonschema", "--builtin-schema", "vendor.github-workflows",
+                                   *WORKFLOWS],
               "zizmor": ["zizmor", "--offline", *WORKFLOWS], "shellcheck": ["shellcheck", ".ci/run"]}
     failed = []
     for name, cmd in checks.items():

@@ -193,12 +193,14 @@ class Update:
     removed_temp_files: list[str] = field(default_factory=list)
 
 
-def merge_runs(existing: Baseline | None, runs: Sequence[Run], key: tuple[str, str, str], path: Path) -> Update:
+def merge_runs(existing: Baseline | None, runs: Sequence[Run], key: tuple[str, str, str],
+               path: Path) -> Update:
     """Add ``runs`` (one device, env and profile) to ``existing``; runs already there by content hash are
     skipped, a case whose definition changed loses its old runs (with a note)."""
     slug, env, profile = key
     now = _now()
-    base = existing or Baseline(str(path), SCHEMA_VERSION, slug, env, profile, dict(runs[0].machine), now, now, ())
+    base = existing or Baseline(str(path), SCHEMA_VERSION, slug, env, profile, dict(runs[0].machine), now,
+                                now, ())
     update = Update(path, base)
     stored = list(base.runs)
     seen = {r.content_hash for r in stored}
@@ -222,7 +224,8 @@ def merge_runs(existing: Baseline | None, runs: Sequence[Run], key: tuple[str, s
                           for s in stored]
         stored.append(run)
         update.added.append(run.source)
-    update.baseline = dataclasses.replace(base, schema_version=SCHEMA_VERSION, updated=now, runs=tuple(stored))
+    update.baseline = dataclasses.replace(base, schema_version=SCHEMA_VERSION, updated=now,
+                                          runs=tuple(stored))
     return update
 
 
@@ -253,7 +256,8 @@ def _split_by_profile(run: Run) -> dict[tuple[str, str, str], Run]:
     slug = run.machine.get("device_slug")
     if not slug:
         raise InputError(
-            f"{run.source}: machine_info has no device_slug; baselines are stored per device. Produce the run "
+            f"{run.source}: machine_info has no device_slug; baselines are stored per device. Produce the "
+            "run "
             f"with `python -m pytest perf_tests` (its conftest records the device)."
         )
     parts: dict[tuple[str, str, str], dict] = {}

@@ -68,13 +68,15 @@ def suite_args(case_name: str) -> list[str]:
     return args
 
 
-def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (), timeout_s: float = 1800) -> list[float]:
+def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (),
+                       timeout_s: float = 1800) -> list[float]:
     """One run of the suite in ``tree`` selecting only ``case``: its per-call samples (seconds)."""
     from perf_tests.explain import tree_env
 
     with tempfile.TemporaryDirectory(prefix="perf-bisect-run-") as tmp:
         out = Path(tmp) / "run.json"
-        cmd = [sys.executable, "-m", "pytest", "perf_tests", "-p", "no:cacheprovider", "-q", *suite_args(case),
+        cmd = [sys.executable, "-m", "pytest", "perf_tests", "-p", "no:cacheprovider", "-q",
+               *suite_args(case),
                *extra_args, f"--benchmark-json={out}"]
         try:
             res = subprocess.run(cmd, cwd=tree, env=tree_env(tree), capture_output=True, text=True,
@@ -85,7 +87,8 @@ def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (), ti
     for b in doc.get("benchmarks", []):
         if b.get("name") == case and b.get("stats", {}).get("data"):
             return [float(x) for x in b["stats"]["data"]]
-    raise MeasureFailed(f"no result for the case (exit {res.returncode}): {failure_line(res.stdout + res.stderr)}")
+    raise MeasureFailed(f"no result for the case (exit {res.returncode}): "
+                        f"{failure_line(res.stdout + res.stderr)}")
 
 
 def failure_line(output: str) -> str:
@@ -114,7 +117,8 @@ class Ratio:
                 f"{self.runs_reference}+{self.runs_x} runs)")
 
 
-def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]], policy: Policy | None = None) -> Ratio:
+def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]],
+          policy: Policy | None = None) -> Ratio:
     """X over the reference from per-call samples grouped by run (see the module docstring)."""
     policy = policy or Policy()
     yb = np.log([float(np.median(r)) for r in reference])  # (runs,) log run medians
@@ -126,7 +130,8 @@ def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]], po
     else:  # one run a side: no measured spread yet, so the largest prior of the gate's policy
         sd, df = max(prior for *_, prior in policy.run_sd_priors), policy.prior_df
     d = float(yc.mean() - yb.mean())
-    half = float(special.stdtrit(df, 0.5 + policy.confidence_level / 2)) * sd * math.sqrt(1 / yb.size + 1 / yc.size)
+    half = float(special.stdtrit(df,
+                                 0.5 + policy.confidence_level / 2)) * sd * math.sqrt(1 / yb.size + 1 / yc.size)
     return Ratio(math.exp(d), math.exp(d - half), math.exp(d + half), yb.size, yc.size)
 
 
@@ -167,8 +172,10 @@ class BisectResult:
 
 def first_parent_commits(good: str, bad: str, root: Path) -> list[str]:
     """The first-parent commits after GOOD up to BAD, oldest first (BAD last)."""
-    if subprocess.run(["git", "merge-base", "--is-ancestor", good, bad], cwd=root, check=False).returncode != 0:
-        raise InputError(f"{good[:12]} is not an ancestor of {bad[:12]}: GOOD must be an older commit of BAD's history.")
+    if subprocess.run(["git", "merge-base", "--is-ancestor", good, bad], cwd=root,
+                      check=False).returncode != 0:
+        raise InputError(f"{good[:12]} is not an ancestor of {bad[:12]}: GOOD must be an older commit of "
+                         "BAD's history.")
     commits = git(["rev-list", "--first-parent", "--reverse", f"{good}..{bad}"], root).split()
     if not commits or commits[-1] != bad:
         raise InputError(f"no first-parent path from {good[:12]} to {bad[:12]}; pick refs on one branch.")
@@ -226,7 +233,8 @@ class Bisector:
         good, bad = resolve(good_ref, self.root), resolve(bad_ref, self.root)
         commits = first_parent_commits(good, bad, self.root)
         max_steps = max_steps or default_max_steps(len(commits))
-        self.log(f"[bisect] {self.case}: {len(commits)} commit(s) after GOOD {good[:12]} up to BAD {bad[:12]}; "
+        self.log(f"[bisect] {self.case}: {len(commits)} commit(s) after GOOD {good[:12]} up to BAD "
+                 f"{bad[:12]}; "
                  f"step limit {max_steps}, {self.runs_per_step}-{self.max_runs} run pairs per step")
         with contextlib.ExitStack() as stack:
             good_tree = stack.enter_context(checkout(good, self.root, prefix="perf-bisect-good-")).path
@@ -271,7 +279,8 @@ class Bisector:
         result.runs = self.n_runs
         return result
 
-    def _step(self, commit: str, good_tree: Path, good_runs: list, mid: float, n: int, max_steps: int) -> Step:
+    def _step(self, commit: str, good_tree: Path, good_runs: list, mid: float, n: int,
+              max_steps: int) -> Step:
         t0 = time.perf_counter()
         subject = self.subject(commit)
         self.log(f"[bisect] step {n}/{max_steps}: {commit[:12]} {subject}")
@@ -318,7 +327,8 @@ def render_text(r: BisectResult, root: Path) -> str:
         out += [f"first bad commit: {one(r.first_bad)}",
                 f"  slowdown vs its parent {r.parent[:12]}: {r.slowdown}"]
     elif r.candidates:
-        out.append(f"the first bad commit is one of ({'skipped commits left' if len(r.steps) < r.max_steps else 'step limit reached'}):")
+        out.append("the first bad commit is one of "
+                   f"({'skipped commits left' if len(r.steps) < r.max_steps else 'step limit reached'}):")
         out += [f"  {one(c)}" for c in r.candidates]
     out.append(f"{len(r.steps)} step(s) of a limit of {r.max_steps}, {r.runs} suite runs; "
                f"time spent {r.seconds:.0f} s")

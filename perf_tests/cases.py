@@ -103,7 +103,8 @@ class GridDefaults:
         """The cases of ``kind`` in this grid, in grid order (what cannot run here is skipped later)."""
         if kind not in self.kinds:
             return []
-        cases = build_cases(kind, self.profile, self.attention, self.compile_for(kind), self.batch_sizes_for(kind),
+        cases = build_cases(kind, self.profile, self.attention, self.compile_for(kind),
+                            self.batch_sizes_for(kind),
                             self.precisions, steps, self.memory_formats, self.projections)
         points = self.kind_points.get(kind)
         return cases if points is None else [c for c in cases if (c.attention, c.compile) in points]
@@ -358,7 +359,8 @@ def definition_hash(case: Case, weights: str = "random") -> str:
 # decoded image in [0, 1] after the whole sampling loop, which amplifies differences.
 TOLERANCES = {
     "fp32": {"txt2img": 1e-2, "unet-step": 1e-3, "vae-decode": 1e-3, "text-encode": 1e-3, "attention": 1e-4},
-    "autocast": {"txt2img": 1e-1, "unet-step": 5e-2, "vae-decode": 5e-2, "text-encode": 5e-2, "attention": 1e-2},
+    "autocast": {"txt2img": 1e-1, "unet-step": 5e-2, "vae-decode": 5e-2, "text-encode": 5e-2,
+                 "attention": 1e-2},
     "fp16": {"txt2img": 1e-1, "unet-step": 5e-2, "vae-decode": 5e-2, "text-encode": 5e-2, "attention": 1e-2},
     "bf16": {"txt2img": 2e-1, "unet-step": 2e-1, "vae-decode": 2e-1, "text-encode": 2e-1, "attention": 5e-2},
 }

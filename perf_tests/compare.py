@@ -78,7 +78,8 @@ def load_and_compare_ab(
     """A/B: the runs of REF (baseline) against those of the current tree, which alternated A, B, A, B (the
     current tree first in each pair), analysed as pairs."""
     if len(ref_runs) != len(current_runs) or not ref_runs:
-        raise InputError(f"A/B needs as many runs of each side, at least one: {len(current_runs)} of the current "
+        raise InputError(f"A/B needs as many runs of each side, at least one: {len(current_runs)} of the "
+                         "current "
                          f"tree, {len(ref_runs)} of the reference.")
     base, warnings = load_side(ref_runs, ref_label)
     candidate, cand_warnings = load_side(current_runs, current_label)
@@ -130,6 +131,7 @@ def write_reports(outcome: Outcome, out_dir: str | os.PathLike, stem: str) -> di
         path.write_text(render(outcome, fmt), encoding="utf-8")
         written[fmt] = path
     if outcome.comparison is not None:
-        for plot in plot_flagged(outcome.comparison, outcome.baseline, outcome.candidate, out / f"plots-{stem}"):
+        for plot in plot_flagged(outcome.comparison, outcome.baseline, outcome.candidate,
+                                 out / f"plots-{stem}"):
             written[f"plot:{plot.stem}"] = plot
     return written

@@ -31,7 +31,8 @@ _JOURNAL_KEY = "_perf_journal"
 def pytest_addoption(parser):
     g = parser.getgroup("perf_tests", "Stable Diffusion 2.1 benchmark suite (perf_tests)")
     g.addoption("--grid", dest="perf_grid", default=None,
-                help="gate (default: the focused pull-request grid) or full (every combination, for baselines "
+                help="gate (default: the focused pull-request grid) or full (every combination, for "
+                     "baselines "
                      "and nightly runs). Giving any axis below makes the grid 'custom'.")
     g.addoption("--profile", dest="perf_profile", default=None,
                 help=f"model profile: {', '.join(C.PROFILES)} (default: tiny on CPU, sd21-base on CUDA)")
@@ -39,7 +40,8 @@ def pytest_addoption(parser):
                 help=f"comma-separated attention backends of the UNet: {', '.join(C.ATTENTION_BACKENDS)}")
     g.addoption("--compile", dest="perf_compile", default=None,
                 help=f"comma-separated: {', '.join(C.COMPILE_MODES)}")
-    g.addoption("--batch-size", dest="perf_batch_size", default=None, help="comma-separated batch sizes, e.g. 1,4")
+    g.addoption("--batch-size", dest="perf_batch_size", default=None,
+                help="comma-separated batch sizes, e.g. 1,4")
     g.addoption("--precision", dest="perf_precision", default=None,
                 help=f"comma-separated: {', '.join(C.PRECISIONS)} (default: fp32 on CPU; fp16 on CUDA)")
     g.addoption("--memory-format", dest="perf_memory_format", default=None,
@@ -68,7 +70,8 @@ def pytest_addoption(parser):
                 help="the suite's Inductor cache folder, Triton's in its triton/ subfolder (default: "
                      f"$TORCHINDUCTOR_CACHE_DIR when set, else {INDUCTOR_CACHE_DIR})")
     g.addoption("--ckpt", dest="perf_ckpt", default=None, help="checkpoint to load (default: random weights)")
-    g.addoption("--device", dest="perf_device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    g.addoption("--device", dest="perf_device", default=None,
+                help="cpu, cuda, cuda:1 (default: cuda if present)")
     g.addoption("--threads", dest="perf_threads", default=None,
                 help="torch.set_num_threads for the run, or 'auto' for torch's default (default: 1 on CPU, "
                      "untouched on CUDA)")
@@ -239,7 +242,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if bs is None or s is None:
         return
     if s.failed:
-        terminalreporter.write_sep("=", f"{len(s.failed)} perf case(s) FAILED (recorded in perf_tests.failed)")
+        terminalreporter.write_sep("=",
+                                   f"{len(s.failed)} perf case(s) FAILED (recorded in perf_tests.failed)")
         for f in s.failed.values():
             terminalreporter.write_line(f"{f['kind']}: {f['reason']}")
     if not bs.benchmarks:

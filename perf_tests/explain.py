@@ -42,7 +42,8 @@ TOP = 10
 # torch._inductor.config.cpp.enable_kernel_profile is on), its Triton kernels, and the wrapper events.
 _COMPILED_RE = re.compile(r"cpp_fused|triton_|CompiledFxGraph|Torch-Compiled Region|CompiledFunction")
 # Event names carrying a per-graph hash or a step number: normalised so both sides use one key.
-_NAME_SUBS = ((re.compile(r"CompiledFxGraph \w+"), "CompiledFxGraph"), (re.compile(r"ProfilerStep#\d+"), "ProfilerStep"))
+_NAME_SUBS = ((re.compile(r"CompiledFxGraph \w+"), "CompiledFxGraph"), (re.compile(r"ProfilerStep#\d+"),
+                                                                        "ProfilerStep"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,7 +62,8 @@ def build_case(name: str, device: str) -> Callable[[], object]:
     from perf_tests.workloads import ModelCache, make_workload
 
     parsed = C.parse_name(name)
-    case = C.build_cases(parsed.kind, parsed.profile, [parsed.attention], [parsed.compile], [parsed.batch_size],
+    case = C.build_cases(parsed.kind, parsed.profile, [parsed.attention], [parsed.compile],
+                         [parsed.batch_size],
                          [parsed.precision])[0]
     if hasattr(parsed, "memory_format"):  # trees whose cases have the ladder's axes
         case = dataclasses.replace(case, memory_format=parsed.memory_format, projections=parsed.projections)
@@ -82,7 +84,8 @@ def _operator_table(events, is_cuda: bool) -> dict[str, tuple[float, int]]:
     for e in events:
         if is_cuda and "CUDA" not in str(getattr(e, "device_type", "")):
             continue
-        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) if is_cuda \
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total",
+                                                                    0.0)) if is_cuda \
             else e.self_cpu_time_total
         key = e.key
         for pattern, repl in _NAME_SUBS:
@@ -185,7 +188,8 @@ def tree_env(tree: Path) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *extra])}
 
 
-def profile_in_tree(tree: Path, name: str, out_stem: Path, calls: int, warmup: int, device: str | None) -> dict:
+def profile_in_tree(tree: Path, name: str, out_stem: Path, calls: int, warmup: int,
+                    device: str | None) -> dict:
     """Profile case ``name`` in a separate process running ``tree``'s code; returns its summary."""
     cmd = [sys.executable, "-c", _BOOTSTRAP, str(Path(__file__).resolve()), "--case", name,
            "--out-stem", str(out_stem.resolve()), "--calls", str(calls), "--warmup", str(warmup)]
@@ -290,11 +294,13 @@ def explain_trees(
             for i in range(1, runs + 1):
                 for side, tree in (("baseline", baseline), ("candidate", candidate)):
                     log(f"[explain] {name}: profile {i}/{runs} of {side} ({tree})")
-                    sides[side].append(profile_in_tree(tree, name, folder / f"{side}-{i}", calls, warmup, device))
+                    sides[side].append(profile_in_tree(tree, name, folder / f"{side}-{i}", calls, warmup,
+                                                       device))
         except RuntimeError as exc:
             diffs.append(OperatorDiff(name, baseline_label, candidate_label, error=str(exc)))
             continue
-        d = diff_summaries(name, sides["baseline"], sides["candidate"], top, (baseline_label, candidate_label))
+        d = diff_summaries(name, sides["baseline"], sides["candidate"], top, (baseline_label,
+                                                                              candidate_label))
         d.traces = {side: [str(folder / s["trace"]) for s in ss] for side, ss in sides.items()}
         diffs.append(d)
     return diffs
@@ -309,7 +315,8 @@ def explain_cases(
 
     root = repo_root(root)
     with checkout(ref, root, prefix="perf-explain-") as tree:
-        return explain_trees(tree.path, root, case_names, out_dir, baseline_label=f"{ref} ({tree.commit[:12]})",
+        return explain_trees(tree.path, root, case_names, out_dir,
+                             baseline_label=f"{ref} ({tree.commit[:12]})",
                              candidate_label="current tree", **kwargs)
 
 

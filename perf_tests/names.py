@@ -92,7 +92,8 @@ class Case:
 
     def model_key(self) -> tuple:
         """Cases with equal keys share one built model (each compiled case compiles it afresh)."""
-        return (self.profile, self.attention, self.compile, self.precision, self.memory_format, self.projections)
+        return (self.profile, self.attention, self.compile, self.precision, self.memory_format,
+                self.projections)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +115,7 @@ def parse_name(name: str) -> Case:
     i = _ID_RE.match(m["id"])
     if not i:
         raise ValueError(f"not a perf_tests case id: {m['id']!r}")
-    return Case(m["kind"].replace("_", "-"), i["profile"], i["attention"], i["compile"], int(i["batch"]), i["precision"],
+    return Case(m["kind"].replace("_", "-"), i["profile"], i["attention"], i["compile"], int(i["batch"]),
+                i["precision"],
                 memory_format=i["memory_format"][1:] if i["memory_format"] else MEMORY_FORMATS[0],
                 projections=i["projections"][1:] if i["projections"] else PROJECTIONS[0])

@@ -128,7 +128,8 @@ def _diffusers():
     except ImportError as exc:
         raise ParityError(
             f"the parity harness compares with diffusers, which does not import here ({exc}). Use a "
-            f"PyTorch 2 environment with the oracle extra (`pip install -e .[oracle]`; nox's tests env has it)."
+            "PyTorch 2 environment with the oracle extra (`pip install -e .[oracle]`; nox's tests env has "
+            "it)."
         ) from None
 
 
@@ -401,7 +402,8 @@ def _row(r: RungResult) -> list[str]:
     if r.status in ("unavailable", "error"):
         return [r.rung, "", "", "", "", f"{r.status}: {r.reason}"]
     interval = f"{r.ratio:.3f} [{r.ratio_low:.3f}, {r.ratio_high:.3f}]"
-    return [r.rung, _ms(r.ours_median_s), _ms(r.theirs_median_s), interval, f"{r.max_abs_error:.1e}", r.verdict]
+    return [r.rung, _ms(r.ours_median_s), _ms(r.theirs_median_s), interval, f"{r.max_abs_error:.1e}",
+            r.verdict]
 
 
 HEADER = ["rung", "ours ms", "diffusers ms", "ours/diffusers [95% CI]", "max abs err", "verdict"]
@@ -413,7 +415,8 @@ def _preamble(s: dict) -> list[str]:
         f"{s['preset']}, latents {'x'.join(map(str, s['latent_shape']))}, {s['device']}, "
         f"{s['threads']} thread(s), torch {s['torch']}.",
         f"{s['rounds']} interleaved rounds after {s['warmup']} warm-up calls per side; medians per call; "
-        f"ratio = median of the paired per-call ratios, bootstrap interval; target ratio <= {s['target_ratio']:.2f}.",
+        "ratio = median of the paired per-call ratios, bootstrap interval; target ratio <= "
+        f"{s['target_ratio']:.2f}.",
     ]
 
 

@@ -97,11 +97,15 @@ def policy_line(cmp: Comparison) -> str:
         f"time: runs are the unit ({design}): per run the median of its rounds; each case's change is split "
         f"into a part common to the run's cases and a case-specific part, with variances pooled per kind; "
         f"regression = a one-sided t test significant at alpha {p.alpha} ({p.correction} over cases, common "
-        f"and case-specific tests at alpha/2 each) AND a point estimate above +{p.min_effect:.0%}; no change = "
-        f"the {p.confidence_level:.0%} interval inside ±{p.min_effect:.0%}; one run a side judged only against "
-        f"a recorded or prior run-to-run noise; a run (pair) with a disturbed canary is left out while enough "
+        f"and case-specific tests at alpha/2 each) AND a point estimate above +{p.min_effect:.0%}; no change "
+        "= "
+        f"the {p.confidence_level:.0%} interval inside ±{p.min_effect:.0%}; one run a side judged only "
+        "against "
+        "a recorded or prior run-to-run noise; a run (pair) with a disturbed canary is left out while "
+        "enough "
         "clean ones remain, else regressions and no change are inconclusive. "
-        f"compile time ±{p.compile_threshold:.0%} within one cache state, peak memory ±{p.memory_threshold:.0%}, "
+        f"compile time ±{p.compile_threshold:.0%} within one cache state, peak memory "
+        f"±{p.memory_threshold:.0%}, "
         f"on every run pair."
     )
 
@@ -178,7 +182,8 @@ def _notes(cmp: Comparison) -> list[tuple[str, list[str]]]:
 
 
 def render_text(cmp: Comparison) -> str:
-    lines = [f"{cmp.candidate_label} vs {cmp.baseline_label}", *context_lines(cmp), *text_table(_HEADER, _rows(cmp))]
+    lines = [f"{cmp.candidate_label} vs {cmp.baseline_label}", *context_lines(cmp), *text_table(_HEADER,
+                                                                                                _rows(cmp))]
     if _notes(cmp):
         lines.append("")
         for name, reasons in _notes(cmp):
@@ -199,7 +204,8 @@ def render_markdown(cmp: Comparison) -> str:
     lines += [f"> {_md(line)}" for line in context_lines(cmp)]
     if context_lines(cmp):
         lines.append("")
-    rows = [[f"`{r[0]}`", f"{_EMOJI[c.verdict]} {r[1]}", *r[2:]] for c, r in zip(cmp.cases, _rows(cmp), strict=True)]
+    rows = [[f"`{r[0]}`", f"{_EMOJI[c.verdict]} {r[1]}", *r[2:]] for c, r in zip(cmp.cases, _rows(cmp),
+                                                                                 strict=True)]
     lines += markdown_table(_HEADER, rows)
     if _notes(cmp):
         lines += ["", "<details><summary>Reasons</summary>", ""]
@@ -277,7 +283,8 @@ def plot_flagged(
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         labels = []
-        for y, (label, cs) in enumerate((("baseline", baseline.cases[c.name]), ("candidate", candidate.cases[c.name]))):
+        for y, (label, cs) in enumerate((("baseline", baseline.cases[c.name]), ("candidate",
+                                                                                candidate.cases[c.name]))):
             for r, run in enumerate(cs.runs):
                 jitter = [y + 0.3 * ((i * 0.618) % 1 - 0.5) for i in range(len(run))]
                 ax.scatter([v * 1e3 for v in run], jitter, s=12, alpha=0.5, color=f"C{r % 10}")

@@ -51,7 +51,8 @@ FAILURE_KINDS = ("wrong-output", "non-finite", "error", "oom")
 SAVE_DATA_HINT = (
     "The comparator needs the per-round timings: pytest-benchmark writes them into --benchmark-json files, "
     "but into --benchmark-save / --benchmark-autosave files only with --benchmark-save-data. Rerun the suite "
-    "with `python -m pytest perf_tests --benchmark-json OUT.json` (the perf_tests conftest keeps raw samples)."
+    "with `python -m pytest perf_tests --benchmark-json OUT.json` (the perf_tests conftest keeps raw "
+    "samples)."
 )
 RERUN_HINT = "Rerun the suite (`python -m pytest perf_tests --benchmark-json OUT.json`) to produce it again."
 BASELINE_HINT = (
@@ -186,7 +187,8 @@ def _number(path, where: str, value, fix: str = RERUN_HINT) -> float | None:
     return float(value)
 
 
-def _samples(path, where: str, data, fix: str = RERUN_HINT, missing_fix: str = SAVE_DATA_HINT) -> tuple[float, ...]:
+def _samples(path, where: str, data, fix: str = RERUN_HINT,
+             missing_fix: str = SAVE_DATA_HINT) -> tuple[float, ...]:
     if data is None or data == []:
         raise _fail(path, where, "no raw samples", missing_fix)
     _typed(path, where, data, list, "a list of seconds", fix, optional=False)
@@ -258,7 +260,8 @@ def read_any(path: str | os.PathLike) -> Run | Baseline:
     if "benchmarks" in doc:
         return run_from_doc(doc, path)
     raise InputError(
-        f"{path}: neither a pytest-benchmark JSON (no 'benchmarks' list) nor a perf_tests baseline (no 'schema' "
+        f"{path}: neither a pytest-benchmark JSON (no 'benchmarks' list) nor a perf_tests baseline (no "
+        "'schema' "
         f"field). Pass the file written by `python -m pytest perf_tests --benchmark-json X.json`, its "
         f"X{JOURNAL_SUFFIX}, or a file under baselines/."
     )
@@ -267,14 +270,16 @@ def read_any(path: str | os.PathLike) -> Run | Baseline:
 def read_run(path: str | os.PathLike) -> Run:
     run = read_any(path)
     if isinstance(run, Baseline):
-        raise InputError(f"{path}: is a baseline file; a run (pytest-benchmark JSON or its journal) is expected here.")
+        raise InputError(f"{path}: is a baseline file; a run (pytest-benchmark JSON or its journal) is "
+                         "expected here.")
     return run
 
 
 def read_baseline(path: str | os.PathLike) -> Baseline:
     baseline = read_any(path)
     if isinstance(baseline, Run):
-        raise InputError(f"{path}: is a run, not a baseline file; make one with `python -m perf_tests update-baselines`.")
+        raise InputError(f"{path}: is a run, not a baseline file; make one with `python -m perf_tests "
+                         "update-baselines`.")
     return baseline
 
 
@@ -376,7 +381,8 @@ def _build_run(path, machine_info, section, cases, skips, failures, canary, *, d
         selected = tuple(selected)
     cases = _unique(path, cases, "case")
     if not cases and not skips and not failures and (complete and not selected):
-        raise InputError(f"{path}: the run holds no benchmarks (every case skipped or deselected?). {RERUN_HINT}")
+        raise InputError(f"{path}: the run holds no benchmarks (every case skipped or deselected?). "
+                         f"{RERUN_HINT}")
     return Run(
         source=Path(path).name,
         machine=fingerprint(machine_info),
@@ -447,10 +453,12 @@ def _read_journal(path: Path) -> Run:
         elif kind == "end":
             ended = True
         else:
-            raise _fail(path, f"{where}.type", f"unknown line type {kind!r} (start, case, skip, fail, canary, end)")
+            raise _fail(path, f"{where}.type",
+                        f"unknown line type {kind!r} (start, case, skip, fail, canary, end)")
     if start is None:
         raise _fail(path, "line 1", "a journal opens with its 'start' line")
-    return _build_run(path, start.get("machine_info"), start.get("perf_tests"), cases, skips, failures, canary,
+    return _build_run(path, start.get("machine_info"), start.get("perf_tests"), cases, skips, failures,
+                      canary,
                       doc_datetime=_str(path, "line 1: datetime", start.get("datetime")), complete=ended)
 
 
@@ -471,7 +479,8 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
             + ("It was written by a newer perf_tests: update this checkout." if newer else fix)
         )
     if "environment" not in doc:
-        raise _fail(path, "environment", "missing; a baseline records the environment its runs came from", fix)
+        raise _fail(path, "environment", "missing; a baseline records the environment its runs came from",
+                    fix)
     environment = _dict(path, "environment", doc["environment"], fix, optional=False)
     run_docs = _list(path, "runs", doc.get("runs"), fix, optional=False)
     case_docs = _dict(path, "cases", doc.get("cases"), fix, optional=False)
@@ -487,12 +496,14 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
         for i, entry in enumerate(entries):
             at = f"{where}.runs[{i}]"
             entry = _dict(path, at, entry, fix, optional=False)
-            index = _typed(path, f"{at}.run", entry.get("run"), int, "an index into runs", fix, optional=False)
+            index = _typed(path, f"{at}.run", entry.get("run"), int, "an index into runs", fix,
+                           optional=False)
             if not 0 <= index < len(run_docs) or name in per_run[index]:
                 raise _fail(path, f"{at}.run", f"{index} is not a run of this file (or repeats one)", fix)
             per_run[index][name] = _case_result(
                 path, name, _samples(path, f"{at}.samples", entry.get("samples"), fix, missing_fix=fix),
-                {**{k: case.get(k) for k in ("case", "definition_hash", "attention_used", "vae_attention_used")},
+                {**{k: case.get(k) for k in ("case", "definition_hash", "attention_used",
+                                             "vae_attention_used")},
                  **{k: entry.get(k) for k in (*PER_RUN_FIELDS, "iterations", "compile_cache", "correct")}},
                 f"{where} (runs[{i}]): ", fix)
     runs = []
@@ -502,7 +513,8 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
         canary = tuple(_samples(path, f"{at}.canary", entry["canary"], fix)) if entry.get("canary") else ()
         runs.append(Run(
             source=_str(path, f"{at}.source", entry.get("source"), fix) or f"run {i}",
-            machine=fingerprint(_dict(path, f"{at}.machine_info", entry.get("machine_info"), fix)) or dict(environment),
+            machine=fingerprint(_dict(path, f"{at}.machine_info", entry.get("machine_info"),
+                                      fix)) or dict(environment),
             machine_id=_str(path, f"{at}.machine_id", entry.get("machine_id"), fix),
             datetime=_str(path, f"{at}.datetime", entry.get("datetime"), fix),
             git_commit=_str(path, f"{at}.git_commit", entry.get("git_commit"), fix),
@@ -589,7 +601,8 @@ def side_from_runs(runs: Sequence[Run], label: str) -> Side:
         diff = environment_mismatch(env, run.machine, DEFAULT_ENV_FIELDS)
         if diff:
             raise InputError(
-                f"cannot merge {run.source} with {runs[0].source}: different environments ({'; '.join(diff)}). "
+                f"cannot merge {run.source} with {runs[0].source}: different environments "
+                f"({'; '.join(diff)}). "
                 f"Pass runs of one environment per side."
             )
     return _side(runs, label, env, selected_known=True)
@@ -628,7 +641,8 @@ def profiles_of(source: Run | Side | Iterable[Run]) -> list[str]:
     """Profiles named by the cases (``case.profile``) of a run, runs or a side, in order of appearance."""
     if isinstance(source, Run):
         source = [source]
-    cases = source.cases.values() if isinstance(source, Side) else [c for r in source for c in r.cases.values()]
+    cases = source.cases.values() if isinstance(source,
+                                                Side) else [c for r in source for c in r.cases.values()]
     out: list[str] = []
     for c in cases:
         p = c.case.get("profile")

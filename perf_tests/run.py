@@ -173,7 +173,8 @@ def run_all(
             # The Inductor cache is the suite's own persistent folder, shared by all runs and both A/B sides:
             # it keys entries by graph content, and every measured compilation reads it (warm mode).
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
-            jobs.append(Job(suite_command(path, opts.grid, pytest_args), tree.path, env, path.with_suffix(".log")))
+            jobs.append(Job(suite_command(path, opts.grid, pytest_args), tree.path, env,
+                            path.with_suffix(".log")))
             paths.append(path)
             log(f"[run] {label} run {index}{f' side {tree.side} ({tree.label})' if tree.side else ''}: "
                 f"{' '.join(jobs[-1].cmd[1:])}" + (f" (output: {jobs[-1].log})" if side_by_side else ""))
@@ -197,7 +198,8 @@ def run_all(
                 check_run(run)
             runs.extend(pair)
         durations.append(clock() - start)
-    log(f"[run] {len(durations)} run(s){' per side' if len(trees) > 1 else ''} in {sum(durations) / 60:.1f} min")
+    log(f"[run] {len(durations)} run(s){' per side' if len(trees) > 1 else ''} in {sum(durations) / 60:.1f} "
+        "min")
     return runs
 
 
@@ -245,11 +247,13 @@ def run(opts: argparse.Namespace, pytest_args: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     label = opts.label or env_label(importlib.metadata.version("torch"))
     with source_trees(Path.cwd().resolve(), opts.ab) as trees:  # A/B's worktree lives until --explain is done
-        runs = run_all(trees, opts, pytest_args, out, label, log=lambda m: print(m, file=sys.stderr, flush=True))
+        runs = run_all(trees, opts, pytest_args, out, label, log=lambda m: print(m, file=sys.stderr,
+                                                                                 flush=True))
         return _verdict(opts, trees, runs, out, label)
 
 
-def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRun], out: Path, label: str) -> int:
+def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRun], out: Path,
+             label: str) -> int:
     study = write_study([r.path for r in runs], out, label)
     # processes with a failed case
     failed = sum(r.returncode == 1 or bool(_recorded_failures(r.path)) for r in runs)
@@ -257,7 +261,8 @@ def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRu
     if opts.update_baselines:
         unfinished = _unfinished([r.path for r in runs]) if opts.require_all else []
         if failed or unfinished:  # a failed or half-measured run never becomes a baseline
-            print(f"error: not recorded: {failed} run(s) with a failed case, {len(unfinished)} selected case(s) "
+            print(f"error: not recorded: {failed} run(s) with a failed case, {len(unfinished)} selected "
+                  "case(s) "
                   f"without a result {unfinished[:5]}", file=sys.stderr)
             return EXIT_FAIL
         for line in _record(sorted(r.path for r in runs), opts.baseline_dir, opts.replace):
@@ -279,7 +284,8 @@ def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRu
     if opts.explain:
         _explain(opts, trees, outcome, out, reports)
     print(reports["text"].read_text(encoding="utf-8"))
-    gate_code = exit_code(outcome, fail_on_inconclusive=opts.fail_on_inconclusive, require_all=opts.require_all)
+    gate_code = exit_code(outcome, fail_on_inconclusive=opts.fail_on_inconclusive,
+                          require_all=opts.require_all)
     failed += _hard_verdicts(outcome, require_all=opts.require_all)
     code = final_exit(gate_code, failed=failed, gate=opts.gate)
     if gate_code == EXIT_FAIL and code == EXIT_OK:
@@ -316,7 +322,8 @@ def _explain(opts: argparse.Namespace, trees: Sequence[Tree], outcome: Outcome, 
     else:
         ref = opts.explain_ref or _baseline_commit(opts.baseline_dir, outcome)
         if ref is None:
-            print("warning: --explain: the baseline records no git commit to profile against; pass --explain-ref",
+            print("warning: --explain: the baseline records no git commit to profile against; pass "
+                  "--explain-ref",
                   file=sys.stderr)
             return
         diffs = explain.explain_cases(ref, flagged, folder, root=trees[0].path, log=log)

@@ -31,7 +31,8 @@ from perf_tests.names import (
 from perf_tests.results import Run, read_run, run_from_doc
 from perf_tests.tabular import format_seconds, markdown_table, text_table
 
-STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient", "sdpa-mem-efficient+compile")
+STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient",
+              "sdpa-mem-efficient+compile")
 _COMPILE_ORDER = ("eager", *COMPILE_MODES)
 
 
@@ -41,7 +42,8 @@ def config_label(attention: str, compile: str, memory_format: str = MEMORY_FORMA
     ladder's steps beyond compile are added when they are not the default ('sdpa+compile+channels-last')."""
     base = "original+xformers" if attention == "xformers" else attention
     steps = [compile] if compile != "eager" else []
-    steps += [v for v, default in ((memory_format, MEMORY_FORMATS[0]), (projections, PROJECTIONS[0])) if v != default]
+    steps += [v for v, default in ((memory_format, MEMORY_FORMATS[0]), (projections,
+                                                                        PROJECTIONS[0])) if v != default]
     return "+".join([base, *steps])
 
 
@@ -132,7 +134,8 @@ def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
             env = result.extra.get("env") or run.machine.get("env") or "?"
             device = run.machine.get("device_slug") or "?"
             key = (name, env, device)
-            vae = result.vae_attention_used if result.vae_attention_used not in (None, case.attention) else None
+            vae = result.vae_attention_used if result.vae_attention_used not in (None,
+                                                                                 case.attention) else None
             if key in pooled:
                 pooled[key].samples.extend(result.samples)
             else:
@@ -207,8 +210,10 @@ def build_study_table(runs: list[Run], reference: str = "original", kind: str | 
                     cell.improvement = (ref_cell.median_s - cell.median_s) / ref_cell.median_s
         notes.append(f"% = (t_ref - t) / t_ref against {ref_row.label!r}; positive is faster")
     if vae_rows:
-        notes.append("(VAE: k): the VAE's attention has one head of width 512, which the requested kernel does "
-                     "not run; the UNet used the requested kernel, the VAE kernel k (sd.attention's fallback order)")
+        notes.append("(VAE: k): the VAE's attention has one head of width 512, which the requested kernel "
+                     "does "
+                     "not run; the UNet used the requested kernel, the VAE kernel k (sd.attention's fallback "
+                     "order)")
     rounds = sorted({c.rounds for r in ordered for c in r.cells.values()})
     if rounds:
         notes.append("median of " + (f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}")
@@ -263,7 +268,8 @@ class Ladder:
     notes: list[str] = field(default_factory=list)
 
     def to_markdown(self) -> str:
-        rows = [[r.label, f"`{r.case}`", format_seconds(r.median_s), "–" if r.gain is None else f"{r.gain * 100:+.1f}%"]
+        rows = [[r.label, f"`{r.case}`", format_seconds(r.median_s),
+                 "–" if r.gain is None else f"{r.gain * 100:+.1f}%"]
                 for r in self.rungs]
         lines = [f"### {self.title}", "",
                  *markdown_table(["step", "case", "median", "gain over the step above"], rows, "llrr")]
@@ -283,7 +289,8 @@ def build_ladder(runs: list[Run], kind: str = "unet-step", batch_size: int | Non
     rungs, skipped, above = [], [], None
     for label, attention, compile, memory_format, projections, precision in LADDER:
         precision = low if precision == "low" else precision
-        found = [e for e in entries if (e.case.attention, e.case.compile, e.case.memory_format, e.case.projections,
+        found = [e for e in entries if (e.case.attention, e.case.compile, e.case.memory_format,
+                                        e.case.projections,
                                         e.case.precision, e.case.batch_size)
                  == (attention, compile, memory_format, projections, precision, batch_size)]
         if not found:
@@ -359,7 +366,8 @@ def study_text(runs: list[Run], reference: str = "original", kind: str | None = 
 
 
 def write_study(runs: list[Run], output: str | Path | None, *, reference: str = "original",
-                kind: str | None = None, fmt: str | None = None, plot: str | Path | None = None) -> list[Path]:
+                kind: str | None = None, fmt: str | None = None,
+                plot: str | Path | None = None) -> list[Path]:
     """The one writer of the study table: :func:`study_text` into ``output`` (Markdown, or plain text for a
     ``.txt`` file unless ``fmt`` says), and with ``plot`` a bar chart per table: ``plot`` itself for one
     table, ``<plot stem>-<kind>.png`` for several. Returns the files written."""
@@ -374,5 +382,6 @@ def write_study(runs: list[Run], output: str | Path | None, *, reference: str = 
     if plot is not None:
         plot = Path(plot)
         for t in tables:
-            written.append(plot_study(t, plot if len(tables) == 1 else plot.with_name(f"{plot.stem}-{t.kind}{plot.suffix}")))
+            written.append(plot_study(t,
+                                      plot if len(tables) == 1 else plot.with_name(f"{plot.stem}-{t.kind}{plot.suffix}")))
     return written

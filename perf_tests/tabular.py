@@ -23,7 +23,8 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str 
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        padded = (c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, align, strict=True))
+        padded = (c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, align,
+                                                                            strict=True))
         return (indent + "  ".join(padded)).rstrip()
 
     lines = [line(table[0])]

@@ -53,7 +53,8 @@ def _check_mode(mode: str) -> None:
         )
     if mode not in _TORCH_MODES:
         raise CompileUnavailable(
-            f"Unknown compile mode {mode!r}. Choose one of: {', '.join(_TORCH_MODES)} ('eager' means no compile)."
+            f"Unknown compile mode {mode!r}. Choose one of: {', '.join(_TORCH_MODES)} ('eager' means no "
+            "compile)."
         )
 
 

@@ -39,8 +39,10 @@ def _check_precision(model, precision: str) -> torch.device:
     if weight.dtype != wanted:
         have = str(weight.dtype).replace("torch.", "")
         raise ConfigError(
-            f"precision {precision!r} needs a {str(wanted).replace('torch.', '')} model but this one is {have}: "
-            f"build it with sd.load_model(..., dtype=sd.precision_dtype({precision!r})) or pass the precision "
+            f"precision {precision!r} needs a {str(wanted).replace('torch.', '')} model but this one is "
+            f"{have}: "
+            f"build it with sd.load_model(..., dtype=sd.precision_dtype({precision!r})) or pass the "
+            "precision "
             "that matches the model."
         )
     return weight.device

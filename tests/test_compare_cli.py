@@ -56,7 +56,8 @@ def test_regression_exits_1_with_effect_table_markdown_json_and_plot(capsys, run
     assert code == 1 and md.startswith("### 🔴 Performance gate") and f"| `{CASES[1]}` | 🔴 REGRESSION" in md
 
     report = tmp_path / "out" / "cmp.json"
-    code, _, err = run_cli(capsys, "compare", runs["base"], runs["slow"], "--format", "json", "--output", report,
+    code, _, err = run_cli(capsys, "compare", runs["base"], runs["slow"], "--format", "json", "--output",
+                           report,
                            "--plot-dir", tmp_path / "plots")
     doc = json.loads(report.read_text())
     case = next(c for c in doc["cases"] if c["name"] == CASES[1])
@@ -104,12 +105,14 @@ def test_one_run_a_side_is_never_a_regression_by_rounds_alone(capsys, tmp_path):
 
 
 def test_environment_change_is_judged_and_labelled(capsys, runs, tmp_path):
-    other = [write_run(tmp_path / f"o{i}.json", 40 + i, slow={CASES[1]: 1.5}, machine={"torch_version": "2.15.0"})
+    other = [write_run(tmp_path / f"o{i}.json", 40 + i, slow={CASES[1]: 1.5},
+                       machine={"torch_version": "2.15.0"})
              for i in (1, 2, 3)]
     code, out, _ = run_cli(capsys, "compare", runs["base"], other)
     assert code == 1 and "REGRESSION" in out  # a PyTorch upgrade is judged, not switched off
     assert "environment changed" in out and "2.14.1" in out and "2.15.0" in out
-    gpu = [write_run(tmp_path / f"g{i}.json", 50 + i, slow={CASES[1]: 1.5}, machine={"device_slug": "other-cpu"})
+    gpu = [write_run(tmp_path / f"g{i}.json", 50 + i, slow={CASES[1]: 1.5},
+                     machine={"device_slug": "other-cpu"})
            for i in (1, 2, 3)]
     code, out, _ = run_cli(capsys, "compare", runs["base_runs"][0], gpu)
     assert code == 0 and "REGRESSION" not in out  # another device type is incomparable
@@ -233,7 +236,8 @@ def test_bad_input_to_update_baselines_exits_2(capsys, tmp_path):
     assert code == 2 and message in err and not (tmp_path / "bl").exists()
 
 
-@pytest.mark.parametrize("argv", [["compare"], ["compare", "a.json", "b.json", "--alpha", "2"], ["frobnicate"],
+@pytest.mark.parametrize("argv", [["compare"], ["compare", "a.json", "b.json", "--alpha", "2"],
+                                  ["frobnicate"],
                                   ["compare", "a.json", "b.json", "--format", "yaml"],
                                   ["compare", "a.json", "b.json", "--", "-x"],
                                   ["compare", "a.json", "b.json", "--machine-case-sd", "-0.1"]])
@@ -257,7 +261,8 @@ def test_machine_case_sd_option_sets_the_policy_for_every_device_type():
 
 
 def test_module_entry_point_and_exit_code(runs):
-    res = subprocess.run([sys.executable, "-m", "perf_tests", "compare", str(runs["base"]), *map(str, runs["slow"]),
+    res = subprocess.run([sys.executable, "-m", "perf_tests", "compare", str(runs["base"]), *map(str,
+                                                                                                 runs["slow"]),
                           "--format", "markdown"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 1, res.stderr
     assert "REGRESSION" in res.stdout

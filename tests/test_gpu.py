@@ -23,7 +23,8 @@ from perf_tests.suite import Options, PerfSession
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible to this PyTorch)"),
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA device (none visible to this PyTorch)"),
 ]
 
 needs_compile = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile needs PyTorch 2")
@@ -37,7 +38,8 @@ class Bench:
 
     def __init__(self):
         self.extra_info, self.data, self.iterations = {}, [], None
-        self.stats = SimpleNamespace(as_dict=lambda include_data=True: {"name": "x", "extra_info": self.extra_info,
+        self.stats = SimpleNamespace(as_dict=lambda include_data=True: {"name": "x",
+                                                                        "extra_info": self.extra_info,
                                                                         "stats": {"data": self.data}})
 
     def pedantic(self, target, rounds=1, warmup_rounds=0, iterations=1):
@@ -224,7 +226,8 @@ def test_sdp_kernel_fallback_of_pytorch_2_0_to_2_2_restricts_the_kernel(monkeypa
         pytest.skip("this PyTorch no longer has torch.backends.cuda.sdp_kernel")
     monkeypatch.setattr(capabilities, "sdpa_kernel_api", lambda: "torch.backends.cuda.sdp_kernel")
     q, k, v = qkv(torch.float16)
-    for kernel, op in (("flash", KERNEL_OPS["sdpa-flash"]), ("mem-efficient", KERNEL_OPS["sdpa-mem-efficient"])):
+    for kernel, op in (("flash", KERNEL_OPS["sdpa-flash"]), ("mem-efficient",
+                                                             KERNEL_OPS["sdpa-mem-efficient"])):
         context = capabilities.sdpa_kernel_context(kernel)
 
         def call(context=context):

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Everything `python -m perf_tests compare|report|update-baselines` needs, and the command line itself.
 TORCH_FREE = (
-    "perf_tests.names", "perf_tests.errors", "perf_tests.journal", "perf_tests.results", "perf_tests.baselines",
+    "perf_tests.names", "perf_tests.errors", "perf_tests.journal", "perf_tests.results",
+    "perf_tests.baselines",
     "perf_tests.stats", "perf_tests.compare", "perf_tests.report", "perf_tests.table", "perf_tests.tabular",
     "perf_tests.job_summary", "perf_tests.explain", "perf_tests.worktree", "perf_tests.ab", "perf_tests.cli",
 )

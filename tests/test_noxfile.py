@@ -105,7 +105,8 @@ def test_a_missing_interpreter_says_how_to_install_it(clean_env):
 
 # --- install stamps
 # -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", ["home = /x\nversion_info = 3.11.7.final.0\n", "home = /x\nversion = 3.11.7\n"])
+@pytest.mark.parametrize("cfg", ["home = /x\nversion_info = 3.11.7.final.0\n",
+                                 "home = /x\nversion = 3.11.7\n"])
 def test_the_venv_python_version_is_read_from_pyvenv_cfg(tmp_path, cfg):
     (tmp_path / "pyvenv.cfg").write_text(cfg)
     assert noxenvs.venv_python_version(tmp_path) == "3.11.7"
@@ -161,14 +162,16 @@ def test_a_wheelhouse_for_a_preinstalled_torch_leaves_out_torch_and_its_cuda_run
                         "torchvision==0.20.1", "open_clip_torch==3.3.0", "pip==24.0", "-e git+x#egg=y"])
     keep, left_out = noxenvs.wheelhouse_requirements(frozen, {"torch", "torchvision"})
     assert keep == ["numpy==2.1.0", "open_clip_torch==3.3.0"]
-    assert set(left_out) == {"torch==2.5.1", "triton==3.1.0", "nvidia-cudnn-cu12==9.1.0.70", "torchvision==0.20.1"}
+    assert set(left_out) == {"torch==2.5.1", "triton==3.1.0", "nvidia-cudnn-cu12==9.1.0.70",
+                             "torchvision==0.20.1"}
 
 
 def _wheel(folder: Path, version: str, torch_pin: str) -> Path:
     path = folder / f"xformers-{version}-cp311-cp311-manylinux_2_28_x86_64.whl"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(f"xformers-{version}.dist-info/METADATA",
-                    f"Metadata-Version: 2.1\nName: xformers\nRequires-Dist: numpy\nRequires-Dist: torch=={torch_pin}\n")
+                    "Metadata-Version: 2.1\nName: xformers\nRequires-Dist: numpy\nRequires-Dist: "
+                    f"torch=={torch_pin}\n")
     return path
 
 
@@ -275,7 +278,8 @@ class GpuSession(FakeSession):
         pass
 
 
-def test_gpu_check_installs_offline_with_the_matching_xformers_then_tests_and_runs_the_gate_grid(noxfile, tmp_path):
+def test_gpu_check_installs_offline_with_the_matching_xformers_then_tests_and_runs_the_gate_grid(noxfile,
+                                                                                                 tmp_path):
     wheel = _wheel(tmp_path, "0.0.28.post3", "2.5.1")
     session = GpuSession("--wheelhouse", str(tmp_path), "--out", "gpu-out", "--update-baselines", "--",
                          "--batch-size", "1")
@@ -284,7 +288,8 @@ def test_gpu_check_installs_offline_with_the_matching_xformers_then_tests_and_ru
     assert session.installed == [[*offline, "-r", str(tmp_path / "requirements.txt")],
                                  [*offline, "--no-deps", str(wheel)]]
     assert session.runs[1] == ["python", "-m", "pytest", "tests", "-m", "gpu", "-rs"]
-    assert session.runs[2] == ["python", "-m", "perf_tests", "run", "--grid", "gate", "--runs", "1", "--require-all",
+    assert session.runs[2] == ["python", "-m", "perf_tests", "run", "--grid", "gate", "--runs", "1",
+                               "--require-all",
                                "--results", "gpu-out", "--update-baselines", "--", "--profile", "sd21-base",
                                "--batch-size", "1"]
 

@@ -31,7 +31,8 @@ def suite_cmd(tmp_path: Path, *args: str) -> list[str]:
 
 
 def run_suite(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(suite_cmd(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(suite_cmd(tmp_path, *args), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def read_journal(path: Path) -> list[dict]:
@@ -39,7 +40,8 @@ def read_journal(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("args, option", [  # every option's check: tests/test_perf_cases.py
-    (["--steps", "0"], "--steps"), (["--batch-size", "1,x"], "--batch-size"), (["--grid", "nightly"], "--grid"),
+    (["--steps", "0"], "--steps"), (["--batch-size", "1,x"], "--batch-size"), (["--grid", "nightly"],
+                                                                               "--grid"),
 ])
 def test_bad_option_exits_2_naming_the_option(tmp_path, args, option):
     result = run_suite(tmp_path, *args, "--benchmark-json", str(tmp_path / "r.json"))
@@ -143,7 +145,8 @@ def test_compile_time_is_measured_in_the_same_cache_state_on_a_fresh_and_a_warm_
     """The +800% false alarm of a fresh clone: the baseline's compile read a warm Inductor cache, the new
     machine's a cold one. With --inductor-cache warm both runs measure a compile that finds every graph in
     the cache, whether the folder started empty (a fresh machine) or full (the second run)."""
-    args = ["--case-kind", "attention-self-1024", "--attention", "sdpa", "--compile", "compile", "--rounds", "2",
+    args = ["--case-kind", "attention-self-1024", "--attention", "sdpa", "--compile", "compile", "--rounds",
+            "2",
             "--canary", "off"]
     infos = []
     for i in range(2):

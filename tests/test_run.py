@@ -112,7 +112,8 @@ def test_runs_default_to_one(tmp_path):
 
 def test_ab_alternates_a_and_b_in_pairs_each_side_in_its_tree(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    a, b = Tree(tmp_path / "a", side="A", label="current tree"), Tree(tmp_path / "b", side="B", label="HEAD (abc)")
+    a, b = Tree(tmp_path / "a", side="A", label="current tree"), Tree(tmp_path / "b", side="B",
+                                                                      label="HEAD (abc)")
     fake = FakeSuite([10])
     R.run_all([a, b], _opts(runs=3), ["-x"], tmp_path, "torch2", fake.launch, fake.clock, lambda m: None)
     assert [c[0] for c in fake.calls] == ["torch2-A-run1.json", "torch2-B-run1.json", "torch2-A-run2.json",
@@ -123,9 +124,11 @@ def test_ab_alternates_a_and_b_in_pairs_each_side_in_its_tree(tmp_path, monkeypa
 
 def test_ab_budget_counts_pairs(tmp_path):
     fake = FakeSuite([60])  # a pair takes 120 s: 3 pairs fit in 6 minutes, never half a pair
-    runs = R.run_all([Tree(tmp_path, side="A", label=""), Tree(tmp_path, side="B", label="")], _opts(budget=6.5), [], tmp_path, "t",
+    runs = R.run_all([Tree(tmp_path, side="A", label=""), Tree(tmp_path, side="B", label="")],
+                     _opts(budget=6.5), [], tmp_path, "t",
                      fake.launch, fake.clock, lambda m: None)
-    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3)]
+    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B",
+                                                                                                         3)]
 
 
 def _turn_taking_tree(root: Path, side: str, label: str) -> Tree:
@@ -148,14 +151,16 @@ def test_ab_pairs_run_side_by_side_when_both_trees_take_turns(tmp_path):
     assert len(pairs) == 3  # a pair costs 120 s of the fake clock: 3 fit in 6.5 min
     assert [(Path(p[0]).name, p[1], p[2]) for p in pairs[0]] == [("t-A-run1.json", "a", "t-A-run1.log"),
                                                                  ("t-B-run1.json", "b", "t-B-run1.log")]
-    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3)]
+    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B",
+                                                                                                         3)]
     # --interleave runs, or a tree that cannot take turns: A, then B, one process at a time
     fake2 = FakeSuite([60])
     R.run_all([a, b], _opts(runs=1, interleave="runs"), [], tmp_path, "u", fake2.launch, fake2.clock,
               lambda m: None, launch_pair=None)
     assert [c[0] for c in fake2.calls] == ["u-A-run1.json", "u-B-run1.json"]
     logged = []
-    R.run_all([a, Tree(tmp_path / "old", side="B", label="v1 (def)")], _opts(runs=1), [], tmp_path, "v", fake2.launch,
+    R.run_all([a, Tree(tmp_path / "old", side="B", label="v1 (def)")], _opts(runs=1), [], tmp_path, "v",
+              fake2.launch,
               fake2.clock, logged.append, launch_pair=None)
     assert any("v1 (def) cannot take turns" in m for m in logged)
 
@@ -205,7 +210,8 @@ def test_run_outside_a_repository_root_is_an_error(tmp_path, monkeypatch, capsys
 
 # --- A/B trees ----------------------------------------------------------------------------------------------
 def _git(repo, *args):
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo,
+                   check=True,
                    capture_output=True)
 
 
@@ -377,16 +383,19 @@ def test_update_baselines_records_the_runs_of_a_fake_suite(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="the fake suite is a git repository")
-def test_a_run_with_a_failed_case_is_never_recorded_and_fails_even_with_gate_warn(tmp_path, monkeypatch, capsys):
+def test_a_run_with_a_failed_case_is_never_recorded_and_fails_even_with_gate_warn(tmp_path, monkeypatch,
+                                                                                  capsys):
     repo = _fake_repo(tmp_path, failing=True)
     monkeypatch.chdir(repo)
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    code = cli(["run", "--update-baselines", "--results", str(tmp_path / "out"), "--baseline-dir", str(tmp_path / "bl"),
+    code = cli(["run", "--update-baselines", "--results", str(tmp_path / "out"), "--baseline-dir",
+                str(tmp_path / "bl"),
                    "--label", "torch2"])
     assert code == 1 and "not recorded" in capsys.readouterr().err
     assert not (tmp_path / "bl").exists()
     (tmp_path / "bl").mkdir()  # no baseline for this device: the failed case alone fails the run
-    code = cli(["run", "--gate", "warn", "--results", str(tmp_path / "out2"), "--baseline-dir", str(tmp_path / "bl"),
+    code = cli(["run", "--gate", "warn", "--results", str(tmp_path / "out2"), "--baseline-dir",
+                str(tmp_path / "bl"),
                    "--label", "torch2"])
     assert code == 1
 
@@ -396,7 +405,8 @@ def test_one_real_run_of_one_tiny_case_end_to_end(tmp_path):
     """The real suite, one process, one case: result, study table, verdict files and the job summary."""
     summary = tmp_path / "summary.md"
     out = tmp_path / "out"
-    env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
+    env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
     res = subprocess.run(
         [sys.executable, "-m", "perf_tests", "run", "--runs", "1", "--gate", "warn", "--results", str(out),
          "--label", "e2e", "--", "--case-kind", "attention-self-1024", "--attention", "original",

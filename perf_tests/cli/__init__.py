@@ -71,8 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = traceback.extract_tb(exc.__traceback__)[-1]
         print(
             f"error: internal error in `python -m perf_tests {args.command}`: {type(exc).__name__}: {exc} "
-            f"(at {Path(where.filename).name}:{where.lineno}). This is a bug in the gate, not a verdict on the "
-            f"code measured; the inputs may be unusual. Please report it with the command line and input files.",
+            f"(at {Path(where.filename).name}:{where.lineno}). This is a bug in the gate, not a verdict on "
+            "the "
+            "code measured; the inputs may be unusual. Please report it with the command line and input "
+            "files.",
             file=sys.stderr,
         )
     return EXIT_BAD_INPUT

@@ -19,16 +19,19 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("good", metavar="GOOD", help="a git ref where the case is fast")
     p.add_argument("bad", metavar="BAD", help="a later git ref (first-parent descendant) where it is slow")
-    p.add_argument("--case", required=True, help="benchmark name, e.g. 'test_unet_step[tiny-sdpa-eager-bs1-fp32]'")
+    p.add_argument("--case", required=True,
+                   help="benchmark name, e.g. 'test_unet_step[tiny-sdpa-eager-bs1-fp32]'")
     p.add_argument("--max-steps", type=int, help="commits measured at most (default: log2(commits) + 3)")
     p.add_argument("--runs-per-step", type=int, default=3,
                    help="suite runs of each side per step (default %(default)s)")
     p.add_argument("--max-runs-per-step", type=int,
-                   help="runs of each side before an inconclusive step is decided on its estimate (default 3x)")
+                   help="runs of each side before an inconclusive step is decided on its estimate (default "
+                        "3x)")
     p.add_argument("--output-dir", type=Path, default=Path("results/bisect"),
                    help="bisect.{txt,json} and the operator diff's traces (default %(default)s)")
     p.add_argument("--suite-args", default="",
-                   help="more options for each suite run, one string, e.g. '--rounds 20' (--device is passed on)")
+                   help="more options for each suite run, one string, e.g. '--rounds 20' (--device is passed "
+                        "on)")
     p.add_argument("--no-explain", dest="explain", action="store_false",
                    help="skip the operator diff of the first bad commit against its parent")
     profile_options(p)

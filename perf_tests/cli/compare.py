@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("baseline", help="baseline file, result JSON, or baseline folder (e.g. baselines)")
     p.add_argument("candidate", nargs="+",
-                   help="result JSON run(s) or their .journal.jsonl (a killed run's journal); several are merged")
+                   help="result JSON run(s) or their .journal.jsonl (a killed run's journal); several are "
+                        "merged")
     gate_options(p)
     policy_options(p)
     output_options(p)

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("explain", help="operator-level profile diff of a case: current tree vs a git ref",
                        description=explain.__doc__.split("\n\n")[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ref", metavar="BASELINE_REF", help="git ref profiled as the baseline (temporary worktree)")
+    p.add_argument("ref", metavar="BASELINE_REF",
+                   help="git ref profiled as the baseline (temporary worktree)")
     p.add_argument("cases", metavar="CASE", nargs="+",
                    help="benchmark name(s), e.g. 'test_unet_step[tiny-sdpa-eager-bs1-fp32]'")
     profile_options(p)

@@ -42,10 +42,12 @@ def policy_options(p: argparse.ArgumentParser) -> None:
 
     d = Policy()
     g = p.add_argument_group("verdict policy")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="family-wise error rate per run (default %(default)s)")
+    g.add_argument("--alpha", type=float, default=d.alpha,
+                   help="family-wise error rate per run (default %(default)s)")
     g.add_argument("--min-effect", type=float, default=d.min_effect,
                    help="smallest relative slowdown that counts, e.g. 0.05 = 5%% (default %(default)s)")
-    g.add_argument("--min-effect-for", type=_pattern_value, action="append", default=[], metavar="PATTERN=VALUE",
+    g.add_argument("--min-effect-for", type=_pattern_value, action="append", default=[],
+                   metavar="PATTERN=VALUE",
                    help="per-case/group minimum effect, fnmatch on the case name, e.g. 'test_attention*=0.1' "
                         "(repeatable; last match wins)")
     g.add_argument("--correction", choices=("holm", "bh", "none"), default=d.correction,
@@ -54,7 +56,8 @@ def policy_options(p: argparse.ArgumentParser) -> None:
                    help="power at which the minimum detectable effect (MDE) is stated (default %(default)s)")
     g.add_argument("--machine-sd", type=float, default=d.machine_sd,
                    help="machine-to-machine sd of the log time common to all cases (what is left after the "
-                        "canary's move), added when the candidate ran on a machine none of the baseline's runs "
+                        "canary's move), added when the candidate ran on a machine none of the baseline's "
+                        "runs "
                         "came from and the baseline cannot estimate it (default %(default)s)")
     g.add_argument("--machine-case-sd", type=float, default=None,
                    help="the same for a case moving unlike the others (default per device type: "
@@ -64,7 +67,8 @@ def policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-threshold", type=float, default=d.memory_threshold,
                    help="relative peak-memory change that counts (default %(default)s)")
     g.add_argument("--ignore-env", action="append", default=[], metavar="FIELD",
-                   help="do not label verdicts with a change of this environment field (repeatable); labelled: "
+                   help="do not label verdicts with a change of this environment field (repeatable); "
+                        "labelled: "
                         f"{', '.join(DEFAULT_ENV_FIELDS)}. A different device type is never comparable.")
 
 
@@ -99,12 +103,14 @@ def build_policy(args: argparse.Namespace):
 
     unknown = sorted(set(args.ignore_env) - set(DEFAULT_ENV_FIELDS))
     if unknown:
-        raise InputError(f"--ignore-env {', '.join(unknown)}: not a judged field ({', '.join(DEFAULT_ENV_FIELDS)}).")
+        raise InputError(f"--ignore-env {', '.join(unknown)}: not a judged field "
+                         f"({', '.join(DEFAULT_ENV_FIELDS)}).")
     try:
         return Policy(
             alpha=args.alpha, min_effect=args.min_effect, min_effect_overrides=tuple(args.min_effect_for),
             correction=args.correction, power=args.power, machine_sd=args.machine_sd,
-            machine_case_sds=Policy().machine_case_sds if args.machine_case_sd is None else (("*", args.machine_case_sd),),
+            machine_case_sds=Policy().machine_case_sds if args.machine_case_sd is None else (("*",
+                                                                                              args.machine_case_sd),),
             compile_threshold=args.compile_threshold, memory_threshold=args.memory_threshold,
             env_fields=tuple(f for f in DEFAULT_ENV_FIELDS if f not in args.ignore_env),
         )
@@ -122,7 +128,8 @@ def profile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                    help="calls before profiling; the first compiles a compiled case (default %(default)s)")
     g.add_argument("--runs-per-side", type=int, default=DEFAULT_RUNS,
-                   help="profiled processes per side, interleaved baseline, candidate, ... (default %(default)s)")
+                   help="profiled processes per side, interleaved baseline, candidate, ... (default "
+                        "%(default)s)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
     g.add_argument("--top", type=int, default=TOP, help="operators listed per case (default %(default)s)")
 
@@ -131,7 +138,8 @@ def profile_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``explain.explain_cases``/``explain_trees`` from :func:`profile_options`."""
     if args.repeats < 1 or args.runs_per_side < 1:
         raise InputError("--repeats and --runs-per-side must be at least 1.")
-    return dict(runs=args.runs_per_side, calls=args.repeats, warmup=args.warmup, device=args.device, top=args.top)
+    return dict(runs=args.runs_per_side, calls=args.repeats, warmup=args.warmup, device=args.device,
+                top=args.top)
 
 
 def check_case_name(name: str, option: str = "") -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("parity", help="our UNet forward against diffusers' UNet2DConditionModel, rung by rung",
+    p = sub.add_parser("parity",
+                       help="our UNet forward against diffusers' UNet2DConditionModel, rung by rung",
                        description="Our UNet forward against diffusers' UNet2DConditionModel, rung by rung, "
                                    "interleaved.")
     p.add_argument("--preset", default="tiny", choices=("tiny", "sd21-base"))

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("report", help="the study table (median time, %% improvement per batch size)")
     p.add_argument("runs", nargs="+", help="result JSON runs (torch1 and torch2 may be mixed)")
     p.add_argument("--reference", default="original", help="reference row (default %(default)s)")
-    p.add_argument("--kind", help="one case kind (txt2img, unet-step, ...); default: a table per kind present")
+    p.add_argument("--kind",
+                   help="one case kind (txt2img, unet-step, ...); default: a table per kind present")
     p.add_argument("--format", choices=("markdown", "text"), default="markdown")
     p.add_argument("--output", type=Path)
     p.add_argument("--plot", type=Path,

@@ -18,10 +18,12 @@ def add_parser(sub) -> None:
     runs = p.add_mutually_exclusive_group()
     runs.add_argument("--runs", type=int, help="suite processes (per side with --ab); default 1")
     runs.add_argument("--budget", type=float, metavar="MINUTES",
-                      help="run the suite again while the next run fits in MINUTES of suite time (at least once)")
+                      help="run the suite again while the next run fits in MINUTES of suite time (at least "
+                           "once)")
     p.add_argument("--ab", metavar="REF", help="A/B: the current tree against git REF, alternating A,B,A,B")
     p.add_argument("--interleave", choices=("rounds", "runs"), default=None,
-                   help="with --ab: 'rounds' (default) starts both processes of a pair together and they take "
+                   help="with --ab: 'rounds' (default) starts both processes of a pair together and they "
+                        "take "
                         "turns after every timed round; 'runs' runs A, then B")
     p.add_argument("--results", type=Path, help="output folder (default results/<UTC timestamp>)")
     p.add_argument("--label", help="file name prefix (default: torch1 or torch2, from the installed torch)")

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("update-baselines", help="merge runs into baselines/<device>/<env>-<profile>.json")
     p.add_argument("runs", nargs="+", help="result JSON runs (each from its own process)")
     p.add_argument("--baseline-dir", type=Path, default=Path("baselines"))
-    p.add_argument("--replace", action="store_true", help="start the baseline anew instead of adding runs to it")
+    p.add_argument("--replace", action="store_true",
+                   help="start the baseline anew instead of adding runs to it")
     p.set_defaults(func=run)
 
 
