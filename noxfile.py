@@ -85,7 +85,8 @@ def perf_torch20(session: nox.Session) -> None:
 
 @env_session(TORCH1, "perf-torch1")
 def perf_torch1(session: nox.Session) -> None:
-    """The suite in the PyTorch 1.12.1 env (Python 3.10), against the torch1 baseline. Options as perf-torch2."""
+    """The suite in the PyTorch 1.12.1 env (Python 3.10), against the torch1 baseline. Options as
+    perf-torch2."""
     noxenvs.install(session, TORCH1, ("perf",))
     perf_run(session)
 
@@ -94,7 +95,8 @@ def perf_torch1(session: nox.Session) -> None:
 def update_baselines(session: nox.Session) -> None:
     """Record this device's baselines: the full grid, 3 runs per environment, merged into baselines/.
 
-    nox -s update-baselines -- [--env torch2|torch1|both] [run options, e.g. --runs 5 --replace] [-- pytest args]
+    nox -s update-baselines -- [--env torch2|torch1|both] [run options, e.g. --runs 5 --replace] [-- pytest
+    args]
     Runs the perf sessions with `--update-baselines --grid full --runs 3` (each overridable).
     """
     parser = argparse.ArgumentParser(prog="nox -s update-baselines --", allow_abbrev=False)
@@ -161,7 +163,8 @@ def _install_analysis(session: nox.Session) -> None:
 
 @env_session(TORCH2, "compare")
 def compare(session: nox.Session) -> None:
-    """Compare results: nox -s compare -- BASELINE CANDIDATE... [options of `python -m perf_tests compare`]."""
+    """Compare results: nox -s compare -- BASELINE CANDIDATE... [options of `python -m perf_tests
+    compare`]."""
     if len([a for a in session.posargs if not a.startswith("-")]) < 2:
         session.error("usage: nox -s compare -- BASELINE CANDIDATE [options of `python -m perf_tests "
                       "compare`]")

@@ -10,7 +10,8 @@ environment fingerprint, each case's ``definition_hash`` and a schema version. L
      "runs": [{"source": file name, "datetime": ..., "git_commit": ..., "machine_info": {fingerprint},
                "machine_id"*: 12 hex, "content_hash"*: sha256 of the run's samples, "grid_name"*: ...,
                "canary"*: [per-call seconds]}],
-     "cases": {name: {"definition_hash": ..., "case": {...}, "attention_used": ..., "vae_attention_used"*: ...,
+     "cases": {name: {"definition_hash": ..., "case": {...}, "attention_used": ..., "vae_attention_used"*:
+     ...,
                       "runs": [{"run": index into runs, "samples": [seconds, ...], "iterations"*: calls per
                                 round, "compile_cache"*: "warm"|"cold"|null, "correct"*: true|false|null,
                                 "compile_time_s": ...,

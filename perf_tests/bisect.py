@@ -6,7 +6,8 @@ its own temporary worktree and run by the suite in a separate process with this 
 interleaved with runs of GOOD (GOOD, X, GOOD, X, ...) so that machine drift hits both alike.
 
 1. GOOD and BAD are measured first: BAD must be significantly slower, which fixes the effect E
-   (the ratio BAD/GOOD of the runs' geometric mean medians) and the decision point, the half-way ratio sqrt(E).
+   (the ratio BAD/GOOD of the runs' geometric mean medians) and the decision point, the half-way ratio
+   sqrt(E).
 2. At each step the commit in the middle of the open range is measured against GOOD (all GOOD runs so
    far, pooled): "bad" when the whole interval of its ratio to GOOD lies above sqrt(E), "good" when it
    lies below. An interval that straddles sqrt(E) is inconclusive: another pair of runs is added, up to
@@ -104,7 +105,8 @@ def failure_line(output: str) -> str:
 
 @dataclass(frozen=True)
 class Ratio:
-    """Per-call time of X over the reference: the ratio of the runs' geometric mean medians, with its interval."""
+    """Per-call time of X over the reference: the ratio of the runs' geometric mean medians, with its
+    interval."""
 
     estimate: float
     low: float

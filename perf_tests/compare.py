@@ -111,7 +111,8 @@ def exit_code(outcome: Outcome, *, fail_on_inconclusive: bool = False, require_a
 
 
 def render(outcome: Outcome, fmt: str) -> str:
-    """The report in one format; without a comparison, the reason why (e.g. for the pull request's summary)."""
+    """The report in one format; without a comparison, the reason why (e.g. for the pull request's
+    summary)."""
     if outcome.comparison is not None:
         return RENDERERS[fmt](outcome.comparison)
     if fmt == "json":
@@ -122,7 +123,8 @@ def render(outcome: Outcome, fmt: str) -> str:
 
 def write_reports(outcome: Outcome, out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
     """Render text, Markdown and JSON once each into ``out_dir/<stem>.{txt,md,json}``, and a PNG per flagged
-    case into ``out_dir/plots-<stem>/``. Returns {"text": path, "markdown": ..., "json": ..., "plot:<case>": ...}."""
+    case into ``out_dir/plots-<stem>/``. Returns {"text": path, "markdown": ..., "json": ..., "plot:<case>":
+    ...}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}

@@ -1,4 +1,5 @@
-"""The environment a run came from, for pytest-benchmark's ``machine_info`` (the keys the comparator and baselines read).
+"""The environment a run came from, for pytest-benchmark's ``machine_info`` (the keys the comparator and
+baselines read).
 
 Baselines are kept per device (``baselines/<device_slug>/<env>-<profile>.json``), so the slug must be
 stable and filesystem-safe; everything else is recorded so a later reader can tell two runs apart.

@@ -1,6 +1,7 @@
 """``python -m perf_tests run``: one perf run end to end.
 
-    python -m perf_tests run [--grid gate|full] [--runs N | --budget MINUTES] [--ab REF] [...] [-- PYTEST ARGS]
+    python -m perf_tests run [--grid gate|full] [--runs N | --budget MINUTES] [--ab REF] [...] [-- PYTEST
+    ARGS]
 
 1. The suite, N times, each a separate process (``python -m pytest perf_tests ... --benchmark-json
    <results>/<label>-run<i>.json``): processes, not rounds, are the unit of evidence. With ``--budget`` the

@@ -2,7 +2,8 @@
 
 Per iteration: encode the prompts and the negative prompt (the original's uc = encoding of ""), draw x_T,
 sample, decode with `StableDiffusion.decode_latents` and map to pixels as the original (255 * x truncated
-to uint8); `write_images` writes them as `samples/%05d.png`. x_T comes from a CPU torch.Generator seeded with `seed`,
+to uint8); `write_images` writes them as `samples/%05d.png`. x_T comes from a CPU torch.Generator seeded with
+`seed`,
 the same generator also feeds the samplers' per-step noise: the stream is the one the original consumes
 on a CPU run (seed_everything, then x_T and the per-step draws), and it does not depend on the device.
 The original's invisible watermark is not applied.

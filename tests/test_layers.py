@@ -1,5 +1,6 @@
 """The layers of perf_tests: what reads, judges and renders results imports no PyTorch (and no ``sd``), the
-case vocabulary agrees with sd's, and no module of ``sd`` or ``perf_tests`` reaches itself through its imports."""
+case vocabulary agrees with sd's, and no module of ``sd`` or ``perf_tests`` reaches itself through its
+imports."""
 
 from __future__ import annotations
 

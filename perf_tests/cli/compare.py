@@ -1,4 +1,5 @@
-"""``python -m perf_tests compare BASELINE CANDIDATE...``: the verdict of candidate runs against a baseline."""
+"""``python -m perf_tests compare BASELINE CANDIDATE...``: the verdict of candidate runs against a
+baseline."""
 
 from __future__ import annotations
 
