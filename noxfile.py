@@ -179,7 +179,8 @@ def report(session: nox.Session) -> None:
     for arg in session.posargs:
         if os.path.isdir(arg):
             folders.append(arg)
-            files += sorted(str(p) for p in Path(arg).glob("*.json") if re.fullmatch(r"torch\d*-run\d+\.json", p.name))
+            runs = Path(arg).glob("*.json")
+            files += sorted(str(p) for p in runs if re.fullmatch(r"torch\d*-run\d+\.json", p.name))
         elif arg.endswith(".json") and not arg.startswith("-"):
             files.append(arg)
         else:

@@ -119,8 +119,7 @@ class Ratio:
                 f"{self.runs_reference}+{self.runs_x} runs)")
 
 
-def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]],
-          policy: Policy | None = None) -> Ratio:
+def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]], policy: Policy | None = None) -> Ratio:
     """X over the reference from per-call samples grouped by run (see the module docstring)."""
     policy = policy or Policy()
     yb = np.log([float(np.median(r)) for r in reference])  # (runs,) log run medians
@@ -132,8 +131,7 @@ def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]],
     else:  # one run a side: no measured spread yet, so the largest prior of the gate's policy
         sd, df = max(prior for *_, prior in policy.run_sd_priors), policy.prior_df
     d = float(yc.mean() - yb.mean())
-    half = float(special.stdtrit(df,
-                                 0.5 + policy.confidence_level / 2)) * sd * math.sqrt(1 / yb.size + 1 / yc.size)
+    half = float(special.stdtrit(df, 0.5 + policy.confidence_level / 2)) * sd * math.sqrt(1 / yb.size + 1 / yc.size)
     return Ratio(math.exp(d), math.exp(d - half), math.exp(d + half), yb.size, yc.size)
 
 
@@ -288,8 +286,9 @@ class Bisector:
         self.log(f"[bisect] step {n}/{max_steps}: {commit[:12]} {subject}")
         try:
             with checkout(commit, self.root, prefix="perf-bisect-step-") as tree:
-                r, verdict = self.interleaved(good_tree, tree.path, good_runs, [],
-                                              lambda r: "bad" if r.low > mid else ("good" if r.high < mid else None))
+                r, verdict = self.interleaved(
+                    good_tree, tree.path, good_runs, [],
+                    lambda r: "bad" if r.low > mid else ("good" if r.high < mid else None))
         except MeasureFailed as exc:
             step = Step(commit, subject, "skip", reason=str(exc).splitlines()[0][:200],
                         seconds=time.perf_counter() - t0)
@@ -323,7 +322,8 @@ def render_text(r: BisectResult, root: Path) -> str:
 
     out = [f"bisect {r.case}: GOOD {r.good[:12]}, BAD {r.bad[:12]}", f"  BAD vs GOOD: {r.effect}"]
     for n, s in enumerate(r.steps, 1):
-        what = f"skip ({s.reason})" if s.verdict == "skip" else f"{s.verdict}{' (uncertain)' if s.uncertain else ''}, {s.ratio}"
+        uncertain = " (uncertain)" if s.uncertain else ""
+        what = f"skip ({s.reason})" if s.verdict == "skip" else f"{s.verdict}{uncertain}, {s.ratio}"
         out.append(f"  step {n}: {s.commit[:12]} {s.subject}: {what}, {s.seconds:.0f} s")
     if r.first_bad:
         out += [f"first bad commit: {one(r.first_bad)}",

@@ -299,7 +299,8 @@ def run_order(case: Case) -> tuple:
 def skip_reason(case: Case, caps: DeviceCapabilities) -> str | None:
     """Why ``case`` cannot be measured here (a sentence), or None when it can."""
     model_axes = (case.memory_format, case.projections) != (MEMORY_FORMATS[0], PROJECTIONS[0])
-    if case.kind in BACKEND_FREE_KINDS and (case.attention != "original" or case.compile != "eager" or model_axes):
+    not_plain = case.attention != "original" or case.compile != "eager" or model_axes
+    if case.kind in BACKEND_FREE_KINDS and not_plain:
         return (
             f"{case.kind} does not use the sd attention backend, torch.compile, the memory format or fused "
             f"projections (open_clip's own transformer); measured once as "

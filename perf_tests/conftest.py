@@ -61,7 +61,8 @@ def pytest_addoption(parser):
                 help=f"a round times a block of calls lasting at least this long (default "
                      f"{MIN_ROUND_S['cpu'] * 1e3:g} ms on a CPU, {MIN_ROUND_S['cuda'] * 1e3:g} ms on CUDA)")
     g.addoption("--canary", dest="perf_canary", default=None,
-                help="on (default) or off: time a fixed plain-torch workload before every case and at the end")
+                help="on (default) or off: time a fixed plain-torch workload before every case and at the "
+                     "end")
     g.addoption("--inductor-cache", dest="perf_inductor_cache", default=None,
                 help="state each measured compilation starts from: warm (default: every graph in the cache, "
                      "filled by an untimed warm-up compile where it lacked one) or cold (a fresh empty cache "

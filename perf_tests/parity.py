@@ -309,7 +309,8 @@ def measure_rung(
     result.verdict = verdict(result.ratio, result.ratio_low, result.ratio_high)
     if not result.outputs_match:
         result.status, result.verdict = "wrong-output", "fail, outputs differ"
-        result.reason = f"max abs error {diff:.3g} (theirs' max {scale:.3g}) above the {rung.precision} tolerance"
+        result.reason = (f"max abs error {diff:.3g} (theirs' max {scale:.3g}) above the {rung.precision} "
+                         "tolerance")
     return result
 
 

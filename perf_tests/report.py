@@ -36,7 +36,8 @@ from perf_tests.tabular import format_seconds, markdown_table, text_table
 _MARK = {FAILED: "FAILED", REGRESSION: "REGRESSION", MISSING: "MISSING", IMPROVEMENT: "improvement",
          NO_CHANGE: "no change", INCONCLUSIVE: "inconclusive", NEW: "new", SKIPPED: "skipped",
          NOT_COMPARED: "not compared"}
-_EMOJI = {FAILED: "❌", REGRESSION: "🔴", MISSING: "❓", IMPROVEMENT: "🟢", NO_CHANGE: "⚪", INCONCLUSIVE: "🟡",
+_EMOJI = {FAILED: "❌", REGRESSION: "🔴", MISSING: "❓", IMPROVEMENT: "🟢", NO_CHANGE: "⚪",
+          INCONCLUSIVE: "🟡",
           NEW: "🆕", SKIPPED: "⏭️", NOT_COMPARED: "➖"}
 # An MDE above this is called out in the summary: "no regression" must not hide a blind gate.
 BLIND_MDE = 0.20

@@ -135,7 +135,8 @@ def _result_name(label: str, tree: Tree, index: int) -> str:
 
 def check_run(run: SuiteRun) -> None:
     """pytest exit 0 or 1 (1: a case failed, recorded in the result) with a result file, or RunError."""
-    where = f"suite process {run.index}{f' (side {run.tree.side}, {run.tree.label})' if run.tree.side else ''}"
+    side = f" (side {run.tree.side}, {run.tree.label})" if run.tree.side else ""
+    where = f"suite process {run.index}{side}"
     if run.returncode == PYTEST_NO_TESTS:
         raise RunError(f"the {where} collected no test: check the selection after `--`.")
     if run.returncode not in (0, 1) or not run.path.is_file():
@@ -244,7 +245,8 @@ def write_study(files: Sequence[Path], out: Path, label: str) -> Path | None:
 
 def run(opts: argparse.Namespace, pytest_args: Sequence[str]) -> int:
     """The run end to end (options of ``python -m perf_tests run``); errors raise RunError or InputError."""
-    out = opts.results or Path("results") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = opts.results or Path("results") / now.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     label = opts.label or env_label(importlib.metadata.version("torch"))
     with source_trees(Path.cwd().resolve(), opts.ab) as trees:  # A/B's worktree lives until --explain is done
@@ -311,7 +313,8 @@ def _explain(opts: argparse.Namespace, trees: Sequence[Tree], outcome: Outcome, 
     """The operator diff of every case flagged as a regression, appended to the verdict in every format."""
     from perf_tests import explain
 
-    flagged = [c.name for c in outcome.comparison.cases if c.verdict == REGRESSION] if outcome.comparison else []
+    cases = outcome.comparison.cases if outcome.comparison else []
+    flagged = [c.name for c in cases if c.verdict == REGRESSION]
     if not flagged:
         return
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

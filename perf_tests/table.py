@@ -382,6 +382,6 @@ def write_study(runs: list[Run], output: str | Path | None, *, reference: str = 
     if plot is not None:
         plot = Path(plot)
         for t in tables:
-            written.append(plot_study(t,
-                                      plot if len(tables) == 1 else plot.with_name(f"{plot.stem}-{t.kind}{plot.suffix}")))
+            path = plot if len(tables) == 1 else plot.with_name(f"{plot.stem}-{t.kind}{plot.suffix}")
+            written.append(plot_study(t, path))
     return written

@@ -37,7 +37,8 @@ def git(args: list[str], cwd: Path) -> str:
     except FileNotFoundError:
         raise InputError("git is not installed; comparing with a git ref needs it.") from None
     if res.returncode != 0:
-        raise InputError(f"`git {' '.join(args)}` in {cwd} failed: {res.stderr.strip() or res.stdout.strip()}")
+        said = res.stderr.strip() or res.stdout.strip()
+        raise InputError(f"`git {' '.join(args)}` in {cwd} failed: {said}")
     return res.stdout.strip()
 
 

@@ -359,7 +359,8 @@ def sample(
     if v_prediction and spec.v_as_eps:
         warnings.warn(
             "PLMS with a v-prediction model (e.g. sd21-v): like the original PLMSSampler this treats the "
-            "UNet's v output as eps, which gives wrong images. Use the ddim or dpmpp-2m sampler for v models.",
+            "UNet's v output as eps, which gives wrong images. Use the ddim or dpmpp-2m sampler for v "
+            "models.",
             PLMSVPredictionWarning,
             stacklevel=2,
         )

@@ -268,8 +268,8 @@ def test_cuda_graph_outputs_are_not_overwritten_by_the_next_call(mode):
         compiled.unet(xs[0], t, context)  # a replay that would overwrite an aliased output
         assert torch.equal(outs[-2], kept), "a kept output changed under the next CUDA-graph replay"
         expected = eager.unet(xs[-2], t, context)
-    assert (outs[-2].float() - expected.float()).abs().max().item() <= C.TOLERANCES["fp16"]["unet-step"] * max(
-        1.0, expected.float().abs().max().item())
+    error = (outs[-2].float() - expected.float()).abs().max().item()
+    assert error <= C.TOLERANCES["fp16"]["unet-step"] * max(1.0, expected.float().abs().max().item())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,7 +280,8 @@ def test_cuda_machine_info_fields():
     info = machine.machine_info("cuda")
     assert info["device_type"] == "cuda" and info["gpu_count"] >= 1
     assert info["device_name"] == torch.cuda.get_device_name(0)
-    assert info["device_slug"] == machine.slugify(torch.cuda.get_device_name(0)) and info["device_slug"][0] != "-"
+    assert info["device_slug"] == machine.slugify(torch.cuda.get_device_name(0))
+    assert info["device_slug"][0] != "-"
     assert re.fullmatch(r"\d+\.\d+", info["cuda_capability"])
     assert info["cuda_version"] == torch.version.cuda
     assert info["cudnn_version"] == torch.backends.cudnn.version()

@@ -71,7 +71,8 @@ def test_a_run_writes_the_perf_tests_section_and_a_complete_journal(tmp_path):
 
     lines = read_journal(journal_path(out))
     assert [x["type"] for x in lines] == ["start", "canary", "case", "skip", "canary", "end"]
-    assert lines[0]["perf_tests"]["selected"] == p["selected"] and lines[0]["machine_info"]["device_type"] == "cpu"
+    assert lines[0]["perf_tests"]["selected"] == p["selected"]
+    assert lines[0]["machine_info"]["device_type"] == "cpu"
     assert lines[2]["benchmark"]["stats"]["data"] == bench["stats"]["data"]
     assert lines[2]["benchmark"]["extra_info"] == info
 
@@ -134,7 +135,8 @@ def test_a_run_where_every_case_fails_still_writes_its_failures(tmp_path, wrong_
     name = "test_attention_self_1024[tiny-sdpa-math-eager-bs1-fp32]"
     assert doc["benchmarks"] == []
     (failure,) = doc["perf_tests"]["failed"]
-    assert failure["name"] == name and failure["kind"] == "wrong-output" and "WRONG OUTPUT" in failure["reason"]
+    assert failure["name"] == name and failure["kind"] == "wrong-output"
+    assert "WRONG OUTPUT" in failure["reason"]
     lines = read_journal(journal_path(out))
     assert [x["type"] for x in lines] == ["start", "canary", "fail", "canary", "end"]
 

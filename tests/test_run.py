@@ -416,7 +416,8 @@ def test_one_real_run_of_one_tiny_case_end_to_end(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"e2e-run1.json", "study-e2e.md", "verdict-e2e.txt", "verdict-e2e.md", "verdict-e2e.json"} <= names
     result = json.loads((out / "e2e-run1.json").read_text())
-    assert [b["name"] for b in result["benchmarks"]] == ["test_attention_self_1024[tiny-original-eager-bs1-fp32]"]
+    expected = ["test_attention_self_1024[tiny-original-eager-bs1-fp32]"]
+    assert [b["name"] for b in result["benchmarks"]] == expected
     assert (out / "verdict-e2e.txt").read_text().strip() in res.stdout  # the verdict is printed
     text = summary.read_text()
     assert text.count((out / "verdict-e2e.md").read_text().strip()) == 1
