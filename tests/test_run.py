@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from perf_tests import run as R
+from perf_tests import turns
 from perf_tests.ab import ab_trees
 from perf_tests.cli import main as cli
 from perf_tests.cli import parse_args, split_passthrough
@@ -323,7 +324,9 @@ def test_ab_pairs_take_turns_through_pytest_benchmark_rounds(tmp_path, monkeypat
     log = tmp_path / "rounds.txt"
     (repo / "perf_tests" / "test_fake.py").write_text(textwrap.dedent(TURN_SUITE.format(log=str(log))))
     (repo / "perf_tests" / "conftest.py").write_text(TURN_CONFTEST)
-    shutil.copy(REPO / "perf_tests" / "turns.py", repo / "perf_tests" / "turns.py")
+    turns_file = repo / Path(turns.__file__).relative_to(REPO)  # where this layout keeps it
+    turns_file.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(turns.__file__, turns_file)
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "reference")
