@@ -162,9 +162,8 @@ def _cpu_gate() -> GridDefaults:
     # A focused tiny grid for a pull request on a CPU, sized for many short runs (processes are the unit
     # of evidence; about a minute per run on a 2-core machine with a warm Inductor cache): the UNet step as
     # the main instrument (original, SDPA, SDPA compiled), one attention shape under every backend (the
-    # math kernel included), text encoding and VAE decode. txt2img is left to the full grid: on a CPU it is
-    # five UNet calls plus the cases above, and its two cases took 83 of a run's 145 s, halving the runs a
-    # budget holds. Batch 1 only: batch 2 doubles the time and adds no new code path.
+    # math kernel included), text encoding and VAE decode. txt2img is left to the full grid, and batch 2
+    # too: the measurements behind both choices are in docs/design-notes.md.
     attention_points = tuple((a, "eager") for a in ATTENTION_BACKENDS)
     return GridDefaults(
         name="gate",
@@ -191,9 +190,8 @@ def _cpu_full() -> GridDefaults:
     # 2-core machine: torch.compile is exercised where it matters, on the UNet (unet-step, and txt2img
     # which runs the same compiled graphs, i.e. the study's "compile the U-Net only"); the VAE decoder
     # and the bare attention kernels are measured eager unless --compile is given. txt2img and
-    # vae-decode (seconds per call) run at batch 1 only unless --batch-size is given: batch 2 of
-    # both tripled the run (16 min instead of about 6). One thread: a CPU shared with other jobs makes
-    # multi-threaded (OpenMP) timings several times slower and erratic.
+    # vae-decode (seconds per call) run at batch 1 only unless --batch-size is given; one thread
+    # (docs/design-notes.md says why).
     # Rounds: >= 5 per case so a Mann-Whitney test of 5 vs 5 samples can reach p < 0.01; 10 for the
     # UNet step, the case that carries the grid.
     return GridDefaults(

@@ -97,8 +97,8 @@ class Job:
 
 def shared_cpu() -> set[int] | None:
     """The one CPU both processes of a pair run on (Linux), else None. Two processes alive at once are
-    otherwise kept on different cores by the scheduler, and cores of a shared machine differ in speed:
-    measured here, one side of an A/A pair ran a case 30% slower in every one of its rounds."""
+    otherwise kept on different cores by the scheduler, and cores of a shared machine differ in speed
+    (docs/design-notes.md)."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     return {min(os.sched_getaffinity(0))}
