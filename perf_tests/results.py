@@ -261,26 +261,25 @@ def read_any(path: str | os.PathLike) -> Run | Baseline:
         return run_from_doc(doc, path)
     raise InputError(
         f"{path}: neither a pytest-benchmark JSON (no 'benchmarks' list) nor a perf_tests baseline (no "
-        "'schema' "
-        f"field). Pass the file written by `python -m pytest perf_tests --benchmark-json X.json`, its "
-        f"X{JOURNAL_SUFFIX}, or a file under baselines/."
+        "'schema' field). Pass the file written by `python -m pytest perf_tests --benchmark-json X.json`, "
+        f"its X{JOURNAL_SUFFIX}, or a file under baselines/."
     )
 
 
 def read_run(path: str | os.PathLike) -> Run:
-    run = read_any(path)
-    if isinstance(run, Baseline):
-        raise InputError(f"{path}: is a baseline file; a run (pytest-benchmark JSON or its journal) is "
-                         "expected here.")
-    return run
+    return _expect(read_any(path), Run, f"{path}: is a baseline file; a run (pytest-benchmark JSON or its "
+                                        "journal) is expected here.")
 
 
 def read_baseline(path: str | os.PathLike) -> Baseline:
-    baseline = read_any(path)
-    if isinstance(baseline, Run):
-        raise InputError(f"{path}: is a run, not a baseline file; make one with `python -m perf_tests "
-                         "update-baselines`.")
-    return baseline
+    return _expect(read_any(path), Baseline, f"{path}: is a run, not a baseline file; make one with "
+                                             "`python -m perf_tests update-baselines`.")
+
+
+def _expect(record: Run | Baseline, kind: type, problem: str):
+    if not isinstance(record, kind):
+        raise InputError(problem)
+    return record
 
 
 # --- runs -------------------------------------------------------------------------------------------------
