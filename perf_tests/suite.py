@@ -36,31 +36,28 @@ class OptionError(ValueError):
     """A suite option with a value that cannot be run; the message names the option and the fix."""
 
 
-def _whole(get, name: str, option: str, what: str, fix: str, minimum: int = 1) -> int | None:
+def _parsed(get, name: str, option: str, what: str, fix: str, convert, ok, requirement: str):
     raw = get(name)
     if raw is None:
         return None
     try:
-        value = int(str(raw).strip())
+        value = convert(str(raw).strip())
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise OptionError(f"{option} {raw!r}: {what} must be a whole number of at least {minimum}; {fix}")
+    if value is None or not ok(value):  # ok(nan) is False
+        raise OptionError(f"{option} {raw!r}: {what} must be {requirement}; {fix}")
     return value
+
+
+def _whole(get, name: str, option: str, what: str, fix: str, minimum: int = 1) -> int | None:
+    return _parsed(get, name, option, what, fix, int, lambda v: v >= minimum,
+                   f"a whole number of at least {minimum}")
 
 
 def _number(get, name: str, option: str, what: str, fix: str, *, positive: bool) -> float | None:
-    raw = get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 if positive else value >= 0):  # also refuses nan
-        bound = "greater than 0" if positive else "0 or more"
-        raise OptionError(f"{option} {raw!r}: {what} must be a number {bound}; {fix}")
-    return value
+    if positive:
+        return _parsed(get, name, option, what, fix, float, lambda v: v > 0, "a number greater than 0")
+    return _parsed(get, name, option, what, fix, float, lambda v: v >= 0, "a number 0 or more")
 
 
 def _choice(get, name: str, option: str, allowed: tuple, default: str) -> str:
