@@ -68,8 +68,7 @@ def simulate(n_b, n_c, factor, draws=DRAWS, seed=0, policy=None, **kw):
     hit = anyreg = no_change = covered = judged = 0
     mdes = []
     for _ in range(draws):
-        cmp = S.compare(make_side(rng, n_b, **kw), make_side(rng, n_c, factor=factor, **kw),
-                        policy or S.Policy())
+        cmp = S.compare(make_side(rng, n_b, **kw), make_side(rng, n_c, factor=factor, **kw), policy or S.Policy())
         v = verdicts(cmp)
         hit += v[case_name(0)] == S.REGRESSION
         anyreg += S.REGRESSION in v.values()
@@ -83,8 +82,7 @@ def simulate(n_b, n_c, factor, draws=DRAWS, seed=0, policy=None, **kw):
         if cmp.mde_median is not None:
             mdes.append(cmp.mde_median)
     return dict(hit=hit / draws, any=anyreg / draws, no_change=no_change / draws,
-                cover=covered / judged if judged else math.nan,
-                mde=float(np.median(mdes)) if mdes else math.nan)
+                cover=covered / judged if judged else math.nan, mde=float(np.median(mdes)) if mdes else math.nan)
 
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -189,8 +187,7 @@ def test_inconclusive_says_how_many_runs_would_settle_it():
 
 def test_ten_percent_speedup_is_an_improvement():
     rng = np.random.default_rng(13)
-    found = sum(time_of(S.compare(make_side(rng, 5), make_side(rng, 5,
-                                                               factor=1 / 1.2))).verdict == S.IMPROVEMENT
+    found = sum(time_of(S.compare(make_side(rng, 5), make_side(rng, 5, factor=1 / 1.2))).verdict == S.IMPROVEMENT
                 for _ in range(40))
     assert found / 40 >= 0.9
 
@@ -258,10 +255,8 @@ def test_a_new_machine_without_the_canary_to_take_it_out_is_inconclusive():
     cmp = S.compare(base, cand)
     assert {c.verdict for c in cmp.cases} == {S.INCONCLUSIVE} and cmp.new_machine
     assert "the environment changed" in " ".join(time_of(cmp).reasons)
-    same_machine = S.compare(base, _with_canary(make_side(rng, 5, factor=0.6, slow=range(N_CASES),
-                                                          machine="m1",
-                                                          env={**ENV, "torch_version": "2.15.0"}), rng,
-                                                          [0.6] * 5))
+    same_machine = S.compare(base, _with_canary(make_side(rng, 5, factor=0.6, slow=range(N_CASES), machine="m1",
+                                                          env={**ENV, "torch_version": "2.15.0"}), rng, [0.6] * 5))
     assert S.IMPROVEMENT in verdicts(same_machine).values()  # a faster PyTorch on one machine is seen
 
 
@@ -564,8 +559,7 @@ def test_a_disturbed_candidate_run_is_left_out_against_a_baseline():
 def test_environment_change_reports_the_canary_separately_and_still_judges():
     rng = np.random.default_rng(20)
     base = _with_canary(make_side(rng, 5), rng, [1.0] * 5)
-    cand = _with_canary(make_side(rng, 3, factor=1.25, env={**ENV, "torch_version": "2.15.0"}), rng,
-                        [0.8] * 3)
+    cand = _with_canary(make_side(rng, 3, factor=1.25, env={**ENV, "torch_version": "2.15.0"}), rng, [0.8] * 3)
     cmp = S.compare(base, cand)
     assert not cmp.canary.disturbed
     assert cmp.canary.env_shift.startswith("plain kernels moved -19")
@@ -660,8 +654,7 @@ def test_new_case_and_reproducible_verdicts():
     assert a == b
 
 
-# --- compile time and peak memory
-# ----------------------------------------------------------------------------
+# --- compile time and peak memory ----------------------------------------------------------------------------
 
 
 def _compile(b_vals, b_states, c_vals, c_states):
@@ -721,18 +714,15 @@ def test_memory_is_judged_on_cuda_and_shown_only_on_cpu():
 
 
 def power_table(draws: int = DRAWS) -> str:  # pragma: no cover - a report, run by hand
-    lines = [f"run-level noise (3% per run, 1.5% per case-run, 2% per round, 2% of rounds +25%), {N_CASES} "
-             "cases "
+    lines = [f"run-level noise (3% per run, 1.5% per case-run, 2% per round, 2% of rounds +25%), {N_CASES} cases "
              f"in {len(KINDS)} kinds, {ROUNDS} rounds per run, {draws} draws per cell; default policy",
-             "runs (base v cand) | A/A false alarm | power +5% | power +10% | power +20% | no change at +10% "
-             "| "
+             "runs (base v cand) | A/A false alarm | power +5% | power +10% | power +20% | no change at +10% | "
              "coverage (90% CI) | median MDE"]
     for n_b, n_c in ((1, 1), (3, 3), (5, 3), (5, 5)):
         aa = simulate(n_b, n_c, 1.0, draws, seed=1)
         p5, p10, p20 = (simulate(n_b, n_c, f, draws, seed=s) for f, s in ((1.05, 2), (1.10, 3), (1.20, 4)))
         cover = (aa["cover"] + p10["cover"]) / 2
-        lines.append(f"{n_b} v {n_c} | {aa['any']:.3f} | {p5['hit']:.3f} | {p10['hit']:.3f} | "
-                     f"{p20['hit']:.3f} | "
+        lines.append(f"{n_b} v {n_c} | {aa['any']:.3f} | {p5['hit']:.3f} | {p10['hit']:.3f} | {p20['hit']:.3f} | "
                      f"{p10['no_change']:.3f} | {cover:.3f} | {aa['mde']:.1%}")
     return "\n".join(lines)
 
