@@ -124,6 +124,12 @@ def project_requirements(extras: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(reqs))
 
 
+def extra_requirements(extra: str) -> list[str]:
+    """One optional-dependencies list of pyproject.toml, without the project's own dependencies."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return list(project.get("optional-dependencies", {})[extra])
+
+
 @dataclass(frozen=True)
 class Env:
     name: str  # torch2 | torch20 | torch1
@@ -141,7 +147,8 @@ class Env:
         """pyproject's requirements with the pins in place of its ranges (torch, torchvision, ...)."""
         pinned = {req_name(p) for p in self.packages} | {"torch"}
         reqs = [r for r in project_requirements(extras) if req_name(r) not in pinned]
-        return [*reqs, f"torch=={self.torch}", *self.packages, *os.environ.get("SD_PERF_EXTRA_PACKAGES", "").split()]
+        return [*reqs, f"torch=={self.torch}", *self.packages, *os.environ.get("SD_PERF_EXTRA_PACKAGES",
+                                                                               "").split()]
 
     @property
     def interpreter(self) -> str | None:
@@ -151,9 +158,11 @@ class Env:
         version = self.python if os.sep not in self.python else "the requested Python"
         return (
             f"Python {self.python} is needed for the {self.name} environment (torch {self.torch}) and was not"
-            f" found on PATH, in pyenv's versions ({pyenv_root()}/versions) or uv's. Install it with one of:\n"
+            f" found on PATH, in pyenv's versions ({pyenv_root()}/versions) or uv's. Install it with one "
+            "of:\n"
             f"    pyenv install {version}\n    uv python install {version}\n"
-            f"    apt-get install python{version} python{version}-venv   (Debian/Ubuntu; deadsnakes on Ubuntu)\n"
+            f"    apt-get install python{version} python{version}-venv   (Debian/Ubuntu; deadsnakes on "
+            "Ubuntu)\n"
             f"or point SD_PERF_{self.name.upper()}_PYTHON at an interpreter"
         )
 
@@ -232,16 +241,20 @@ def install(session, env: Env, extras: tuple[str, ...], *more: str) -> None:
     reqs = [*env.requirements(extras), *more]
     key = stamp_key(venv_python_version(venv), reqs)
     if stamp_matches(venv, key):
-        session.log(f"{env.name} environment up to date (torch {env.torch}); `nox --reuse-venv=never` rebuilds it")
+        session.log(f"{env.name} environment up to date (torch {env.torch}); `nox --reuse-venv=never` "
+                    "rebuilds it")
         return
     session.install(*reqs)
     # Fail here, not in the middle of a benchmark, when a wheel does not import (e.g. a torchvision built for
     # another torch).
-    session.run_install("python", "-c", "import importlib.metadata as m, torch, torchvision, open_clip, numpy; "
-                        "print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| open_clip',"
+    session.run_install("python", "-c",
+                        "import importlib.metadata as m, torch, torchvision, open_clip, numpy; "
+                        "print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| "
+                        "open_clip',"
                         " m.version('open_clip_torch'), '| numpy', numpy.__version__)")
     # run_install: skipped like session.install under `nox -R`, so a stamp only describes an install that ran
-    session.run_install("python", "-c", "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])",
+    session.run_install("python", "-c",
+                        "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])",
                         str(Path(venv) / STAMP_FILE), stamp(venv, key, env, reqs), silent=True)
 
 

@@ -85,7 +85,8 @@ def perf_torch20(session: nox.Session) -> None:
 
 @env_session(TORCH1, "perf-torch1")
 def perf_torch1(session: nox.Session) -> None:
-    """The suite in the PyTorch 1.12.1 env (Python 3.10), against the torch1 baseline. Options as perf-torch2."""
+    """The suite in the PyTorch 1.12.1 env (Python 3.10), against the torch1 baseline. Options as
+    perf-torch2."""
     noxenvs.install(session, TORCH1, ("perf",))
     perf_run(session)
 
@@ -102,7 +103,8 @@ def update_baselines(session: nox.Session) -> None:
                         help="both: torch2 and torch1")
     own, pytest_args = noxenvs.split_posargs(session.posargs)
     opts, own = parser.parse_known_args(own)
-    defaults = [arg for opt, value in (("--grid", "full"), ("--runs", "3")) if opt not in own for arg in (opt, value)]
+    defaults = [arg for opt, value in (("--grid", "full"), ("--runs",
+                                                            "3")) if opt not in own for arg in (opt, value)]
     for name in ["torch2", "torch1"] if opts.env == "both" else [opts.env]:
         session.notify(f"perf-{name}", posargs=["--update-baselines", *defaults, *own, "--", *pytest_args])
 
@@ -159,16 +161,17 @@ def gpu_check(session: nox.Session) -> None:
 
 
 def _install_analysis(session: nox.Session) -> None:
-    """The torch2 environment's packages: reading results needs the vocabulary of `sd` (case ids, compile
-    modes), which imports PyTorch."""
-    noxenvs.install(session, TORCH2, ("perf",))
+    """What reading, judging and rendering results import: numpy, scipy, matplotlib (no PyTorch)."""
+    session.install(*noxenvs.extra_requirements("analysis"))
 
 
 @env_session(TORCH2, "compare")
 def compare(session: nox.Session) -> None:
-    """Compare results: nox -s compare -- BASELINE CANDIDATE... [options of `python -m perf_tests compare`]."""
+    """Compare results: nox -s compare -- BASELINE CANDIDATE... [options of `python -m perf_tests
+    compare`]."""
     if len([a for a in session.posargs if not a.startswith("-")]) < 2:
-        session.error("usage: nox -s compare -- BASELINE CANDIDATE [options of `python -m perf_tests compare`]")
+        session.error("usage: nox -s compare -- BASELINE CANDIDATE [options of `python -m perf_tests "
+                      "compare`]")
     _install_analysis(session)
     session.run("python", "-m", "perf_tests", "compare", *session.posargs)
 
@@ -180,7 +183,8 @@ def report(session: nox.Session) -> None:
     for arg in session.posargs:
         if os.path.isdir(arg):
             folders.append(arg)
-            files += sorted(str(p) for p in Path(arg).glob("*.json") if re.fullmatch(r"torch\d*-run\d+\.json", p.name))
+            runs = Path(arg).glob("*.json")
+            files += sorted(str(p) for p in runs if re.fullmatch(r"torch\d*-run\d+\.json", p.name))
         elif arg.endswith(".json") and not arg.startswith("-"):
             files.append(arg)
         else:
@@ -188,7 +192,8 @@ def report(session: nox.Session) -> None:
     if not files:
         session.error("usage: nox -s report -- results/<timestamp> | RESULT.json ... [--reference original]")
     if len(folders) == 1 and "--output" not in options:
-        options += ["--output", os.path.join(folders[0], "study.md"), "--plot", os.path.join(folders[0], "study.png")]
+        options += ["--output", os.path.join(folders[0], "study.md"), "--plot", os.path.join(folders[0],
+                                                                                             "study.png")]
     _install_analysis(session)
     session.run("python", "-m", "perf_tests", "report", *files, *options)
     if "--output" in options and os.path.isfile(output := options[options.index("--output") + 1]):
@@ -235,7 +240,8 @@ def lint(session: nox.Session) -> None:
     """ruff on the code; check-jsonschema and zizmor (offline) on the workflows; shellcheck on .ci/run."""
     session.install(*TOOLS)
     checks = {"ruff": ["ruff", "check", "."],
-              "check-jsonschema": ["check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS],
+              "check-jsonschema": ["check-jsonschema", "--builtin-schema", "vendor.github-workflows",
+                                   *WORKFLOWS],
               "zizmor": ["zizmor", "--offline", *WORKFLOWS], "shellcheck": ["shellcheck", ".ci/run"]}
     failed = []
     for name, cmd in checks.items():

@@ -12,20 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tests.results import InputError
-from perf_tests.worktree import checkout
-
-
-@dataclass(frozen=True)
-class Tree:
-    """A source tree the suite runs in: ``side`` is "A" or "B" in A/B mode, "" for a plain run."""
-
-    side: str
-    root: Path
-    label: str  # "current tree", or "REF (commit)"
+from perf_tests.errors import InputError
+from perf_tests.worktree import Tree, checkout
 
 
 @contextmanager
@@ -34,7 +24,8 @@ def ab_trees(ref: str, root: Path) -> Iterator[tuple[Tree, Tree]]:
     with checkout(ref, root, prefix="perf-ab-") as other:
         if not (other.path / "perf_tests").is_dir():
             raise InputError(f"{ref} ({other.commit[:12]}) has no perf_tests/ folder; pick a newer ref.")
-        yield Tree("A", root, "current tree"), Tree("B", other.path, f"{ref} ({other.commit[:12]})")
+        yield (Tree(root, "current tree", side="A"),
+               Tree(other.path, f"{ref} ({other.commit[:12]})", other.commit, side="B"))
 
 
 def gpu_visible(environ=os.environ) -> bool:

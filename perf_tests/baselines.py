@@ -10,7 +10,8 @@ environment fingerprint, each case's ``definition_hash`` and a schema version. L
      "runs": [{"source": file name, "datetime": ..., "git_commit": ..., "machine_info": {fingerprint},
                "machine_id"*: 12 hex, "content_hash"*: sha256 of the run's samples, "grid_name"*: ...,
                "canary"*: [per-call seconds]}],
-     "cases": {name: {"definition_hash": ..., "case": {...}, "attention_used": ..., "vae_attention_used"*: ...,
+     "cases": {name: {"definition_hash": ..., "case": {...}, "attention_used": ..., "vae_attention_used"*:
+     ...,
                       "runs": [{"run": index into runs, "samples": [seconds, ...], "iterations"*: calls per
                                 round, "compile_cache"*: "warm"|"cold"|null, "correct"*: true|false|null,
                                 "attention_kernels"*: {part: [kernel, ...]}, "compile_time_s": ...,
@@ -38,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.results import (  # noqa: F401  (InputError, MissingBaseline, load_side: re-exported for ab.py)
+from perf_tests.results import (
     PER_RUN_FIELDS,
     SCHEMA,
     SCHEMA_VERSION,
@@ -46,7 +47,6 @@ from perf_tests.results import (  # noqa: F401  (InputError, MissingBaseline, lo
     InputError,
     MissingBaseline,
     Run,
-    load_side,
     read_baseline,
     read_run,
 )
@@ -196,12 +196,14 @@ class Update:
     removed_temp_files: list[str] = field(default_factory=list)
 
 
-def merge_runs(existing: Baseline | None, runs: Sequence[Run], key: tuple[str, str, str], path: Path) -> Update:
+def merge_runs(existing: Baseline | None, runs: Sequence[Run], key: tuple[str, str, str],
+               path: Path) -> Update:
     """Add ``runs`` (one device, env and profile) to ``existing``; runs already there by content hash are
     skipped, a case whose definition changed loses its old runs (with a note)."""
     slug, env, profile = key
     now = _now()
-    base = existing or Baseline(str(path), SCHEMA_VERSION, slug, env, profile, dict(runs[0].machine), now, now, ())
+    base = existing or Baseline(str(path), SCHEMA_VERSION, slug, env, profile, dict(runs[0].machine), now,
+                                now, ())
     update = Update(path, base)
     stored = list(base.runs)
     seen = {r.content_hash for r in stored}
@@ -225,7 +227,8 @@ def merge_runs(existing: Baseline | None, runs: Sequence[Run], key: tuple[str, s
                           for s in stored]
         stored.append(run)
         update.added.append(run.source)
-    update.baseline = dataclasses.replace(base, schema_version=SCHEMA_VERSION, updated=now, runs=tuple(stored))
+    update.baseline = dataclasses.replace(base, schema_version=SCHEMA_VERSION, updated=now,
+                                          runs=tuple(stored))
     return update
 
 
@@ -256,7 +259,8 @@ def _split_by_profile(run: Run) -> dict[tuple[str, str, str], Run]:
     slug = run.machine.get("device_slug")
     if not slug:
         raise InputError(
-            f"{run.source}: machine_info has no device_slug; baselines are stored per device. Produce the run "
+            f"{run.source}: machine_info has no device_slug; baselines are stored per device. Produce the "
+            "run "
             f"with `python -m pytest perf_tests` (its conftest records the device)."
         )
     parts: dict[tuple[str, str, str], dict] = {}

@@ -6,7 +6,8 @@ its own temporary worktree and run by the suite in a separate process with this 
 interleaved with runs of GOOD (GOOD, X, GOOD, X, ...) so that machine drift hits both alike.
 
 1. GOOD and BAD are measured first: BAD must be significantly slower, which fixes the effect E
-   (the ratio BAD/GOOD of the runs' geometric mean medians) and the decision point, the half-way ratio sqrt(E).
+   (the ratio BAD/GOOD of the runs' geometric mean medians) and the decision point, the half-way ratio
+   sqrt(E).
 2. At each step the commit in the middle of the open range is measured against GOOD (all GOOD runs so
    far, pooled): "bad" when the whole interval of its ratio to GOOD lies above sqrt(E), "good" when it
    lies below. An interval that straddles sqrt(E) is inconclusive: another pair of runs is added, up to
@@ -25,12 +26,10 @@ default runs the suite (:func:`measure_with_suite`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -41,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from perf_tests.results import InputError
+from perf_tests.errors import InputError
 from perf_tests.stats import Policy, ratio_interval
-from perf_tests.worktree import checkout, git, repo_root, resolve
+from perf_tests.worktree import checkout, git, resolve
 
 Measure = Callable[[Path, str], list[float]]  # (tree, case name) -> per-call seconds of one run (process)
 
@@ -58,7 +57,7 @@ class MeasureFailed(Exception):
 
 def suite_args(case_name: str) -> list[str]:
     """The suite options selecting exactly this one case: the coupling to the suite's command line."""
-    from perf_tests.cases import MEMORY_FORMATS, PROJECTIONS, parse_name
+    from perf_tests.names import MEMORY_FORMATS, PROJECTIONS, parse_name
 
     c = parse_name(case_name)
     args = [f"--profile={c.profile}", f"--attention={c.attention}", f"--compile={c.compile}",
@@ -69,13 +68,15 @@ def suite_args(case_name: str) -> list[str]:
     return args
 
 
-def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (), timeout_s: float = 1800) -> list[float]:
+def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (),
+                       timeout_s: float = 1800) -> list[float]:
     """One run of the suite in ``tree`` selecting only ``case``: its per-call samples (seconds)."""
     from perf_tests.explain import tree_env
 
     with tempfile.TemporaryDirectory(prefix="perf-bisect-run-") as tmp:
         out = Path(tmp) / "run.json"
-        cmd = [sys.executable, "-m", "pytest", "perf_tests", "-p", "no:cacheprovider", "-q", *suite_args(case),
+        cmd = [sys.executable, "-m", "pytest", "perf_tests", "-p", "no:cacheprovider", "-q",
+               *suite_args(case),
                *extra_args, f"--benchmark-json={out}"]
         try:
             res = subprocess.run(cmd, cwd=tree, env=tree_env(tree), capture_output=True, text=True,
@@ -86,7 +87,8 @@ def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (), ti
     for b in doc.get("benchmarks", []):
         if b.get("name") == case and b.get("stats", {}).get("data"):
             return [float(x) for x in b["stats"]["data"]]
-    raise MeasureFailed(f"no result for the case (exit {res.returncode}): {failure_line(res.stdout + res.stderr)}")
+    raise MeasureFailed(f"no result for the case (exit {res.returncode}): "
+                        f"{failure_line(res.stdout + res.stderr)}")
 
 
 def failure_line(output: str) -> str:
@@ -102,7 +104,8 @@ def failure_line(output: str) -> str:
 
 @dataclass(frozen=True)
 class Ratio:
-    """Per-call time of X over the reference: the ratio of the runs' geometric mean medians, with its interval."""
+    """Per-call time of X over the reference: the ratio of the runs' geometric mean medians, with its
+    interval."""
 
     estimate: float
     low: float
@@ -168,8 +171,10 @@ class BisectResult:
 
 def first_parent_commits(good: str, bad: str, root: Path) -> list[str]:
     """The first-parent commits after GOOD up to BAD, oldest first (BAD last)."""
-    if subprocess.run(["git", "merge-base", "--is-ancestor", good, bad], cwd=root, check=False).returncode != 0:
-        raise InputError(f"{good[:12]} is not an ancestor of {bad[:12]}: GOOD must be an older commit of BAD's history.")
+    if subprocess.run(["git", "merge-base", "--is-ancestor", good, bad], cwd=root,
+                      check=False).returncode != 0:
+        raise InputError(f"{good[:12]} is not an ancestor of {bad[:12]}: GOOD must be an older commit of "
+                         "BAD's history.")
     commits = git(["rev-list", "--first-parent", "--reverse", f"{good}..{bad}"], root).split()
     if not commits or commits[-1] != bad:
         raise InputError(f"no first-parent path from {good[:12]} to {bad[:12]}; pick refs on one branch.")
@@ -227,7 +232,8 @@ class Bisector:
         good, bad = resolve(good_ref, self.root), resolve(bad_ref, self.root)
         commits = first_parent_commits(good, bad, self.root)
         max_steps = max_steps or default_max_steps(len(commits))
-        self.log(f"[bisect] {self.case}: {len(commits)} commit(s) after GOOD {good[:12]} up to BAD {bad[:12]}; "
+        self.log(f"[bisect] {self.case}: {len(commits)} commit(s) after GOOD {good[:12]} up to BAD "
+                 f"{bad[:12]}; "
                  f"step limit {max_steps}, {self.runs_per_step}-{self.max_runs} run pairs per step")
         with contextlib.ExitStack() as stack:
             good_tree = stack.enter_context(checkout(good, self.root, prefix="perf-bisect-good-")).path
@@ -272,14 +278,16 @@ class Bisector:
         result.runs = self.n_runs
         return result
 
-    def _step(self, commit: str, good_tree: Path, good_runs: list, mid: float, n: int, max_steps: int) -> Step:
+    def _step(self, commit: str, good_tree: Path, good_runs: list, mid: float, n: int,
+              max_steps: int) -> Step:
         t0 = time.perf_counter()
         subject = self.subject(commit)
         self.log(f"[bisect] step {n}/{max_steps}: {commit[:12]} {subject}")
         try:
             with checkout(commit, self.root, prefix="perf-bisect-step-") as tree:
-                r, verdict = self.interleaved(good_tree, tree.path, good_runs, [],
-                                              lambda r: "bad" if r.low > mid else ("good" if r.high < mid else None))
+                r, verdict = self.interleaved(
+                    good_tree, tree.path, good_runs, [],
+                    lambda r: "bad" if r.low > mid else ("good" if r.high < mid else None))
         except MeasureFailed as exc:
             step = Step(commit, subject, "skip", reason=str(exc).splitlines()[0][:200],
                         seconds=time.perf_counter() - t0)
@@ -313,72 +321,18 @@ def render_text(r: BisectResult, root: Path) -> str:
 
     out = [f"bisect {r.case}: GOOD {r.good[:12]}, BAD {r.bad[:12]}", f"  BAD vs GOOD: {r.effect}"]
     for n, s in enumerate(r.steps, 1):
-        what = f"skip ({s.reason})" if s.verdict == "skip" else f"{s.verdict}{' (uncertain)' if s.uncertain else ''}, {s.ratio}"
+        uncertain = " (uncertain)" if s.uncertain else ""
+        what = f"skip ({s.reason})" if s.verdict == "skip" else f"{s.verdict}{uncertain}, {s.ratio}"
         out.append(f"  step {n}: {s.commit[:12]} {s.subject}: {what}, {s.seconds:.0f} s")
     if r.first_bad:
         out += [f"first bad commit: {one(r.first_bad)}",
                 f"  slowdown vs its parent {r.parent[:12]}: {r.slowdown}"]
     elif r.candidates:
-        out.append(f"the first bad commit is one of ({'skipped commits left' if len(r.steps) < r.max_steps else 'step limit reached'}):")
+        out.append("the first bad commit is one of "
+                   f"({'skipped commits left' if len(r.steps) < r.max_steps else 'step limit reached'}):")
         out += [f"  {one(c)}" for c in r.candidates]
     out.append(f"{len(r.steps)} step(s) of a limit of {r.max_steps}, {r.runs} suite runs; "
                f"time spent {r.seconds:.0f} s")
     if r.explain_text:
         out += ["", r.explain_text.rstrip()]
     return "\n".join(out) + "\n"
-
-
-def add_parser(sub) -> None:
-    from perf_tests.explain import add_profile_options
-
-    p = sub.add_parser("bisect", help="find the commit between GOOD and BAD that slowed a case down",
-                       description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("good", metavar="GOOD", help="a git ref where the case is fast")
-    p.add_argument("bad", metavar="BAD", help="a later git ref (first-parent descendant) where it is slow")
-    p.add_argument("--case", required=True, help="benchmark name, e.g. 'test_unet_step[tiny-sdpa-eager-bs1-fp32]'")
-    p.add_argument("--max-steps", type=int, help="commits measured at most (default: log2(commits) + 3)")
-    p.add_argument("--runs-per-step", type=int, default=3, help="suite runs of each side per step (default %(default)s)")
-    p.add_argument("--max-runs-per-step", type=int,
-                   help="runs of each side before an inconclusive step is decided on its estimate (default 3x)")
-    p.add_argument("--output-dir", type=Path, default=Path("results/bisect"),
-                   help="bisect.{txt,json} and the operator diff's traces (default %(default)s)")
-    p.add_argument("--suite-args", default="",
-                   help="more options for each suite run, one string, e.g. '--rounds 20' (--device is passed on)")
-    p.add_argument("--no-explain", dest="explain", action="store_false",
-                   help="skip the operator diff of the first bad commit against its parent")
-    add_profile_options(p)
-    p.set_defaults(func=cmd_bisect)
-
-
-def cmd_bisect(args: argparse.Namespace) -> int:
-    from perf_tests import explain
-    from perf_tests.cases import parse_name
-
-    try:
-        parse_name(args.case)
-    except ValueError as exc:
-        raise InputError(f"--case: {exc}") from None
-    if args.runs_per_step < 2:
-        raise InputError("--runs-per-step must be at least 2 (the run-to-run spread needs two runs).")
-    root = repo_root()
-    suite_extra = shlex.split(args.suite_args) + ([f"--device={args.device}"] if args.device else [])
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    kwargs = explain.profile_kwargs(args)
-
-    def run_explain(parent: Path, first_bad: Path, r: BisectResult) -> str:
-        diffs = explain.explain_trees(parent, first_bad, [args.case], args.output_dir / "explain",
-                                      baseline_label=f"parent {r.parent[:12]}",
-                                      candidate_label=f"first bad {r.first_bad[:12]}", **kwargs, log=log)
-        explain.write_reports(diffs, args.output_dir / "explain")
-        return explain.render_text(diffs)
-
-    bisector = Bisector(root, args.case, lambda tree, case: measure_with_suite(tree, case, suite_extra),
-                        args.runs_per_step, args.max_runs_per_step,
-                        explain=run_explain if args.explain else None, log=log)
-    result = bisector.run(args.good, args.bad, args.max_steps)
-    text = render_text(result, root)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "bisect.txt").write_text(text, encoding="utf-8")
-    (args.output_dir / "bisect.json").write_text(json.dumps(result.as_dict(), indent=1), encoding="utf-8")
-    sys.stdout.write(text)
-    return 0 if result.first_bad else 1

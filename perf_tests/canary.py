@@ -42,7 +42,8 @@ class Canary:
         self.dtype = dtype
         # a, b of the matmul; x, weight of the convolution (kept on the CPU between measurements)
         self.inputs = (torch.randn(n, n, generator=g), torch.randn(n, n, generator=g),
-                       torch.randn(b, c, h, w, generator=g), torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5))
+                       torch.randn(b, c, h, w, generator=g), torch.randn(c, c, 3, 3,
+                                                                         generator=g) / (3 * c**0.5))
         dtype_name = str(dtype).replace("torch.", "")
         self.workload = (f"matmul {n}x{n}x{n} + conv2d {b}x{c}x{h}x{w} 3x3 {c}->{c}, {dtype_name}, "
                          f"{device_type}, {self.size.calls} calls per measurement")

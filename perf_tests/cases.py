@@ -13,49 +13,32 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-# The vocabulary is sd's: one spelling each, shared by the CLI, case ids and baselines.
-from sd.attention import ATTENTION_BACKENDS
-from sd.capabilities import DeviceCapabilities
-from sd.compile import COMPILE_MODES
-from sd.precision import PRECISIONS
+from perf_tests.names import (  # noqa: F401  (re-exported: the suite's vocabulary is read from here)
+    ATTENTION_BACKENDS,
+    ATTENTION_SHAPES,
+    BACKEND_FREE_KINDS,
+    COMPILE_MODES,
+    KIND_FAMILIES,
+    KINDS,
+    MEMORY_FORMATS,
+    PRECISIONS,
+    PROJECTIONS,
+    Case,
+    parse_name,
+)
+
+if TYPE_CHECKING:
+    from sd.device import DeviceCapabilities
 
 # Bump when the meaning of a measurement changes (what a kind times, its inputs, the warm-up rule), so
 # that old baselines stop matching instead of being compared with something else.
 # 2: a round times a block of calls (blocked autorange) and records per-call seconds; each compiled case
 #    compiles afresh under a recorded Inductor cache state.
 HARNESS_VERSION = 2
-
-
-# Kinds in the order they run inside one model group: txt2img first, so that a compiled model's
-# compilation is paid (and recorded) by the end-to-end case, as a user running txt2img would pay it.
-KINDS = (
-    "txt2img",
-    "unet-step",
-    "vae-decode",
-    "text-encode",
-    "attention-self-4096",
-    "attention-self-1024",
-    "attention-cross-77",
-)
-# A "--case-kind" value may also name a family: "attention" selects the three attention shapes.
-KIND_FAMILIES = {"attention": ("attention-self-4096", "attention-self-1024", "attention-cross-77")}
-# Attention shapes of SD 2.1 at 512x512 (sd21-facts §2.2): (query tokens, key tokens, level).
-ATTENTION_SHAPES = {
-    "attention-self-4096": (4096, 4096, 0),
-    "attention-self-1024": (1024, 1024, 1),
-    "attention-cross-77": (4096, 77, 0),
-}
-# Kinds that do not depend on the attention backend or on compilation (the text encoder is open_clip's
-# own transformer): only their original/eager point is a distinct measurement.
-BACKEND_FREE_KINDS = ("text-encode",)
-# Axes of issue 12, passed to sd.load_model(channels_last=..., fuse_projections=...). The first value of
-# each is the default, which adds nothing to a case id, so the ids (and baselines) of earlier runs stay valid.
-MEMORY_FORMATS = ("contiguous", "channels-last")
-PROJECTIONS = ("separate", "fused")
 
 
 @dataclass(frozen=True)
@@ -81,78 +64,6 @@ PROFILES = {
     "sd21-base": Profile("sd21-base", "sd21-base", 512, 512, steps=50, heads=(5, 10)),
     "sd21-v": Profile("sd21-v", "sd21-v", 768, 768, steps=50, heads=(5, 10)),
 }
-
-
-@dataclass(frozen=True)
-class Case:
-    kind: str
-    profile: str
-    attention: str
-    compile: str  # a sd.compile.COMPILE_MODES name: "eager", "compile", "compile-max-autotune", ...
-    batch_size: int
-    precision: str
-    steps: int | None = None  # txt2img only
-    height: int | None = None
-    width: int | None = None
-    memory_format: str = MEMORY_FORMATS[0]
-    projections: str = PROJECTIONS[0]
-
-    def __str__(self) -> str:
-        suffix = "".join(f"-{v}" for v, default in ((self.memory_format, MEMORY_FORMATS[0]),
-                                                     (self.projections, PROJECTIONS[0])) if v != default)
-        return f"{self.profile}-{self.attention}-{self.compile}-bs{self.batch_size}-{self.precision}{suffix}"
-
-    @property
-    def test_name(self) -> str:
-        return "test_" + self.kind.replace("-", "_")
-
-    @property
-    def name(self) -> str:
-        """The benchmark name, the comparison key: ``test_<kind>[<id>]``."""
-        return f"{self.test_name}[{self}]"
-
-    @property
-    def compiled(self) -> bool:
-        return self.compile != "eager"
-
-    @property
-    def optimized(self) -> bool:
-        """True when the case differs from the fp32/original/eager reference and must be checked."""
-        return self != self.reference()
-
-    def reference(self) -> Case:
-        """The case whose output this one must reproduce: original attention, eager, fp32, contiguous,
-        separate projections."""
-        return dataclasses.replace(self, attention="original", compile="eager", precision="fp32",
-                                   memory_format=MEMORY_FORMATS[0], projections=PROJECTIONS[0])
-
-    def model_key(self) -> tuple:
-        """Cases with equal keys share one built model (each compiled case compiles it afresh)."""
-        return (self.profile, self.attention, self.compile, self.precision, self.memory_format, self.projections)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-_ID_RE = re.compile(
-    r"^(?P<profile>tiny|sd21-base|sd21-v|[a-z0-9]+)-(?P<attention>.+)-"
-    r"(?P<compile>eager|compile(?:-max-autotune|-reduce-overhead)?)-bs(?P<batch>\d+)-(?P<precision>[a-z0-9]+)"
-    r"(?P<memory_format>-channels-last)?(?P<projections>-fused)?$"
-)
-_NAME_RE = re.compile(r"^test_(?P<kind>[a-z0-9_]+)\[(?P<id>.+)\]$")
-
-
-def parse_name(name: str) -> Case:
-    """Inverse of ``Case.name`` (steps/size unknown from a name alone)."""
-    m = _NAME_RE.match(name)
-    if not m:
-        raise ValueError(f"not a perf_tests benchmark name: {name!r}")
-    i = _ID_RE.match(m["id"])
-    if not i:
-        raise ValueError(f"not a perf_tests case id: {m['id']!r}")
-    return Case(m["kind"].replace("_", "-"), i["profile"], i["attention"], i["compile"], int(i["batch"]), i["precision"],
-                memory_format=i["memory_format"][1:] if i["memory_format"] else MEMORY_FORMATS[0],
-                projections=i["projections"][1:] if i["projections"] else PROJECTIONS[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,7 +104,8 @@ class GridDefaults:
         """The cases of ``kind`` in this grid, in grid order (what cannot run here is skipped later)."""
         if kind not in self.kinds:
             return []
-        cases = build_cases(kind, self.profile, self.attention, self.compile_for(kind), self.batch_sizes_for(kind),
+        cases = build_cases(kind, self.profile, self.attention, self.compile_for(kind),
+                            self.batch_sizes_for(kind),
                             self.precisions, steps, self.memory_formats, self.projections)
         points = self.kind_points.get(kind)
         return cases if points is None else [c for c in cases if (c.attention, c.compile) in points]
@@ -283,9 +195,8 @@ def _cpu_gate() -> GridDefaults:
     # A focused tiny grid for a pull request on a CPU, sized for many short runs (processes are the unit
     # of evidence; about a minute per run on a 2-core machine with a warm Inductor cache): the UNet step as
     # the main instrument (original, SDPA, SDPA compiled), one attention shape under every backend (the
-    # math kernel included), text encoding and VAE decode. txt2img is left to the full grid: on a CPU it is
-    # five UNet calls plus the cases above, and its two cases took 83 of a run's 145 s, halving the runs a
-    # budget holds. Batch 1 only: batch 2 doubles the time and adds no new code path.
+    # math kernel included), text encoding and VAE decode. txt2img is left to the full grid, and batch 2
+    # too: the measurements behind both choices are in docs/design-notes.md.
     attention_points = tuple((a, "eager") for a in ATTENTION_BACKENDS)
     return GridDefaults(
         name="gate",
@@ -312,9 +223,8 @@ def _cpu_full() -> GridDefaults:
     # 2-core machine: torch.compile is exercised where it matters, on the UNet (unet-step, and txt2img
     # which runs the same compiled graphs, i.e. the study's "compile the U-Net only"); the VAE decoder
     # and the bare attention kernels are measured eager unless --compile is given. txt2img and
-    # vae-decode (seconds per call) run at batch 1 only unless --batch-size is given: batch 2 of
-    # both tripled the run (16 min instead of about 6). One thread: a CPU shared with other jobs makes
-    # multi-threaded (OpenMP) timings several times slower and erratic.
+    # vae-decode (seconds per call) run at batch 1 only unless --batch-size is given; one thread
+    # (docs/design-notes.md says why).
     # Rounds: >= 5 per case so a Mann-Whitney test of 5 vs 5 samples can reach p < 0.01; 10 for the
     # UNet step, the case that carries the grid.
     return GridDefaults(
@@ -423,7 +333,8 @@ def run_order(case: Case) -> tuple:
 def skip_reason(case: Case, caps: DeviceCapabilities) -> str | None:
     """Why ``case`` cannot be measured here (a sentence), or None when it can."""
     model_axes = (case.memory_format, case.projections) != (MEMORY_FORMATS[0], PROJECTIONS[0])
-    if case.kind in BACKEND_FREE_KINDS and (case.attention != "original" or case.compile != "eager" or model_axes):
+    not_plain = case.attention != "original" or case.compile != "eager" or model_axes
+    if case.kind in BACKEND_FREE_KINDS and not_plain:
         return (
             f"{case.kind} does not use the sd attention backend, torch.compile, the memory format or fused "
             f"projections (open_clip's own transformer); measured once as "
@@ -483,7 +394,8 @@ def definition_hash(case: Case, weights: str = "random") -> str:
 # decoded image in [0, 1] after the whole sampling loop, which amplifies differences.
 TOLERANCES = {
     "fp32": {"txt2img": 1e-2, "unet-step": 1e-3, "vae-decode": 1e-3, "text-encode": 1e-3, "attention": 1e-4},
-    "autocast": {"txt2img": 1e-1, "unet-step": 5e-2, "vae-decode": 5e-2, "text-encode": 5e-2, "attention": 1e-2},
+    "autocast": {"txt2img": 1e-1, "unet-step": 5e-2, "vae-decode": 5e-2, "text-encode": 5e-2,
+                 "attention": 1e-2},
     "fp16": {"txt2img": 1e-1, "unet-step": 5e-2, "vae-decode": 5e-2, "text-encode": 5e-2, "attention": 1e-2},
     "bf16": {"txt2img": 2e-1, "unet-step": 2e-1, "vae-decode": 2e-1, "text-encode": 2e-1, "attention": 5e-2},
 }

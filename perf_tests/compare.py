@@ -17,20 +17,11 @@ from pathlib import Path
 
 from perf_tests import stats
 from perf_tests.baselines import locate_baselines
+from perf_tests.errors import EXIT_FAIL, EXIT_OK, InputError
 from perf_tests.report import RENDERERS, plot_flagged
-from perf_tests.results import (
-    Baseline,
-    InputError,
-    MissingBaseline,
-    profiles_of,
-    read_any,
-    read_baseline,
-    side_from_baseline,
-    side_from_runs,
-)
+from perf_tests.results import MissingBaseline, load_side, profiles_of, read_baseline, side_from_baseline
 from perf_tests.stats import Comparison, Policy, Side
 
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 REPORT_SUFFIXES = {"text": ".txt", "markdown": ".md", "json": ".json"}
 
 
@@ -40,35 +31,6 @@ class Outcome:
     baseline: Side | None
     candidate: Side
     warnings: list[str] = field(default_factory=list)
-
-
-def read_side(paths: list[str | os.PathLike], label: str | None = None) -> tuple[Side, list[str]]:
-    """One side from one baseline or from runs (merged), and warnings about runs that did not finish."""
-    if not paths:
-        raise InputError("no input files given.")
-    label = label or ", ".join(Path(p).name for p in paths)
-    records = [read_any(p) for p in paths]
-    if any(isinstance(r, Baseline) for r in records):
-        if len(records) > 1:
-            raise InputError("a baseline file cannot be merged with other files on one side; pass it alone.")
-        return side_from_baseline(records[0], label), []
-    warnings = []
-    for run in records:
-        alone = [n for n, c in run.cases.items() if c.extra.get("alone")]
-        if alone:
-            reason = run.cases[alone[0]].extra["alone"]
-            warnings.append(f"{run.source}: {len(alone)} case(s) measured without the A/B partner taking "
-                            f"turns ({reason}), from {alone[0]}: their rounds did not alternate with the "
-                            "other side's")
-        if not run.complete:
-            lacking = run.lacking
-            shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
-            warnings.append(
-                f"{run.source}: the run did not finish (no 'end' line in its journal); it lacks "
-                f"{len(lacking)} selected case(s)" + (f": {shown}" if lacking else "")
-                + ". They count as missing."
-            )
-    return side_from_runs(records, label), warnings
 
 
 def _baseline_side(paths: list[Path]) -> Side:
@@ -89,7 +51,7 @@ def load_and_compare(
 ) -> Outcome:
     """Read both sides and compare them. A baseline folder without this device's file is a warning (no
     comparison), or :class:`MissingBaseline` with ``require_baseline``."""
-    candidate, warnings = read_side(candidates)
+    candidate, warnings = load_side(candidates)
     if Path(baseline).is_dir():
         profiles = profiles_of(candidate)
         if not profiles:
@@ -104,7 +66,7 @@ def load_and_compare(
                 raise
             return Outcome(None, None, candidate, [*warnings, str(exc)])
     else:
-        base, base_warnings = read_side([baseline])
+        base, base_warnings = load_side([baseline])
         warnings += base_warnings
     return Outcome(stats.compare(base, candidate, policy, paired=paired), base, candidate, warnings)
 
@@ -116,10 +78,11 @@ def load_and_compare_ab(
     """A/B: the runs of REF (baseline) against those of the current tree, which alternated A, B, A, B (the
     current tree first in each pair), analysed as pairs."""
     if len(ref_runs) != len(current_runs) or not ref_runs:
-        raise InputError(f"A/B needs as many runs of each side, at least one: {len(current_runs)} of the current "
+        raise InputError(f"A/B needs as many runs of each side, at least one: {len(current_runs)} of the "
+                         "current "
                          f"tree, {len(ref_runs)} of the reference.")
-    base, warnings = read_side(ref_runs, ref_label)
-    candidate, cand_warnings = read_side(current_runs, current_label)
+    base, warnings = load_side(ref_runs, ref_label)
+    candidate, cand_warnings = load_side(current_runs, current_label)
     candidate.run_order = [2 * i for i in range(len(current_runs))]
     base.run_order = [2 * i + 1 for i in range(len(ref_runs))]
     comparison = stats.compare(base, candidate, policy, paired=True)
@@ -148,7 +111,8 @@ def exit_code(outcome: Outcome, *, fail_on_inconclusive: bool = False, require_a
 
 
 def render(outcome: Outcome, fmt: str) -> str:
-    """The report in one format; without a comparison, the reason why (e.g. for the pull request's summary)."""
+    """The report in one format; without a comparison, the reason why (e.g. for the pull request's
+    summary)."""
     if outcome.comparison is not None:
         text = RENDERERS[fmt](outcome.comparison)
         if fmt != "json" and outcome.warnings:  # what the verdict rests on: said with it
@@ -162,7 +126,8 @@ def render(outcome: Outcome, fmt: str) -> str:
 
 def write_reports(outcome: Outcome, out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
     """Render text, Markdown and JSON once each into ``out_dir/<stem>.{txt,md,json}``, and a PNG per flagged
-    case into ``out_dir/plots-<stem>/``. Returns {"text": path, "markdown": ..., "json": ..., "plot:<case>": ...}."""
+    case into ``out_dir/plots-<stem>/``. Returns {"text": path, "markdown": ..., "json": ..., "plot:<case>":
+    ...}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -171,6 +136,7 @@ def write_reports(outcome: Outcome, out_dir: str | os.PathLike, stem: str) -> di
         path.write_text(render(outcome, fmt), encoding="utf-8")
         written[fmt] = path
     if outcome.comparison is not None:
-        for plot in plot_flagged(outcome.comparison, outcome.baseline, outcome.candidate, out / f"plots-{stem}"):
+        for plot in plot_flagged(outcome.comparison, outcome.baseline, outcome.candidate,
+                                 out / f"plots-{stem}"):
             written[f"plot:{plot.stem}"] = plot
     return written

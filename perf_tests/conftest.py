@@ -13,6 +13,8 @@ during timed rounds. A bad option value stops the run before anything is built, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from perf_tests import cases as C
@@ -29,7 +31,8 @@ _JOURNAL_KEY = "_perf_journal"
 def pytest_addoption(parser):
     g = parser.getgroup("perf_tests", "Stable Diffusion 2.1 benchmark suite (perf_tests)")
     g.addoption("--grid", dest="perf_grid", default=None,
-                help="gate (default: the focused pull-request grid) or full (every combination, for baselines "
+                help="gate (default: the focused pull-request grid) or full (every combination, for "
+                     "baselines "
                      "and nightly runs). Giving any axis below makes the grid 'custom'.")
     g.addoption("--profile", dest="perf_profile", default=None,
                 help=f"model profile: {', '.join(C.PROFILES)} (default: tiny on CPU, sd21-base on CUDA)")
@@ -37,7 +40,8 @@ def pytest_addoption(parser):
                 help=f"comma-separated attention backends of the UNet: {', '.join(C.ATTENTION_BACKENDS)}")
     g.addoption("--compile", dest="perf_compile", default=None,
                 help=f"comma-separated: {', '.join(C.COMPILE_MODES)}")
-    g.addoption("--batch-size", dest="perf_batch_size", default=None, help="comma-separated batch sizes, e.g. 1,4")
+    g.addoption("--batch-size", dest="perf_batch_size", default=None,
+                help="comma-separated batch sizes, e.g. 1,4")
     g.addoption("--precision", dest="perf_precision", default=None,
                 help=f"comma-separated: {', '.join(C.PRECISIONS)} (default: fp32 on CPU; fp16 on CUDA)")
     g.addoption("--memory-format", dest="perf_memory_format", default=None,
@@ -57,7 +61,8 @@ def pytest_addoption(parser):
                 help=f"a round times a block of calls lasting at least this long (default "
                      f"{MIN_ROUND_S['cpu'] * 1e3:g} ms on a CPU, {MIN_ROUND_S['cuda'] * 1e3:g} ms on CUDA)")
     g.addoption("--canary", dest="perf_canary", default=None,
-                help="on (default) or off: time a fixed plain-torch workload before every case and at the end")
+                help="on (default) or off: time a fixed plain-torch workload before every case and at the "
+                     "end")
     g.addoption("--inductor-cache", dest="perf_inductor_cache", default=None,
                 help="state each measured compilation starts from: warm (default: the suite's cache folder "
                      "as earlier runs left it; a compile that missed it is recorded as cold) or cold (a "
@@ -66,12 +71,14 @@ def pytest_addoption(parser):
                 help="the suite's Inductor cache folder, Triton's in its triton/ subfolder (default: "
                      f"$TORCHINDUCTOR_CACHE_DIR when set, else {INDUCTOR_CACHE_DIR})")
     g.addoption("--ckpt", dest="perf_ckpt", default=None, help="checkpoint to load (default: random weights)")
-    g.addoption("--device", dest="perf_device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    g.addoption("--device", dest="perf_device", default=None,
+                help="cpu, cuda, cuda:1 (default: cuda if present)")
     g.addoption("--threads", dest="perf_threads", default=None,
                 help="torch.set_num_threads for the run, or 'auto' for torch's default (default: 1 on CPU, "
                      "untouched on CUDA)")
     g.addoption("--study-dir", dest="perf_study_dir", default=None,
-                help="write the study table (study.md, study.txt) and bar charts (study-<kind>.png) here")
+                help="write the study table (study.md, study.txt) and bar charts (study.png, or "
+                     "study-<kind>.png for several kinds) here")
     g.addoption("--study-reference", dest="perf_study_reference", default="original",
                 help="reference row of the study table (default: original)")
     g.addoption("--inject-delay", dest="perf_inject_delay", default=None,
@@ -236,7 +243,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if bs is None or s is None:
         return
     if s.failed:
-        terminalreporter.write_sep("=", f"{len(s.failed)} perf case(s) FAILED (recorded in perf_tests.failed)")
+        terminalreporter.write_sep("=",
+                                   f"{len(s.failed)} perf case(s) FAILED (recorded in perf_tests.failed)")
         for f in s.failed.values():
             terminalreporter.write_line(f"{f['kind']}: {f['reason']}")
     if not bs.benchmarks:
@@ -257,7 +265,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     "perf_tests.skipped)")
     out = config.getoption("perf_study_dir")
     if out:
-        for path in write_study([run], out, reference):
+        out = Path(out)
+        for path in [*write_study([run], out / "study.md", reference=reference, plot=out / "study.png"),
+                     *write_study([run], out / "study.txt", reference=reference)]:
             terminalreporter.write_line(f"wrote {path}")
 
 

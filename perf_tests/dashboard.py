@@ -10,7 +10,6 @@ of ``history`` (red, dashed) and the environment changes (blue, dotted), each po
 
 from __future__ import annotations
 
-import argparse
 import html
 import re
 from collections.abc import Sequence
@@ -227,26 +226,3 @@ def build(
     )
     (out / "index.html").write_text(_page("sd-perf history", index), encoding="utf-8")
     return [out / "index.html", *written]
-
-
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    with Store.open(args.store) as store:
-        pages = build(store, args.output, commit_url=args.commit_url, branch=args.branch)
-    for page in pages:
-        print(f"wrote {page}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    from perf_tests.store_cli import store_option
-
-    p = sub.add_parser(
-        "dashboard", help="a static HTML site of the store: one page per device type and env"
-    )
-    p.add_argument("output", type=Path, help="folder to write index.html and the pages into")
-    store_option(p)
-    p.add_argument("--branch", help="only runs recorded on this branch, e.g. main")
-    p.add_argument(
-        "--commit-url", help="link of a commit, with {sha}, e.g. https://github.com/o/r/commit/{sha}"
-    )
-    p.set_defaults(func=cmd_dashboard)

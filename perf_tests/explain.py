@@ -42,7 +42,8 @@ TOP = 10
 # torch._inductor.config.cpp.enable_kernel_profile is on), its Triton kernels, and the wrapper events.
 _COMPILED_RE = re.compile(r"cpp_fused|triton_|CompiledFxGraph|Torch-Compiled Region|CompiledFunction")
 # Event names carrying a per-graph hash or a step number: normalised so both sides use one key.
-_NAME_SUBS = ((re.compile(r"CompiledFxGraph \w+"), "CompiledFxGraph"), (re.compile(r"ProfilerStep#\d+"), "ProfilerStep"))
+_NAME_SUBS = ((re.compile(r"CompiledFxGraph \w+"), "CompiledFxGraph"), (re.compile(r"ProfilerStep#\d+"),
+                                                                        "ProfilerStep"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,7 +62,8 @@ def build_case(name: str, device: str) -> Callable[[], object]:
     from perf_tests.workloads import ModelCache, make_workload
 
     parsed = C.parse_name(name)
-    case = C.build_cases(parsed.kind, parsed.profile, [parsed.attention], [parsed.compile], [parsed.batch_size],
+    case = C.build_cases(parsed.kind, parsed.profile, [parsed.attention], [parsed.compile],
+                         [parsed.batch_size],
                          [parsed.precision])[0]
     if hasattr(parsed, "memory_format"):  # trees whose cases have the ladder's axes
         case = dataclasses.replace(case, memory_format=parsed.memory_format, projections=parsed.projections)
@@ -82,7 +84,8 @@ def _operator_table(events, is_cuda: bool) -> dict[str, tuple[float, int]]:
     for e in events:
         if is_cuda and "CUDA" not in str(getattr(e, "device_type", "")):
             continue
-        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) if is_cuda \
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total",
+                                                                    0.0)) if is_cuda \
             else e.self_cpu_time_total
         key = e.key
         for pattern, repl in _NAME_SUBS:
@@ -185,7 +188,8 @@ def tree_env(tree: Path) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *extra])}
 
 
-def profile_in_tree(tree: Path, name: str, out_stem: Path, calls: int, warmup: int, device: str | None) -> dict:
+def profile_in_tree(tree: Path, name: str, out_stem: Path, calls: int, warmup: int,
+                    device: str | None) -> dict:
     """Profile case ``name`` in a separate process running ``tree``'s code; returns its summary."""
     cmd = [sys.executable, "-c", _BOOTSTRAP, str(Path(__file__).resolve()), "--case", name,
            "--out-stem", str(out_stem.resolve()), "--calls", str(calls), "--warmup", str(warmup)]
@@ -297,11 +301,13 @@ def explain_trees(
             for i in range(1, runs + 1):
                 for side, tree in (("baseline", baseline), ("candidate", candidate)):
                     log(f"[explain] {name}: profile {i}/{runs} of {side} ({tree})")
-                    sides[side].append(profile_in_tree(tree, name, folder / f"{side}-{i}", calls, warmup, device))
+                    sides[side].append(profile_in_tree(tree, name, folder / f"{side}-{i}", calls, warmup,
+                                                       device))
         except RuntimeError as exc:
             diffs.append(OperatorDiff(name, baseline_label, candidate_label, error=str(exc)))
             continue
-        d = diff_summaries(name, sides["baseline"], sides["candidate"], top, (baseline_label, candidate_label))
+        d = diff_summaries(name, sides["baseline"], sides["candidate"], top, (baseline_label,
+                                                                              candidate_label))
         d.traces = {side: [str(folder / s["trace"]) for s in ss] for side, ss in sides.items()}
         diffs.append(d)
     return diffs
@@ -316,7 +322,8 @@ def explain_cases(
 
     root = repo_root(root)
     with checkout(ref, root, prefix="perf-explain-") as tree:
-        return explain_trees(tree.path, root, case_names, out_dir, baseline_label=f"{ref} ({tree.commit[:12]})",
+        return explain_trees(tree.path, root, case_names, out_dir,
+                             baseline_label=f"{ref} ({tree.commit[:12]})",
                              candidate_label="current tree", **kwargs)
 
 
@@ -359,6 +366,8 @@ _FOOT = ("(?) = the processes of the two sides overlap for this operator: within
 
 
 def render_text(diffs: Sequence[OperatorDiff]) -> str:
+    from perf_tests.tabular import text_table
+
     out = []
     for d in diffs:
         out.append(_title(d))
@@ -366,10 +375,7 @@ def render_text(diffs: Sequence[OperatorDiff]) -> str:
             out += [f"  not profiled: {line}" for line in d.error.splitlines()] + [""]
             continue
         out.append("  " + _step_line(d))
-        table = [_HEAD, *(_cells(r) for r in d.rows)]
-        widths = [max(len(row[i]) for row in table) for i in range(len(_HEAD) - 1)]
-        for row in table:
-            out.append("  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+        out += text_table(_HEAD, [_cells(r) for r in d.rows], "rrrrrl", rule=False, indent="  ")
         for side, paths in d.traces.items():
             out.append(f"  {side} traces: {', '.join(paths)}")
         out.append("")
@@ -379,6 +385,8 @@ def render_text(diffs: Sequence[OperatorDiff]) -> str:
 
 
 def render_markdown(diffs: Sequence[OperatorDiff]) -> str:
+    from perf_tests.tabular import markdown_table
+
     out = ["### Operators that got slower", ""]
     for d in diffs:
         out.append(f"**`{d.case}`**: {d.candidate} vs {d.baseline}")
@@ -386,11 +394,8 @@ def render_markdown(diffs: Sequence[OperatorDiff]) -> str:
         if d.error:
             out += ["```", d.error, "```", ""]
             continue
-        out += [_step_line(d), "", "| " + " | ".join(_HEAD) + " |", "|" + "---:|" * 5 + ":---|"]
-        for r in d.rows:
-            cells = list(_cells(r))
-            cells[-1] = f"`{r.name}`" + (" (compiled)" if r.compiled else "")
-            out.append("| " + " | ".join(cells) + " |")
+        rows = [[*_cells(r)[:-1], f"`{r.name}`" + (" (compiled)" if r.compiled else "")] for r in d.rows]
+        out += [_step_line(d), "", *markdown_table(_HEAD, rows, "rrrrrl")]
         out += ["", "Chrome traces: " + "; ".join(f"{s}: {', '.join(f'`{p}`' for p in ps)}"
                                                 for s, ps in d.traces.items()), ""]
     out.append(_FOOT)
@@ -403,63 +408,6 @@ def to_dict(diffs: Sequence[OperatorDiff]) -> dict:
 
 RENDERERS = {"text": render_text, "markdown": render_markdown,
              "json": lambda diffs: json.dumps(to_dict(diffs), indent=1) + "\n"}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_profile_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("profiling")
-    g.add_argument("--repeats", type=int, default=DEFAULT_CALLS,
-                   help="profiled calls per process, after the warm-up (default %(default)s)")
-    g.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
-                   help="calls before profiling; the first compiles a compiled case (default %(default)s)")
-    g.add_argument("--runs-per-side", type=int, default=DEFAULT_RUNS,
-                   help="profiled processes per side, interleaved baseline, candidate, ... (default %(default)s)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
-    g.add_argument("--top", type=int, default=TOP, help="operators listed per case (default %(default)s)")
-
-
-def profile_kwargs(args: argparse.Namespace) -> dict:
-    from perf_tests.results import InputError
-
-    if args.repeats < 1 or args.runs_per_side < 1:
-        raise InputError("--repeats and --runs-per-side must be at least 1.")
-    return dict(runs=args.runs_per_side, calls=args.repeats, warmup=args.warmup, device=args.device, top=args.top)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("explain", help="operator-level profile diff of a case: current tree vs a git ref",
-                       description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ref", metavar="BASELINE_REF", help="git ref profiled as the baseline (temporary worktree)")
-    p.add_argument("cases", metavar="CASE", nargs="+",
-                   help="benchmark name(s), e.g. 'test_unet_step[tiny-sdpa-eager-bs1-fp32]'")
-    add_profile_options(p)
-    p.add_argument("--output-dir", type=Path, default=Path("results/explain"),
-                   help="traces, per-process summaries and explain.{txt,md,json} (default %(default)s)")
-    p.add_argument("--format", choices=tuple(RENDERERS), default="text", help="printed report (default %(default)s)")
-    p.set_defaults(func=cmd_explain)
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    from perf_tests.cases import parse_name
-    from perf_tests.results import InputError
-
-    for name in args.cases:
-        try:
-            parse_name(name)
-        except ValueError as exc:
-            raise InputError(f"{exc}; a case is named as in the gate's report, e.g. "
-                             "'test_unet_step[tiny-sdpa-eager-bs1-fp32]'.") from None
-    t0 = time.perf_counter()
-    diffs = explain_cases(args.ref, args.cases, args.output_dir, **profile_kwargs(args),
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
-    write_reports(diffs, args.output_dir)
-    sys.stdout.write(RENDERERS[args.format](diffs))
-    print(f"[explain] {time.perf_counter() - t0:.0f} s; reports in {args.output_dir}/explain.{{txt,md,json}}",
-          file=sys.stderr)
-    return 2 if any(d.error for d in diffs) else 0
 
 
 def write_reports(diffs: Sequence[OperatorDiff], out_dir: Path) -> None:

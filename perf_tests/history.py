@@ -18,18 +18,15 @@ driver) are listed with it. docs/store.md has the measured detection rates.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from perf_tests.stats import CaseSamples, Policy, Side, compare
-from perf_tests.store import Store, describe
+from perf_tests.store import Store
 
 WINDOW = 60  # commits per window
 STRIDE = 30  # windows overlap by half, so a step near a window's edge is central in the next
@@ -349,7 +346,7 @@ def find_steps(series: Series, policy: Policy | None = None, **kw) -> list[Chang
 # --- the command -------------------------------------------------------------------------------------------
 
 
-def _fmt(cp: ChangePoint) -> str:
+def change_point_line(cp: ChangePoint) -> str:
     ratio = f"{cp.ratio - 1:+.1%}" if cp.ratio else "?"
     ci = f" [{cp.ci[0] - 1:+.1%}, {cp.ci[1] - 1:+.1%}]" if cp.ci else ""
     mde = f", MDE {cp.mde:.1%}" if cp.mde is not None else ""
@@ -372,63 +369,3 @@ def report(store: Store, device: str | None, env: str | None, branch: str | None
             steps = [s for s in steps if s.index >= len(series.commits) - recent]
         out.append((series, steps))
     return out
-
-
-def cmd_history(args: argparse.Namespace) -> int:
-    with Store.open(args.store) as store:
-        groups = report(store, args.device, args.env, args.branch, args.recent)
-        where = describe(store.location)
-    if not groups:
-        print(
-            f"{where}: no runs"
-            + (f" of {args.device}" if args.device else "")
-            + (f" in {args.env}" if args.env else ""),
-            file=sys.stderr,
-        )
-        return 2
-    lines, doc = [], []
-    for series, steps in groups:
-        lines.append(
-            f"{series.device_slug} {series.env}: {len(series.commits)} commits, {len(series.medians)} "
-            f"cases, {len(steps)} change point(s)"
-            + (f" in the last {args.recent} commits" if args.recent else "")
-        )
-        lines += [_fmt(s) for s in steps]
-        doc.append(
-            {
-                "device_slug": series.device_slug,
-                "env": series.env,
-                "commits": len(series.commits),
-                "change_points": [asdict(s) for s in steps],
-            }
-        )
-    text = "\n".join(lines) + "\n"
-    sys.stdout.write(text)
-    if args.json:
-        args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    if args.summary:
-        with open(args.summary, "a", encoding="utf-8") as fh:
-            fh.write("## Change points\n\n```\n" + text + "```\n")
-    regressions = [s for _, steps in groups for s in steps if s.verdict == "regression"]
-    return 1 if args.fail_on_regression and regressions else 0
-
-
-def add_parser(sub) -> None:
-    from perf_tests.store_cli import store_option
-
-    p = sub.add_parser(
-        "history", help="change points of each case's time over the commits (E-Divisive means)"
-    )
-    store_option(p)
-    p.add_argument("--device", help="one device slug (default: every device type in the store)")
-    p.add_argument("--env", help="one environment, e.g. torch2 (default: each)")
-    p.add_argument("--branch", help="only runs recorded on this branch, e.g. main")
-    p.add_argument("--recent", type=int, metavar="N", help="only change points within the last N commits")
-    p.add_argument("--json", type=Path, help="also write the change points as JSON here")
-    p.add_argument(
-        "--summary", metavar="FILE", help="append a Markdown section here (e.g. $GITHUB_STEP_SUMMARY)"
-    )
-    p.add_argument(
-        "--fail-on-regression", action="store_true", help="exit 1 when a change point is a regression"
-    )
-    p.set_defaults(func=cmd_history)

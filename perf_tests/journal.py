@@ -13,12 +13,13 @@ import json
 import os
 from pathlib import Path
 
+JOURNAL_SUFFIX = ".journal.jsonl"
 
-def journal_path(json_path: str | os.PathLike) -> Path:
-    """``out/run.json`` -> ``out/run.journal.jsonl``."""
-    p = Path(json_path)
-    stem = p.name[: -len(".json")] if p.name.endswith(".json") else p.name
-    return p.with_name(stem + ".journal.jsonl")
+
+def journal_path(result_json: str | os.PathLike) -> Path:
+    """``X.json`` -> ``X.journal.jsonl`` (the journal the suite writes beside its result JSON)."""
+    p = Path(result_json)
+    return p.with_name(p.name.removesuffix(".json") + JOURNAL_SUFFIX)
 
 
 def _unserializable(obj: object) -> str:

@@ -1,4 +1,5 @@
-"""The environment a run came from, for pytest-benchmark's ``machine_info`` (the keys the comparator and baselines read).
+"""The environment a run came from, for pytest-benchmark's ``machine_info`` (the keys the comparator and
+baselines read).
 
 Baselines are kept per device (``baselines/<device_slug>/<env>-<profile>.json``), so the slug must be
 stable and filesystem-safe; everything else is recorded so a later reader can tell two runs apart.
@@ -40,8 +41,8 @@ def machine_id(machine_id_file: str = "/etc/machine-id",
     one, the hostname), the hostname and the kernel's boot id where it has one. Runs on different machines
     of one device type differ by more than runs on one machine; the comparator needs to know which is which.
     The boot counts because VMs cloned from one image share machine-id and hostname, and a VM booted again
-    may run on another host: two such VMs reporting the same CPU model differed by 35-49% on a plain
-    matmul, and by 11-17% case to case. A baseline recorded before a reboot is from another machine."""
+    may run on another host (docs/design-notes.md). A baseline recorded before a reboot is from another
+    machine."""
     host = socket.gethostname()
     parts = []
     for path, fallback in ((machine_id_file, host), (boot_id_file, "")):

@@ -19,7 +19,7 @@ JSON). Other load on a shared machine then slows both sides of a pair alike, so 
 even when the absolute times do not. Per rung the report gives both medians and the ratio ours/theirs as
 the median of the paired per-call ratios with a percentile bootstrap interval; the target is ratio <= 1.00.
 
-    python -m perf_tests.parity --preset tiny --batch-size 2 --rounds 20 --format markdown
+    python -m perf_tests parity --preset tiny --batch-size 2 --rounds 20 --format markdown
 
 Exit status: 0 when no rung is slower than diffusers beyond its interval and every output matches;
 1 when a rung is (interval wholly above 1) or its outputs differ; 2 on bad input or an error.
@@ -27,7 +27,6 @@ Exit status: 0 when no rung is slower than diffusers beyond its interval and eve
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import fnmatch
@@ -36,16 +35,16 @@ import importlib
 import json
 import math
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from perf_tests.errors import InputError
 from perf_tests.stats import median_ratio_interval
+from perf_tests.tabular import markdown_table, text_table
 from perf_tests.timing import sync
 from sd.capabilities import has_compile
 from sd.compile import compile_fn, compile_model
@@ -64,8 +63,8 @@ SEEDS = {"x": 2, "context": 102}
 TOLERANCE = {"fp32": (1e-5, 1e-3), "fp16": (1e-3, 2e-2), "bf16": (1e-2, 5e-2)}
 
 
-class ParityError(Exception):
-    """Bad input or a missing requirement; main() prints it as one `error:` paragraph, exit 2."""
+class ParityError(InputError):
+    """Bad input or a missing requirement: one `error:` paragraph, exit 2."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,8 @@ def _diffusers():
     except ImportError as exc:
         raise ParityError(
             f"the parity harness compares with diffusers, which does not import here ({exc}). Use a "
-            f"PyTorch 2 environment with the oracle extra (`pip install -e .[oracle]`; nox's tests env has it)."
+            "PyTorch 2 environment with the oracle extra (`pip install -e .[oracle]`; nox's tests env has "
+            "it)."
         ) from None
 
 
@@ -302,7 +302,8 @@ def measure_rung(
     result.verdict = verdict(result.ratio, result.ratio_low, result.ratio_high)
     if not result.outputs_match:
         result.status, result.verdict = "wrong-output", "fail, outputs differ"
-        result.reason = f"max abs error {diff:.3g} (theirs' max {scale:.3g}) above the {rung.precision} tolerance"
+        result.reason = (f"max abs error {diff:.3g} (theirs' max {scale:.3g}) above the {rung.precision} "
+                         "tolerance")
     return result
 
 
@@ -395,7 +396,8 @@ def _row(r: RungResult) -> list[str]:
     if r.status in ("unavailable", "error"):
         return [r.rung, "", "", "", "", f"{r.status}: {r.reason}"]
     interval = f"{r.ratio:.3f} [{r.ratio_low:.3f}, {r.ratio_high:.3f}]"
-    return [r.rung, _ms(r.ours_median_s), _ms(r.theirs_median_s), interval, f"{r.max_abs_error:.1e}", r.verdict]
+    return [r.rung, _ms(r.ours_median_s), _ms(r.theirs_median_s), interval, f"{r.max_abs_error:.1e}",
+            r.verdict]
 
 
 HEADER = ["rung", "ours ms", "diffusers ms", "ours/diffusers [95% CI]", "max abs err", "verdict"]
@@ -407,7 +409,8 @@ def _preamble(s: dict) -> list[str]:
         f"{s['preset']}, latents {'x'.join(map(str, s['latent_shape']))}, {s['device']}, "
         f"{s['threads']} thread(s), torch {s['torch']}.",
         f"{s['rounds']} interleaved rounds after {s['warmup']} warm-up calls per side; medians per call; "
-        f"ratio = median of the paired per-call ratios, bootstrap interval; target ratio <= {s['target_ratio']:.2f}.",
+        "ratio = median of the paired per-call ratios, bootstrap interval; target ratio <= "
+        f"{s['target_ratio']:.2f}.",
     ]
 
 
@@ -419,56 +422,9 @@ def format_report(report: ParityReport, fmt: str) -> str:
             row.update(ours_median_s=r.ours_median_s, theirs_median_s=r.theirs_median_s)
             rows.append(row)
         return json.dumps({"settings": report.settings, "rungs": rows}, indent=2) + "\n"
-    rows = [HEADER] + [_row(r) for r in report.results]
+    rows = [_row(r) for r in report.results]
     if fmt == "markdown":
-        lines = [" ".join(_preamble(report.settings)), ""]
-        lines += ["| " + " | ".join(row) + " |" for row in rows[:1]]
-        lines.append("|" + "|".join("---" for _ in HEADER) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+        lines = [" ".join(_preamble(report.settings)), "", *markdown_table(HEADER, rows)]
         return "\n".join(lines) + "\n"
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
-    lines = _preamble(report.settings) + [""]
-    for row in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    lines = [*_preamble(report.settings), "", *text_table(HEADER, rows, rule=False)]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m perf_tests.parity",
-        description="Our UNet forward against diffusers' UNet2DConditionModel, rung by rung, interleaved.",
-    )
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "sd21-base"))
-    parser.add_argument("--batch-size", type=int, default=2, help="latents per UNet call (default 2)")
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved timed calls per side (default 20)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per side first (default 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rungs", default=None,
-                        help="comma-separated rung ids or patterns, e.g. 'eager-*' (default: all)")
-    parser.add_argument("--format", default="text", choices=("text", "markdown", "json"))
-    parser.add_argument("--output", type=Path, default=None, help="also write the report to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        report = run_parity(
-            args.preset,
-            batch_size=args.batch_size,
-            rounds=args.rounds,
-            warmup=args.warmup,
-            device=args.device,
-            rungs=args.rungs.split(",") if args.rungs else None,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-        )
-    except ParityError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    text = format_report(report, args.format)
-    sys.stdout.write(text)
-    if args.output is not None:
-        args.output.write_text(text)
-    return report.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

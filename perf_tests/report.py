@@ -31,6 +31,7 @@ from perf_tests.stats import (
     Reason,
     Side,
 )
+from perf_tests.tabular import format_seconds, markdown_table, text_table
 
 # What settles a comparison across machines, where more runs do not (the machine-to-machine variance stays).
 ACROSS_MACHINES_FIX = ("compare on one machine: --ab REF, or a baseline recorded on this one "
@@ -106,7 +107,8 @@ def _reason_dict(r: Reason) -> dict:
 _MARK = {FAILED: "FAILED", REGRESSION: "REGRESSION", MISSING: "MISSING", IMPROVEMENT: "improvement",
          NO_CHANGE: "no change", INCONCLUSIVE: "inconclusive", NEW: "new", SKIPPED: "skipped",
          NOT_COMPARED: "not compared"}
-_EMOJI = {FAILED: "❌", REGRESSION: "🔴", MISSING: "❓", IMPROVEMENT: "🟢", NO_CHANGE: "⚪", INCONCLUSIVE: "🟡",
+_EMOJI = {FAILED: "❌", REGRESSION: "🔴", MISSING: "❓", IMPROVEMENT: "🟢", NO_CHANGE: "⚪",
+          INCONCLUSIVE: "🟡",
           NEW: "🆕", SKIPPED: "⏭️", NOT_COMPARED: "➖"}
 # An MDE above this is called out in the summary: "no regression" must not hide a blind gate.
 BLIND_MDE = 0.20
@@ -114,12 +116,6 @@ BLIND_MDE = 0.20
 
 def _pct(x: float) -> str:
     return f"{x - 1:+.1%}"
-
-
-def _seconds(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.3f} s"
 
 
 def _bytes(x: float | None) -> str:
@@ -180,7 +176,8 @@ def policy_line(cmp: Comparison) -> str:
         f"the {p.confidence_level:.0%} interval inside ±{p.min_effect:.0%}; one run a side judged only against "
         f"a recorded or prior run-to-run noise; a run (pair) with a disturbed canary is left out while enough "
         "clean ones remain, else regressions and no change are inconclusive. "
-        f"compile time ±{p.compile_threshold:.0%} within one cache state, peak memory ±{p.memory_threshold:.0%}, "
+        f"compile time ±{p.compile_threshold:.0%} within one cache state, peak memory "
+        f"±{p.memory_threshold:.0%}, "
         f"on every run pair."
     )
 
@@ -238,8 +235,8 @@ def _rows(cmp: Comparison) -> list[list[str]]:
         rows.append([
             c.name,
             _MARK[c.verdict],
-            _seconds(t.baseline_median if t else None),
-            _seconds(t.candidate_median if t else None),
+            format_seconds(t.baseline_median if t else None),
+            format_seconds(t.candidate_median if t else None),
             _change(t),
             "-" if t is None or t.mde is None else f"{t.mde:.1%}",
             "-" if t is None else f"{t.n_baseline}v{t.n_candidate}",
@@ -268,13 +265,8 @@ def _notes(cmp: Comparison) -> list[tuple[str, list[str]]]:
 
 
 def render_text(cmp: Comparison) -> str:
-    rows = [_HEADER] + _rows(cmp)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
-    lines = [f"{cmp.candidate_label} vs {cmp.baseline_label}", *context_lines(cmp)]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = [f"{cmp.candidate_label} vs {cmp.baseline_label}", *context_lines(cmp), *text_table(_HEADER,
+                                                                                                _rows(cmp))]
     if _notes(cmp):
         lines.append("")
         for name, reasons in _notes(cmp):
@@ -295,12 +287,9 @@ def render_markdown(cmp: Comparison) -> str:
     lines += [f"> {_md(line)}" for line in context_lines(cmp)]
     if context_lines(cmp):
         lines.append("")
-    lines.append("| " + " | ".join(_HEADER) + " |")
-    lines.append("|" + "---|" * len(_HEADER))
-    for c, r in zip(cmp.cases, _rows(cmp), strict=True):
-        r[0] = f"`{r[0]}`"
-        r[1] = f"{_EMOJI[c.verdict]} {r[1]}"
-        lines.append("| " + " | ".join(_md(x) for x in r) + " |")
+    rows = [[f"`{r[0]}`", f"{_EMOJI[c.verdict]} {r[1]}", *r[2:]] for c, r in zip(cmp.cases, _rows(cmp),
+                                                                                 strict=True)]
+    lines += markdown_table(_HEADER, rows)
     if _notes(cmp):
         lines += ["", "<details><summary>Reasons</summary>", ""]
         for name, reasons in _notes(cmp):
@@ -384,7 +373,8 @@ def plot_flagged(
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         labels = []
-        for y, (label, cs) in enumerate((("baseline", baseline.cases[c.name]), ("candidate", candidate.cases[c.name]))):
+        for y, (label, cs) in enumerate((("baseline", baseline.cases[c.name]), ("candidate",
+                                                                                candidate.cases[c.name]))):
             for r, run in enumerate(cs.runs):
                 jitter = [y + 0.3 * ((i * 0.618) % 1 - 0.5) for i in range(len(run))]
                 ax.scatter([v * 1e3 for v in run], jitter, s=12, alpha=0.5, color=f"C{r % 10}")

@@ -29,15 +29,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.cases import parse_name
+from perf_tests.errors import InputError
 from perf_tests.gpu_state import disturbance
+from perf_tests.journal import JOURNAL_SUFFIX, journal_path
 from perf_tests.machine import env_label
+from perf_tests.names import parse_name
 from perf_tests.stats import DEFAULT_ENV_FIELDS, CaseSamples, Side, environment_mismatch
 
 SCHEMA = "sd-perf-baseline"
 SCHEMA_VERSION = 2  # written; versions 1 and 2 are read
 READABLE_SCHEMA_VERSIONS = (1, 2)
-JOURNAL_SUFFIX = ".journal.jsonl"
 
 # What a baseline remembers about the machine (machine_info keys written by the perf_tests conftest, plus
 # pytest-benchmark's own python_version). machine_id is kept per run, not in the shared fingerprint.
@@ -53,17 +54,14 @@ FAILURE_KINDS = ("wrong-output", "non-finite", "error", "oom")
 SAVE_DATA_HINT = (
     "The comparator needs the per-round timings: pytest-benchmark writes them into --benchmark-json files, "
     "but into --benchmark-save / --benchmark-autosave files only with --benchmark-save-data. Rerun the suite "
-    "with `python -m pytest perf_tests --benchmark-json OUT.json` (the perf_tests conftest keeps raw samples)."
+    "with `python -m pytest perf_tests --benchmark-json OUT.json` (the perf_tests conftest keeps raw "
+    "samples)."
 )
 RERUN_HINT = "Rerun the suite (`python -m pytest perf_tests --benchmark-json OUT.json`) to produce it again."
 BASELINE_HINT = (
     "Regenerate the baseline with `python -m perf_tests update-baselines --replace RUN.json ...` or restore "
     "it from git (`git checkout -- FILE`)."
 )
-
-
-class InputError(Exception):
-    """A result or baseline file that cannot be used; the message says what is wrong and how to fix it."""
 
 
 class MissingBaseline(InputError):
@@ -116,7 +114,8 @@ class Run:
     cases: dict[str, CaseResult]
     skipped: dict[str, Skip] = field(default_factory=dict)
     failed: dict[str, Failure] = field(default_factory=dict)
-    selected: tuple[str, ...] | None = None  # every case selected in the run; None: unknown (harness 1, baselines)
+    # every case selected in the run; None: unknown (harness 1, baselines)
+    selected: tuple[str, ...] | None = None
     canary: tuple[float, ...] = ()  # per-call seconds of the canary workload
     canary_timeline: tuple[dict, ...] = ()  # {"t", "seconds", "before"} in run order
     grid_name: str | None = None
@@ -191,7 +190,8 @@ def _number(path, where: str, value, fix: str = RERUN_HINT) -> float | None:
     return float(value)
 
 
-def _samples(path, where: str, data, fix: str = RERUN_HINT, missing_fix: str = SAVE_DATA_HINT) -> tuple[float, ...]:
+def _samples(path, where: str, data, fix: str = RERUN_HINT,
+             missing_fix: str = SAVE_DATA_HINT) -> tuple[float, ...]:
     if data is None or data == []:
         raise _fail(path, where, "no raw samples", missing_fix)
     _typed(path, where, data, list, "a list of seconds", fix, optional=False)
@@ -276,12 +276,6 @@ def _load_json(path: Path) -> dict:
     return doc
 
 
-def journal_path(result_json: str | os.PathLike) -> Path:
-    """``X.json`` -> ``X.journal.jsonl`` (the journal the suite writes beside its result JSON)."""
-    p = Path(result_json)
-    return p.with_name(p.name.removesuffix(".json") + JOURNAL_SUFFIX)
-
-
 def read_any(path: str | os.PathLike) -> Run | Baseline:
     """A run (result JSON or journal) or a baseline, whichever the file is."""
     path = Path(path)
@@ -293,24 +287,26 @@ def read_any(path: str | os.PathLike) -> Run | Baseline:
     if "benchmarks" in doc:
         return run_from_doc(doc, path)
     raise InputError(
-        f"{path}: neither a pytest-benchmark JSON (no 'benchmarks' list) nor a perf_tests baseline (no 'schema' "
-        f"field). Pass the file written by `python -m pytest perf_tests --benchmark-json X.json`, its "
-        f"X{JOURNAL_SUFFIX}, or a file under baselines/."
+        f"{path}: neither a pytest-benchmark JSON (no 'benchmarks' list) nor a perf_tests baseline (no "
+        "'schema' field). Pass the file written by `python -m pytest perf_tests --benchmark-json X.json`, "
+        f"its X{JOURNAL_SUFFIX}, or a file under baselines/."
     )
 
 
 def read_run(path: str | os.PathLike) -> Run:
-    run = read_any(path)
-    if isinstance(run, Baseline):
-        raise InputError(f"{path}: is a baseline file; a run (pytest-benchmark JSON or its journal) is expected here.")
-    return run
+    return _expect(read_any(path), Run, f"{path}: is a baseline file; a run (pytest-benchmark JSON or its "
+                                        "journal) is expected here.")
 
 
 def read_baseline(path: str | os.PathLike) -> Baseline:
-    baseline = read_any(path)
-    if isinstance(baseline, Run):
-        raise InputError(f"{path}: is a run, not a baseline file; make one with `python -m perf_tests update-baselines`.")
-    return baseline
+    return _expect(read_any(path), Baseline, f"{path}: is a run, not a baseline file; make one with "
+                                             "`python -m perf_tests update-baselines`.")
+
+
+def _expect(record: Run | Baseline, kind: type, problem: str):
+    if not isinstance(record, kind):
+        raise InputError(problem)
+    return record
 
 
 # --- runs -------------------------------------------------------------------------------------------------
@@ -411,7 +407,8 @@ def _build_run(path, machine_info, section, cases, skips, failures, canary, *, d
         selected = tuple(selected)
     cases = _unique(path, cases, "case")
     if not cases and not skips and not failures and (complete and not selected):
-        raise InputError(f"{path}: the run holds no benchmarks (every case skipped or deselected?). {RERUN_HINT}")
+        raise InputError(f"{path}: the run holds no benchmarks (every case skipped or deselected?). "
+                         f"{RERUN_HINT}")
     machine = checked_env(path, "machine_info", fingerprint(machine_info))
     if "env" in machine:  # each case repeats the run's label in extra_info.env
         cases = {n: _with_env(path, c, machine["env"]) for n, c in cases.items()}
@@ -496,10 +493,12 @@ def _read_journal(path: Path) -> Run:
         elif kind == "end":
             ended = True
         else:
-            raise _fail(path, f"{where}.type", f"unknown line type {kind!r} (start, case, skip, fail, canary, end)")
+            raise _fail(path, f"{where}.type",
+                        f"unknown line type {kind!r} (start, case, skip, fail, canary, end)")
     if start is None:
         raise _fail(path, "line 1", "a journal opens with its 'start' line")
-    return _build_run(path, start.get("machine_info"), start.get("perf_tests"), cases, skips, failures, canary,
+    return _build_run(path, start.get("machine_info"), start.get("perf_tests"), cases, skips, failures,
+                      canary,
                       doc_datetime=_str(path, "line 1: datetime", start.get("datetime")), complete=ended)
 
 
@@ -520,7 +519,8 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
             + ("It was written by a newer perf_tests: update this checkout." if newer else fix)
         )
     if "environment" not in doc:
-        raise _fail(path, "environment", "missing; a baseline records the environment its runs came from", fix)
+        raise _fail(path, "environment", "missing; a baseline records the environment its runs came from",
+                    fix)
     environment = _dict(path, "environment", doc["environment"], fix, optional=False)
     run_docs = _list(path, "runs", doc.get("runs"), fix, optional=False)
     case_docs = _dict(path, "cases", doc.get("cases"), fix, optional=False)
@@ -536,12 +536,14 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
         for i, entry in enumerate(entries):
             at = f"{where}.runs[{i}]"
             entry = _dict(path, at, entry, fix, optional=False)
-            index = _typed(path, f"{at}.run", entry.get("run"), int, "an index into runs", fix, optional=False)
+            index = _typed(path, f"{at}.run", entry.get("run"), int, "an index into runs", fix,
+                           optional=False)
             if not 0 <= index < len(run_docs) or name in per_run[index]:
                 raise _fail(path, f"{at}.run", f"{index} is not a run of this file (or repeats one)", fix)
             per_run[index][name] = _case_result(
                 path, name, _samples(path, f"{at}.samples", entry.get("samples"), fix, missing_fix=fix),
-                {**{k: case.get(k) for k in ("case", "definition_hash", "attention_used", "vae_attention_used")},
+                {**{k: case.get(k) for k in ("case", "definition_hash", "attention_used",
+                                             "vae_attention_used")},
                  **{k: entry.get(k) for k in (*PER_RUN_FIELDS, "iterations", "compile_cache", "correct",
                                               "attention_kernels", "gpu_state")}},
                 f"{where} (runs[{i}]): ", fix)
@@ -669,7 +671,8 @@ def side_from_runs(runs: Sequence[Run], label: str) -> Side:
         diff = environment_mismatch(env, run.machine, DEFAULT_ENV_FIELDS)
         if diff:
             raise InputError(
-                f"cannot merge {run.source} with {runs[0].source}: different environments ({'; '.join(diff)}). "
+                f"cannot merge {run.source} with {runs[0].source}: different environments "
+                f"({'; '.join(diff)}). "
                 f"Pass runs of one environment per side."
             )
     return _side(runs, label, env, selected_known=True)
@@ -680,25 +683,42 @@ def side_from_baseline(baseline: Baseline, label: str) -> Side:
     return _side(baseline.runs, label, dict(baseline.environment), selected_known=False)
 
 
-def load_side(paths: Sequence[str | os.PathLike], label: str | None = None) -> Side:
-    """One side from one baseline file, or from one or more runs (result JSON or journals, merged)."""
+def load_side(paths: Sequence[str | os.PathLike], label: str | None = None) -> tuple[Side, list[str]]:
+    """One side from one baseline file, or from one or more runs (result JSON or journals, merged), and
+    warnings about runs that did not finish."""
     if not paths:
         raise InputError("no input files given.")
     label = label or ", ".join(Path(p).name for p in paths)
     records = [read_any(p) for p in paths]
-    baselines = [r for r in records if isinstance(r, Baseline)]
-    if baselines:
+    if any(isinstance(r, Baseline) for r in records):
         if len(records) > 1:
             raise InputError("a baseline file cannot be merged with other files on one side; pass it alone.")
-        return side_from_baseline(baselines[0], label)
-    return side_from_runs(records, label)
+        return side_from_baseline(records[0], label), []
+    warnings = []
+    for run in records:
+        alone = [n for n, c in run.cases.items() if c.extra.get("alone")]
+        if alone:
+            reason = run.cases[alone[0]].extra["alone"]
+            warnings.append(f"{run.source}: {len(alone)} case(s) measured without the A/B partner taking "
+                            f"turns ({reason}), from {alone[0]}: their rounds did not alternate with the "
+                            "other side's")
+        if not run.complete:
+            lacking = run.lacking
+            shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+            warnings.append(
+                f"{run.source}: the run did not finish (no 'end' line in its journal); it lacks "
+                f"{len(lacking)} selected case(s)" + (f": {shown}" if lacking else "")
+                + ". They count as missing."
+            )
+    return side_from_runs(records, label), warnings
 
 
 def profiles_of(source: Run | Side | Iterable[Run]) -> list[str]:
     """Profiles named by the cases (``case.profile``) of a run, runs or a side, in order of appearance."""
     if isinstance(source, Run):
         source = [source]
-    cases = source.cases.values() if isinstance(source, Side) else [c for r in source for c in r.cases.values()]
+    cases = source.cases.values() if isinstance(source,
+                                                Side) else [c for r in source for c in r.cases.values()]
     out: list[str] = []
     for c in cases:
         p = c.case.get("profile")

@@ -1,6 +1,7 @@
 """``python -m perf_tests run``: one perf run end to end.
 
-    python -m perf_tests run [--grid gate|full] [--runs N | --budget MINUTES] [--ab REF] [...] [-- PYTEST ARGS]
+    python -m perf_tests run [--grid gate|full] [--runs N | --budget MINUTES] [--ab REF] [...] [-- PYTEST
+    ARGS]
 
 1. The suite, N times, each a separate process (``python -m pytest perf_tests ... --benchmark-json
    <results>/<label>-run<i>.json``): processes, not rounds, are the unit of evidence. With ``--budget`` the
@@ -36,92 +37,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perf_tests import store_baseline, turns
-from perf_tests.ab import Tree, ab_trees, pair_cpus
+from perf_tests.ab import ab_trees, pair_cpus
 from perf_tests.baselines import locate_baselines, update_baselines
 from perf_tests.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
+from perf_tests.errors import EXIT_FAIL, EXIT_OK, InputError
+from perf_tests.job_summary import append_step_summary
 from perf_tests.machine import env_label
-from perf_tests.results import InputError, profiles_of, read_baseline, read_run
-from perf_tests.stats import FAILED, MISSING, REGRESSION, Policy
+from perf_tests.results import profiles_of, read_baseline, read_run
+from perf_tests.stats import FAILED, MISSING, REGRESSION
+from perf_tests.worktree import Tree
 
-EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 PYTEST_NO_TESTS = 5
 
 
-class RunError(Exception):
+class RunError(InputError):
     """A bad option or a suite process without a result: exit 2."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Options
-# ---------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m perf_tests run",
-        description="One perf run end to end: suite processes, study table, verdict, job summary.",
-        epilog="arguments after -- go to pytest, e.g. -- --case-kind unet-step --batch-size 1",
-    )
-    p.add_argument("--grid", choices=("gate", "full"), help="the suite's grid (default: the suite's, gate)")
-    runs = p.add_mutually_exclusive_group()
-    runs.add_argument("--runs", type=int, help="suite processes (per side with --ab); default 1")
-    runs.add_argument("--budget", type=float, metavar="MINUTES",
-                      help="run the suite again while the next run fits in MINUTES of suite time (at least once)")
-    p.add_argument("--ab", metavar="REF", help="A/B: the current tree against git REF, alternating A,B,A,B")
-    p.add_argument("--interleave", choices=("rounds", "runs"), default="rounds",
-                   help="with --ab: 'rounds' (default) starts both processes of a pair together and they take "
-                        "turns after every timed round; 'runs' runs A, then B")
-    p.add_argument("--results", type=Path, help="output folder (default results/<UTC timestamp>)")
-    p.add_argument("--label", help="file name prefix (default: the environment, torch1, torch20 or torch2, "
-                                   "from the installed torch: perf_tests.machine.env_label)")
-    p.add_argument("--baseline-dir", type=Path, default=Path("baselines"), help="baseline store (default baselines)")
-    p.add_argument("--gate", choices=("fail", "warn"), default="fail",
-                   help="warn: report timing regressions without failing (failed cases still fail)")
-    p.add_argument("--require-all", action="store_true", help="a selected case that left no result fails")
-    p.add_argument("--require-baseline", action="store_true", help="no baseline for this device is an error")
-    p.add_argument("--fail-on-inconclusive", action="store_true", help="an inconclusive case fails")
-    p.add_argument("--explain", action="store_true",
-                   help="profile every case flagged as a regression on both sides (the --ab REF, else --explain-ref)"
-                        " and write the operators whose time grew most into the verdict (perf_tests explain)")
-    p.add_argument("--explain-ref", metavar="REF",
-                   help="with --explain and a stored baseline: the git ref to profile against (default: the "
-                        "commit the baseline's last run was recorded at)")
-    p.add_argument("--store", metavar="PATH|URL|off",
-                   help="results store the runs are recorded into and judged against first: a SQLite file or "
-                        "postgresql://...; 'off' records nothing (default $SD_PERF_STORE, else "
-                        "~/.cache/sd-perf/store.sqlite; docs/store.md)")
-    p.add_argument("--baseline-commit", metavar="SHA",
-                   help="judge against this commit's runs on this machine in the store (CI: the base "
-                        "commit); default the latest recorded commit other than the tree's")
-    p.add_argument("--update-baselines", action="store_true", help="record the runs into --baseline-dir")
-    p.add_argument("--replace", action="store_true", help="with --update-baselines: start the baseline anew")
-    return p
-
-
-def split_pytest_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(run's own arguments, pytest's): everything after the first ``--`` goes to pytest."""
-    argv = list(argv)
-    if "--" not in argv:
-        return argv, []
-    i = argv.index("--")
-    return argv[:i], argv[i + 1:]
-
-
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    own, pytest_args = split_pytest_args(argv)
-    parser = build_parser()
-    opts = parser.parse_args(own)
-    if opts.runs is not None and opts.runs < 1:
-        parser.error("--runs must be at least 1")
-    if opts.budget is not None and opts.budget <= 0:
-        parser.error("--budget must be a positive number of minutes")
-    if opts.replace and not opts.update_baselines:
-        parser.error("--replace only goes with --update-baselines")
-    if "--interleave" in own and not opts.ab:
-        parser.error("--interleave only goes with --ab (it orders the two sides of a pair)")
-    if opts.ab and opts.update_baselines:
-        parser.error("--update-baselines records this tree's runs; it does not go with --ab")
-    if "--benchmark-json" in pytest_args or any(a.startswith("--benchmark-json=") for a in pytest_args):
-        parser.error("--benchmark-json is set by run (one file per process, in --results)")
-    return opts, pytest_args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,7 +134,8 @@ def _result_name(label: str, tree: Tree, index: int) -> str:
 
 def check_run(run: SuiteRun) -> None:
     """pytest exit 0 or 1 (1: a case failed, recorded in the result) with a result file, or RunError."""
-    where = f"suite process {run.index}{f' (side {run.tree.side}, {run.tree.label})' if run.tree.side else ''}"
+    side = f" (side {run.tree.side}, {run.tree.label})" if run.tree.side else ""
+    where = f"suite process {run.index}{side}"
     if run.returncode == PYTEST_NO_TESTS:
         raise RunError(f"the {where} collected no test: check the selection after `--`.")
     if run.returncode not in (0, 1) or not run.path.is_file():
@@ -224,7 +155,7 @@ def run_all(
     pair side by side taking turns round by round unless ``--interleave runs``."""
     budget_s = opts.budget * 60 if opts.budget is not None else None
     side_by_side = len(trees) == 2 and getattr(opts, "interleave", "rounds") == "rounds"
-    older = [t.label for t in trees if not (t.root / "perf_tests" / "turns.py").is_file()]
+    older = [t.label for t in trees if not (t.path / "perf_tests" / "turns.py").is_file()]
     if side_by_side and older:  # a tree without turns.py would not wait for its turn: run A, then B
         log(f"[run] {', '.join(older)} cannot take turns round by round (no perf_tests/turns.py): "
             "each pair runs A, then B")
@@ -239,17 +170,18 @@ def run_all(
         jobs, paths = [], []
         for tree in trees:
             path = (out / _result_name(label, tree, index)).resolve()
-            pythonpath = [str(tree.root), *filter(None, [os.environ.get("PYTHONPATH")])]
+            pythonpath = [str(tree.path), *filter(None, [os.environ.get("PYTHONPATH")])]
             # The Inductor cache is the suite's own persistent folder, shared by all runs and both A/B sides:
             # it keys entries by graph content, and every measured compilation reads it (warm mode).
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
-            jobs.append(Job(suite_command(path, opts.grid, pytest_args), tree.root, env, path.with_suffix(".log")))
+            jobs.append(Job(suite_command(path, opts.grid, pytest_args), tree.path, env,
+                            path.with_suffix(".log")))
             paths.append(path)
             log(f"[run] {label} run {index}{f' side {tree.side} ({tree.label})' if tree.side else ''}: "
                 f"{' '.join(jobs[-1].cmd[1:])}" + (f" (output: {jobs[-1].log})" if side_by_side else ""))
             if not side_by_side:
                 t0 = clock()
-                returncode = launch(jobs[-1].cmd, tree.root, env)
+                returncode = launch(jobs[-1].cmd, tree.path, env)
                 run = SuiteRun(tree, index, path, clock() - t0, returncode)
                 check_run(run)
                 runs.append(run)
@@ -267,7 +199,8 @@ def run_all(
                 check_run(run)
             runs.extend(pair)
         durations.append(clock() - start)
-    log(f"[run] {len(durations)} run(s){' per side' if len(trees) > 1 else ''} in {sum(durations) / 60:.1f} min")
+    log(f"[run] {len(durations)} run(s){' per side' if len(trees) > 1 else ''} in {sum(durations) / 60:.1f} "
+        "min")
     return runs
 
 
@@ -277,7 +210,7 @@ def source_trees(root: Path, ab_ref: str | None) -> Iterator[tuple[Tree, ...]]:
     if not (root / "perf_tests").is_dir():
         raise RunError(f"{root} has no perf_tests/ folder: run from the repository root.")
     if ab_ref is None:
-        yield (Tree("", root, "current tree"),)
+        yield (Tree(root, "current tree"),)
         return
     with ab_trees(ab_ref, root) as pair:
         yield pair
@@ -296,58 +229,46 @@ def final_exit(gate_code: int, *, failed: int, gate: str) -> int:
 
 
 def _summary(paths: Sequence[Path]) -> None:
-    target = os.environ.get("GITHUB_STEP_SUMMARY")
-    if not target:
-        return
-    with open(target, "a", encoding="utf-8") as fh:
-        for path in paths:
-            if path.is_file():
-                fh.write(path.read_text(encoding="utf-8").rstrip("\n") + "\n\n")
+    append_step_summary(path.read_text(encoding="utf-8") for path in paths if path.is_file())
 
 
 def write_study(files: Sequence[Path], out: Path, label: str) -> Path | None:
-    """The study table over all runs, through the report command (study-<label>.md and .png)."""
-    from perf_tests.__main__ import main as cli
+    """The study table over all runs (study-<label>.md and its bar chart), printed too."""
+    from perf_tests.table import write_study as write
 
     md = out / f"study-{label}.md"
-    code = cli(["report", *map(str, files), "--output", str(md), "--plot", str(out / f"study-{label}.png")])
-    if code != 0 or not md.is_file():
-        print(f"warning: no study table (report exited {code})", file=sys.stderr)
-        return None
+    write([read_run(f) for f in files], md, plot=out / f"study-{label}.png")
     print(md.read_text(encoding="utf-8"))
     return md
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(sys.argv[1:] if argv is None else argv)
-    except (RunError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-
-
-def _main(argv: Sequence[str]) -> int:
-    opts, pytest_args = parse_args(argv)
-    out = opts.results or Path("results") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+def run(opts: argparse.Namespace, pytest_args: Sequence[str]) -> int:
+    """The run end to end (options of ``python -m perf_tests run``); errors raise RunError or InputError."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = opts.results or Path("results") / now.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     label = opts.label or env_label(importlib.metadata.version("torch"))
     with source_trees(Path.cwd().resolve(), opts.ab) as trees:  # A/B's worktree lives until --explain is done
-        runs = run_all(trees, opts, pytest_args, out, label, log=lambda m: print(m, file=sys.stderr, flush=True))
+        runs = run_all(trees, opts, pytest_args, out, label, log=lambda m: print(m, file=sys.stderr,
+                                                                                 flush=True))
         return _verdict(opts, trees, runs, out, label)
 
 
-def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRun], out: Path, label: str) -> int:
+def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRun], out: Path,
+             label: str) -> int:
     study = write_study([r.path for r in runs], out, label)
     where = store_baseline.location(opts.store)
     for line in store_baseline.record_invocation(where, [r.path for r in runs], named=bool(opts.store),
                                                  mode="ab" if opts.ab else "solo"):
         print(line, file=sys.stderr)
-    failed = sum(r.returncode == 1 or bool(_recorded_failures(r.path)) for r in runs)  # processes with a failed case
+    # processes with a failed case
+    failed = sum(r.returncode == 1 or bool(_recorded_failures(r.path)) for r in runs)
 
     if opts.update_baselines:
         unfinished = _unfinished([r.path for r in runs]) if opts.require_all else []
         if failed or unfinished:  # a failed or half-measured run never becomes a baseline
-            print(f"error: not recorded: {failed} run(s) with a failed case, {len(unfinished)} selected case(s) "
+            print(f"error: not recorded: {failed} run(s) with a failed case, {len(unfinished)} selected "
+                  "case(s) "
                   f"without a result {unfinished[:5]}", file=sys.stderr)
             return EXIT_FAIL
         for line in _record(sorted(r.path for r in runs), opts.baseline_dir, opts.replace):
@@ -358,14 +279,14 @@ def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRu
     if opts.ab:
         a = [r.path for r in runs if r.tree.side == "A"]
         b = [r.path for r in runs if r.tree.side == "B"]
-        outcome = load_and_compare_ab(b, a, Policy(), ref_label=f"{opts.ab} ({len(b)} runs)",
+        outcome = load_and_compare_ab(b, a, opts.policy, ref_label=f"{opts.ab} ({len(b)} runs)",
                                       current_label=f"current tree ({len(a)} runs)")
     else:
-        outcome, lines = store_baseline.judge(where, [r.path for r in runs], Policy(),
+        outcome, lines = store_baseline.judge(where, [r.path for r in runs], opts.policy,
                                               baseline_commit=opts.baseline_commit)
         for line in lines:
             print(line, file=sys.stderr)
-        outcome = outcome or load_and_compare(opts.baseline_dir, [r.path for r in runs], Policy(),
+        outcome = outcome or load_and_compare(opts.baseline_dir, [r.path for r in runs], opts.policy,
                                               require_baseline=opts.require_baseline)
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -375,7 +296,8 @@ def _verdict(opts: argparse.Namespace, trees: Sequence[Tree], runs: list[SuiteRu
     if opts.explain:
         _explain(opts, trees, outcome, out, reports)
     print(reports["text"].read_text(encoding="utf-8"))
-    gate_code = exit_code(outcome, fail_on_inconclusive=opts.fail_on_inconclusive, require_all=opts.require_all)
+    gate_code = exit_code(outcome, fail_on_inconclusive=opts.fail_on_inconclusive,
+                          require_all=opts.require_all)
     failed += _hard_verdicts(outcome, require_all=opts.require_all)
     code = final_exit(gate_code, failed=failed, gate=opts.gate)
     if gate_code == EXIT_FAIL and code == EXIT_OK:
@@ -400,22 +322,24 @@ def _explain(opts: argparse.Namespace, trees: Sequence[Tree], outcome: Outcome, 
     """The operator diff of every case flagged as a regression, appended to the verdict in every format."""
     from perf_tests import explain
 
-    flagged = [c.name for c in outcome.comparison.cases if c.verdict == REGRESSION] if outcome.comparison else []
+    cases = outcome.comparison.cases if outcome.comparison else []
+    flagged = [c.name for c in cases if c.verdict == REGRESSION]
     if not flagged:
         return
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     folder = out / "explain"
     if opts.ab:
         current, ref = trees
-        diffs = explain.explain_trees(ref.root, current.root, flagged, folder, baseline_label=ref.label,
+        diffs = explain.explain_trees(ref.path, current.path, flagged, folder, baseline_label=ref.label,
                                       candidate_label=current.label, log=log)
     else:
         ref = opts.explain_ref or _baseline_commit(opts.baseline_dir, outcome)
         if ref is None:
-            print("warning: --explain: the baseline records no git commit to profile against; pass --explain-ref",
+            print("warning: --explain: the baseline records no git commit to profile against; pass "
+                  "--explain-ref",
                   file=sys.stderr)
             return
-        diffs = explain.explain_cases(ref, flagged, folder, root=trees[0].root, log=log)
+        diffs = explain.explain_cases(ref, flagged, folder, root=trees[0].path, log=log)
     explain.write_reports(diffs, folder)
     for fmt, path in reports.items():
         if fmt == "json":

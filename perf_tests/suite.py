@@ -23,7 +23,7 @@ from perf_tests.gpu_state import Probe
 from perf_tests.machine import env_label
 from perf_tests.timing import MIN_ROUND_S, is_oom, measure, sync
 from perf_tests.workloads import ModelCache, make_workload
-from sd.capabilities import DeviceCapabilities, probe_device
+from sd.device import DeviceCapabilities, probe_device
 from sd.errors import AttentionUnavailable, CompileUnavailable
 from sd.precision import precision_dtype
 
@@ -38,31 +38,28 @@ class OptionError(ValueError):
     """A suite option with a value that cannot be run; the message names the option and the fix."""
 
 
-def _whole(get, name: str, option: str, what: str, fix: str, minimum: int = 1) -> int | None:
+def _parsed(get, name: str, option: str, what: str, fix: str, convert, ok, requirement: str):
     raw = get(name)
     if raw is None:
         return None
     try:
-        value = int(str(raw).strip())
+        value = convert(str(raw).strip())
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise OptionError(f"{option} {raw!r}: {what} must be a whole number of at least {minimum}; {fix}")
+    if value is None or not ok(value):  # ok(nan) is False
+        raise OptionError(f"{option} {raw!r}: {what} must be {requirement}; {fix}")
     return value
+
+
+def _whole(get, name: str, option: str, what: str, fix: str, minimum: int = 1) -> int | None:
+    return _parsed(get, name, option, what, fix, int, lambda v: v >= minimum,
+                   f"a whole number of at least {minimum}")
 
 
 def _number(get, name: str, option: str, what: str, fix: str, *, positive: bool) -> float | None:
-    raw = get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 if positive else value >= 0):  # also refuses nan
-        bound = "greater than 0" if positive else "0 or more"
-        raise OptionError(f"{option} {raw!r}: {what} must be a number {bound}; {fix}")
-    return value
+    if positive:
+        return _parsed(get, name, option, what, fix, float, lambda v: v > 0, "a number greater than 0")
+    return _parsed(get, name, option, what, fix, float, lambda v: v >= 0, "a number 0 or more")
 
 
 def _choice(get, name: str, option: str, allowed: tuple, default: str) -> str:
@@ -71,7 +68,8 @@ def _choice(get, name: str, option: str, allowed: tuple, default: str) -> str:
         return default
     value = str(raw).strip()
     if value not in allowed:
-        raise OptionError(f"{option} {raw!r} is not a choice; choose one of {', '.join(allowed)} (default {default})")
+        raise OptionError(f"{option} {raw!r} is not a choice; choose one of {', '.join(allowed)} (default "
+                          f"{default})")
     return value
 
 
@@ -100,7 +98,8 @@ def _device(get, cuda_available: bool) -> str:
     if device is None or device.type not in ("cpu", "cuda"):
         raise OptionError(f"--device {raw!r}: give cpu, cuda or cuda:N")
     if device.type == "cuda" and not cuda_available:
-        raise OptionError(f"--device {raw!r}: this PyTorch sees no CUDA device; use --device cpu or run on a GPU")
+        raise OptionError(f"--device {raw!r}: this PyTorch sees no CUDA device; use --device cpu or run on a "
+                          "GPU")
     return value
 
 
@@ -112,7 +111,8 @@ def _project_points(points: dict, attention: tuple | None, compile_modes: tuple 
     if attention and compile_modes:
         return {}
     if attention:
-        return {k: tuple((a, c) for a in attention for c in dict.fromkeys(p[1] for p in v)) for k, v in points.items()}
+        return {k: tuple((a, c) for a in attention for c in dict.fromkeys(p[1] for p in v)) for k,
+                v in points.items()}
     if compile_modes:
         return {k: tuple((a, c) for a in dict.fromkeys(p[0] for p in v) for c in compile_modes)
                 for k, v in points.items()}
@@ -147,7 +147,8 @@ class Options:
         kinds = C.split_csv(get("perf_case_kind"))
         if get("perf_case_kind") is not None:
             if not kinds:
-                raise OptionError(f"--case-kind is empty; give a comma-separated list of: {', '.join(C.KINDS)}")
+                raise OptionError("--case-kind is empty; give a comma-separated list of: "
+                                  f"{', '.join(C.KINDS)}")
             try:
                 kinds = C.normalize_kinds(kinds)
             except ValueError as exc:
@@ -156,7 +157,8 @@ class Options:
         if get("perf_batch_size") is not None:
             raw = C.split_csv(get("perf_batch_size")) or ("",)
             if not all(b.isdigit() and int(b) >= 1 for b in raw):
-                raise OptionError(f"--batch-size {get('perf_batch_size')!r}: give comma-separated whole numbers "
+                raise OptionError(f"--batch-size {get('perf_batch_size')!r}: give comma-separated whole "
+                                  "numbers "
                                   "of at least 1, e.g. --batch-size 1,4")
             batch_sizes = tuple(dict.fromkeys(int(b) for b in raw))
         threads = d.threads
@@ -185,7 +187,8 @@ class Options:
             or d.memory_formats,
             projections=_subset(get, "perf_projections", "--projections", C.PROJECTIONS) or d.projections,
         )
-        min_round_ms = _number(get, "perf_min_round_ms", "--min-round-ms", "the shortest round (milliseconds)",
+        min_round_ms = _number(get, "perf_min_round_ms", "--min-round-ms",
+                               "the shortest round (milliseconds)",
                                f"omit it for the default ({MIN_ROUND_S['cpu'] * 1e3:g} ms on a CPU, "
                                f"{MIN_ROUND_S['cuda'] * 1e3:g} ms on CUDA)", positive=True)
         # An explicit folder, else the one the caller's environment names (``python -m perf_tests run``
@@ -200,7 +203,8 @@ class Options:
             rounds=_whole(get, "perf_rounds", "--rounds", "the number of timed rounds per case",
                           "omit --rounds for the grid's per-kind default (5-20)"),
             warmup_rounds=_whole(get, "perf_warmup_rounds", "--warmup-rounds",
-                                 "the number of untimed calls before the rounds (the first is the correctness "
+                                 "the number of untimed calls before the rounds (the first is the "
+                                 "correctness "
                                  "check)", "omit it for the grid's per-kind default"),
             ckpt=get("perf_ckpt"),
             delay_s=_number(get, "perf_inject_delay", "--inject-delay", "the injected delay (seconds)",
@@ -400,11 +404,14 @@ class PerfSession:
             return {"correct": True, "max_abs_error": 0.0, "tolerance": C.tolerance(case), "reference": True}
         ref = self.reference_output(case)
         if not bool(torch.isfinite(ref).all()):
-            self._fail(case, "non-finite", f"{case.name}: the reference output has non-finite values; not timed")
+            self._fail(case, "non-finite",
+                       f"{case.name}: the reference output has non-finite values; not timed")
         error = (out.float().cpu() - ref).abs().max().item()
         tol = C.tolerance(case) * max(1.0, ref.abs().max().item())
         if not error <= tol:
             self._fail(case, "wrong-output",
-                       f"{case.name}: WRONG OUTPUT — max abs error {error:.3g} against the original/eager/fp32 "
-                       f"reference exceeds the {case.precision} tolerance {tol:.3g}; not timed, not a baseline")
+                       f"{case.name}: WRONG OUTPUT — max abs error {error:.3g} against the "
+                       "original/eager/fp32 "
+                       f"reference exceeds the {case.precision} tolerance {tol:.3g}; not timed, not a "
+                       "baseline")
         return {"correct": True, "max_abs_error": error, "tolerance": tol, "reference": not case.optimized}

@@ -23,7 +23,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.cases import (
+from perf_tests.errors import InputError
+from perf_tests.machine import ENV_LABELS
+from perf_tests.names import (
     ATTENTION_BACKENDS,
     COMPILE_MODES,
     KINDS,
@@ -33,11 +35,12 @@ from perf_tests.cases import (
     Case,
     parse_name,
 )
-from perf_tests.machine import ENV_LABELS
-from perf_tests.results import InputError, Run, format_seconds, read_run, run_from_doc
+from perf_tests.results import Run, read_run, run_from_doc
 from perf_tests.stats import Policy, run_interval
+from perf_tests.tabular import format_seconds, markdown_table, text_table
 
-STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient", "sdpa-mem-efficient+compile")
+STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient",
+              "sdpa-mem-efficient+compile")
 _COMPILE_ORDER = ("eager", *COMPILE_MODES)
 
 
@@ -47,7 +50,8 @@ def config_label(attention: str, compile: str, memory_format: str = MEMORY_FORMA
     ladder's steps beyond compile are added when they are not the default ('sdpa+compile+channels-last')."""
     base = "original+xformers" if attention == "xformers" else attention
     steps = [compile] if compile != "eager" else []
-    steps += [v for v, default in ((memory_format, MEMORY_FORMATS[0]), (projections, PROJECTIONS[0])) if v != default]
+    steps += [v for v, default in ((memory_format, MEMORY_FORMATS[0]), (projections,
+                                                                        PROJECTIONS[0])) if v != default]
     return "+".join([base, *steps])
 
 
@@ -96,20 +100,13 @@ class StudyTable:
 
     def to_markdown(self) -> str:
         header, body = self._grid()
-        lines = [f"### {self.title}", "", "| " + " | ".join(header) + " |",
-                 "|" + "---|" + "---:|" * len(self.batch_sizes)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
+        lines = [f"### {self.title}", "", *markdown_table(header, body, "l" + "r" * len(self.batch_sizes))]
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines).rstrip() + "\n"
 
     def to_text(self) -> str:
         header, body = self._grid()
-        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-
-        def fmt(row):
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-
-        lines = [self.title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]
+        lines = [self.title, *text_table(header, body, "l" + "r" * len(self.batch_sizes))]
         lines += [f"  * {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
@@ -146,7 +143,8 @@ def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
             env = result.extra.get("env") or run.machine.get("env") or "?"
             device = run.machine.get("device_slug") or "?"
             key = (name, env, device)
-            vae = result.vae_attention_used if result.vae_attention_used not in (None, case.attention) else None
+            vae = result.vae_attention_used if result.vae_attention_used not in (None,
+                                                                                 case.attention) else None
             kernels = result.extra.get("attention_kernels")
             key = (*key, kernel_note(case.attention, vae, kernels))  # another kernel ran: another row
             if key in pooled:
@@ -247,8 +245,9 @@ def build_study_table(runs: list[Run], reference: str = "original", kind: str | 
                     cell.improvement = (ref_cell.median_s - cell.median_s) / ref_cell.median_s
         notes.append(f"% = (t_ref - t) / t_ref against {ref_row.label!r}; positive is faster")
     if vae_rows:
-        notes.append("(VAE: k): the VAE's attention has one head of width 512, which the requested kernel does "
-                     "not run; the UNet used the requested kernel, the VAE kernel k (sd.attention's fallback order)")
+        notes.append("(VAE: k): the VAE's attention has one head of width 512, which the requested kernel "
+                     "does not run; the UNet used the requested kernel, the VAE kernel k (sd.attention's "
+                     "fallback order)")
     if any("<" in r.label for r in ordered):
         notes.append("<ran k>: the SDPA kernel the profiler saw in one call of the case (perf_tests.kernels):"
                      " the one plain sdpa dispatched to, or the VAE's where it differs from the UNet's")
@@ -306,10 +305,11 @@ class Ladder:
     notes: list[str] = field(default_factory=list)
 
     def to_markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| step | case | median | gain over the step above |", "|---|---|---:|---:|"]
-        for r in self.rungs:
-            gain = "–" if r.gain is None else f"{r.gain * 100:+.1f}%"
-            lines.append(f"| {r.label} | `{r.case}` | {format_seconds(r.median_s)} | {gain} |")
+        rows = [[r.label, f"`{r.case}`", format_seconds(r.median_s),
+                 "–" if r.gain is None else f"{r.gain * 100:+.1f}%"]
+                for r in self.rungs]
+        lines = [f"### {self.title}", "",
+                 *markdown_table(["step", "case", "median", "gain over the step above"], rows, "llrr")]
         return "\n".join([*lines, "", *[f"- {n}" for n in self.notes]]).rstrip() + "\n"
 
 
@@ -326,7 +326,8 @@ def build_ladder(runs: list[Run], kind: str = "unet-step", batch_size: int | Non
     rungs, skipped, above = [], [], None
     for label, attention, compile, memory_format, projections, precision in LADDER:
         precision = low if precision == "low" else precision
-        found = [e for e in entries if (e.case.attention, e.case.compile, e.case.memory_format, e.case.projections,
+        found = [e for e in entries if (e.case.attention, e.case.compile, e.case.memory_format,
+                                        e.case.projections,
                                         e.case.precision, e.case.batch_size)
                  == (attention, compile, memory_format, projections, precision, batch_size)]
         if not found:
@@ -389,16 +390,37 @@ def plot_study(table: StudyTable, path: str | Path) -> Path:
     return path
 
 
-def write_study(runs: list[Run], out_dir: str | Path, reference: str = "original") -> list[Path]:
-    """Write study.md, study.txt and one study-<kind>.png per kind into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tables = build_study_tables(runs, reference)
-    (out / "study.md").write_text("\n".join(t.to_markdown() for t in tables))
-    (out / "study.txt").write_text("\n".join(t.to_text() for t in tables))
-    written = [out / "study.md", out / "study.txt"]
-    for t in tables:
-        written.append(plot_study(t, out / f"study-{t.kind}.png"))
+def study_text(runs: list[Run], reference: str = "original", kind: str | None = None,
+               fmt: str = "markdown") -> tuple[str, list[StudyTable]]:
+    """The study tables in ``fmt`` (one per kind present, or ``kind``'s), each followed by the optimization
+    ladder of its kind where the runs measured two of its steps; and the tables."""
+    kinds = [kind] if kind else available_kinds(runs)
+    tables = [build_study_table(runs, reference, k) for k in kinds]
+    text = "\n".join(t.to_markdown() if fmt == "markdown" else t.to_text() for t in tables)
+    ladders = [ladder for k in kinds if len((ladder := build_ladder(runs, k)).rungs) >= 2]
+    text += "".join("\n" + ladder.to_markdown() for ladder in ladders)
+    return (text if text.endswith("\n") else text + "\n"), tables
+
+
+def write_study(runs: list[Run], output: str | Path | None, *, reference: str = "original",
+                kind: str | None = None, fmt: str | None = None,
+                plot: str | Path | None = None) -> list[Path]:
+    """The one writer of the study table: :func:`study_text` into ``output`` (Markdown, or plain text for a
+    ``.txt`` file unless ``fmt`` says), and with ``plot`` a bar chart per table: ``plot`` itself for one
+    table, ``<plot stem>-<kind>.png`` for several. Returns the files written."""
+    fmt = fmt or ("text" if output is not None and Path(output).suffix == ".txt" else "markdown")
+    text, tables = study_text(runs, reference, kind, fmt)
+    written = []
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        written.append(output)
+    if plot is not None:
+        plot = Path(plot)
+        for t in tables:
+            path = plot if len(tables) == 1 else plot.with_name(f"{plot.stem}-{t.kind}{plot.suffix}")
+            written.append(plot_study(t, path))
     return written
 
 

@@ -158,7 +158,8 @@ def compile_cache_state(mode: str, directory: str, device: str | torch.device) -
     ``directory`` for this compilation, deleted afterwards: a first compile on a fresh machine.
     """
     if mode not in COMPILE_CACHE_MODES:
-        raise ValueError(f"unknown Inductor cache mode {mode!r}; choose from {', '.join(COMPILE_CACHE_MODES)}")
+        raise ValueError(f"unknown Inductor cache mode {mode!r}; choose from "
+                         f"{', '.join(COMPILE_CACHE_MODES)}")
     _warm_compiler(device)
     if mode == "warm":
         _forget_compiled()

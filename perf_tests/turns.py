@@ -49,7 +49,8 @@ class Turns:
         try:
             read_fd, write_fd = (int(x) for x in raw.split(","))
         except ValueError:
-            raise TurnsError(f"{ENV}={raw!r}: expected 'READ_FD,WRITE_FD' (set by `python -m perf_tests run`; "
+            raise TurnsError(f"{ENV}={raw!r}: expected 'READ_FD,WRITE_FD' (set by `python -m perf_tests "
+                             "run`; "
                              f"unset it to run the suite on its own)") from None
         for fd in (read_fd, write_fd):
             os.set_inheritable(fd, False)  # a compile worker must not keep the partner from seeing our end

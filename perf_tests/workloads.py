@@ -230,7 +230,8 @@ class ModelCache:
             parts = None
             if case.compiled:
                 attend, parts = compile_fn(attend, case.compile), ["attention"]
-            self._kernels[key] = Built(key, attend, case.attention, time.perf_counter() - t0, compiled_parts=parts)
+            self._kernels[key] = Built(key, attend, case.attention, time.perf_counter() - t0,
+                                       compiled_parts=parts)
         return self._kernels[key]
 
     def release(self) -> None:

@@ -17,14 +17,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tests.results import InputError
+from perf_tests.errors import InputError
 
 
 @dataclass(frozen=True)
 class Tree:
+    """A source tree: a git worktree of a commit, or the current one; ``side`` is "A" or "B" in A/B mode."""
+
     path: Path
-    commit: str  # full sha ("" for a working tree that is not a checkout of a commit)
-    label: str  # what the user named it: a ref, "current tree"
+    label: str  # what the user named it: a ref, "current tree", "REF (commit)"
+    commit: str = ""  # full sha ("" for a working tree that is not a checkout of a commit)
+    side: str = ""
 
 
 def git(args: list[str], cwd: Path) -> str:
@@ -34,7 +37,8 @@ def git(args: list[str], cwd: Path) -> str:
     except FileNotFoundError:
         raise InputError("git is not installed; comparing with a git ref needs it.") from None
     if res.returncode != 0:
-        raise InputError(f"`git {' '.join(args)}` in {cwd} failed: {res.stderr.strip() or res.stdout.strip()}")
+        said = res.stderr.strip() or res.stdout.strip()
+        raise InputError(f"`git {' '.join(args)}` in {cwd} failed: {said}")
     return res.stdout.strip()
 
 
@@ -56,7 +60,7 @@ def checkout(ref: str, root: Path | None = None, prefix: str = "perf-worktree-")
         path = Path(tmp) / commit[:12]
         git(["worktree", "add", "--detach", "--quiet", str(path), commit], root)
         try:
-            yield Tree(path, commit, ref)
+            yield Tree(path, ref, commit)
         finally:
             # --force: the benchmark may leave untracked files (caches, results) in the tree.
             subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=root,

@@ -15,14 +15,14 @@ from collections.abc import Sequence
 
 import torch
 
-from .attention import ATTENTION_BACKENDS, available_attention
-from .compile import COMPILE_MODES, compile_model
-from .config import PRESETS, load_config
-from .errors import SDError
-from .pipeline import Sampling, image_size, txt2img, write_images
-from .precision import PRECISIONS, precision_dtype
-from .samplers import SAMPLERS
-from .weights import check_checkpoint_path
+from sd.attention import ATTENTION_BACKENDS, available_attention
+from sd.compile import COMPILE_MODES, compile_model
+from sd.config import PRESETS, load_config
+from sd.errors import SDError
+from sd.pipeline import Sampling, image_size, txt2img, write_images
+from sd.precision import PRECISIONS, precision_dtype
+from sd.samplers import SAMPLERS
+from sd.weights import check_checkpoint_path
 
 DEFAULT_PROMPT = "a professional photograph of an astronaut riding a triceratops"  # the original's default
 
@@ -114,7 +114,7 @@ def txt2img_command(args: argparse.Namespace) -> int:
             f"--device {args.device}: CUDA is not available in this PyTorch/machine; use --device cpu."
         )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .model import load_model  # imports open_clip (seconds): only once the arguments are checked
+    from sd.model import load_model  # imports open_clip (seconds): only once the arguments are checked
 
     model = load_model(
         config,

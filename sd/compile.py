@@ -53,7 +53,8 @@ def _check_mode(mode: str) -> None:
         )
     if mode not in _TORCH_MODES:
         raise CompileUnavailable(
-            f"Unknown compile mode {mode!r}. Choose one of: {', '.join(_TORCH_MODES)} ('eager' means no compile)."
+            f"Unknown compile mode {mode!r}. Choose one of: {', '.join(_TORCH_MODES)} ('eager' means no "
+            "compile)."
         )
 
 
@@ -63,7 +64,8 @@ def compile_model(model: Any, mode: str = "compile", *, vae: bool = False) -> An
     mode: "compile" (torch.compile's default mode), "compile-reduce-overhead" or "compile-max-autotune"
     (the last two replay CUDA graphs, whose output buffers are reused, so the UNet then returns a copy:
     samplers keep earlier outputs). Compilation itself happens lazily on the first call; time that call
-    to measure it. Records the mode as `model.compile_mode`. Raises CompileUnavailable where PyTorch has no torch.compile or for unknown modes.
+    to measure it. Records the mode as `model.compile_mode`. Raises CompileUnavailable where PyTorch has no
+    torch.compile or for unknown modes.
     """
     _check_mode(mode)
     if getattr(model, "compile_mode", None) is not None:

@@ -158,7 +158,8 @@ def _check_keys(params: dict, section: str, where: str, source: str) -> None:
             ok = value == fixed[key] or (key == "attn_type" and value in _SAME_AS_VANILLA)
             if not ok:
                 raise ConfigError(
-                    f"Config {source}: {where}.{key} is {value!r}; this package implements SD 2.1, which uses "
+                    f"Config {source}: {where}.{key} is {value!r}; this package implements SD 2.1, which "
+                    "uses "
                     f"{fixed[key]!r}. Remove the key or set it to {fixed[key]!r}."
                 )
         elif key not in known:

@@ -2,7 +2,8 @@
 
 Per iteration: encode the prompts and the negative prompt (the original's uc = encoding of ""), draw x_T,
 sample, decode with `StableDiffusion.decode_latents` and map to pixels as the original (255 * x truncated
-to uint8); `write_images` writes them as `samples/%05d.png`. x_T comes from a CPU torch.Generator seeded with `seed`,
+to uint8); `write_images` writes them as `samples/%05d.png`. x_T comes from a CPU torch.Generator seeded with
+`seed`,
 the same generator also feeds the samplers' per-step noise: the stream is the one the original consumes
 on a CPU run (seed_everything, then x_T and the per-step draws), and it does not depend on the device.
 The original's invisible watermark is not applied.
@@ -21,9 +22,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import ConfigError, SDError
-from .precision import autocast_context, precision_dtype
-from .samplers import num_model_steps, resolve_sampler, sample
+from sd.errors import ConfigError, SDError
+from sd.precision import autocast_context, precision_dtype
+from sd.samplers import num_model_steps, resolve_sampler, sample
 
 # Models already warned about random weights (the warning is said once per model, however many calls).
 _WARNED_RANDOM: weakref.WeakSet = weakref.WeakSet()
@@ -39,8 +40,10 @@ def _check_precision(model, precision: str) -> torch.device:
     if weight.dtype != wanted:
         have = str(weight.dtype).replace("torch.", "")
         raise ConfigError(
-            f"precision {precision!r} needs a {str(wanted).replace('torch.', '')} model but this one is {have}: "
-            f"build it with sd.load_model(..., dtype=sd.precision_dtype({precision!r})) or pass the precision "
+            f"precision {precision!r} needs a {str(wanted).replace('torch.', '')} model but this one is "
+            f"{have}: "
+            f"build it with sd.load_model(..., dtype=sd.precision_dtype({precision!r})) or pass the "
+            "precision "
             "that matches the model."
         )
     return weight.device

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from .errors import ConfigError
+from sd.errors import ConfigError
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "autocast")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "autocast": torch.float32}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SDError
+from sd.errors import SDError
 
 _ALIASES = {"dpm": "dpmpp-2m", "dpmpp_2m": "dpmpp-2m", "dpm-solver": "dpmpp-2m"}
 
@@ -44,7 +44,8 @@ def _check_no_eta(sampler: str, eta: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# DDIM / PLMS schedule (ldm/modules/diffusionmodules/util.py: make_ddim_timesteps, make_ddim_sampling_parameters)
+# DDIM / PLMS schedule (ldm/modules/diffusionmodules/util.py: make_ddim_timesteps,
+# make_ddim_sampling_parameters)
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -358,7 +359,8 @@ def sample(
     if v_prediction and spec.v_as_eps:
         warnings.warn(
             "PLMS with a v-prediction model (e.g. sd21-v): like the original PLMSSampler this treats the "
-            "UNet's v output as eps, which gives wrong images. Use the ddim or dpmpp-2m sampler for v models.",
+            "UNet's v output as eps, which gives wrong images. Use the ddim or dpmpp-2m sampler for v "
+            "models.",
             PLMSVPredictionWarning,
             stacklevel=2,
         )

@@ -2,7 +2,8 @@
 
 Reproduces `make_beta_schedule("linear", ...)` (ldm/modules/diffusionmodules/util.py) and
 `DDPM.register_schedule` (ldm/models/diffusion/ddpm.py): betas are the squares of a float64 linspace
-between sqrt(linear_start) and sqrt(linear_end) ("scaled linear"), every derived quantity is computed in float64 and stored as float32.
+between sqrt(linear_start) and sqrt(linear_end) ("scaled linear"), every derived quantity is computed in
+float64 and stored as float32.
 The buffers are top-level in the original state dict (keys "betas", "alphas_cumprod", ...), in this order.
 """
 

@@ -24,9 +24,9 @@ import open_clip
 import torch
 from torch import nn
 
-from . import capabilities
-from .config import TextEncoderConfig
-from .errors import ConfigError
+from sd import capabilities
+from sd.config import TextEncoderConfig
+from sd.errors import ConfigError
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs" / "open_clip"
 LAYERS = {"last": 0, "penultimate": 1}  # how many final blocks to skip (the original's layer_idx)
@@ -165,7 +165,8 @@ class OpenCLIPTextEncoder(nn.Module):
         if unsupported or text_cfg.get("proj_type") not in (None, "linear"):
             raise ConfigError(
                 f"open_clip config {config.arch!r} uses text-tower features SD 2.1's encoder does not have "
-                f"({', '.join(unsupported) or 'proj_type=' + str(text_cfg.get('proj_type'))}); only the classic "
+                f"({', '.join(unsupported) or 'proj_type=' + str(text_cfg.get('proj_type'))}); only the "
+                "classic "
                 "CLIP text transformer (as ViT-H-14) is supported."
             )
         if text_cfg.get("context_length", 77) != config.max_length:

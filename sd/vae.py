@@ -1,7 +1,8 @@
 """The SD 2.1 autoencoder (AutoencoderKL), with the original module names (state-dict compatible).
 
 Reproduces `AutoencoderKL` of `ldm/models/autoencoder.py` and Encoder/Decoder of
-`ldm/modules/diffusionmodules/model.py` as SD 2.1's v2-inference.yaml configures them: GroupNorm(32, eps 1e-6),
+`ldm/modules/diffusionmodules/model.py` as SD 2.1's v2-inference.yaml configures them: GroupNorm(32, eps
+1e-6),
 swish, ResnetBlocks with 1x1 `nin_shortcut`, encoder Downsample with asymmetric (0,1,0,1) zero padding and
 an unpadded stride-2 conv, nearest Upsample, and the single-head mid-block attention, which runs through the
 same attention kernels as the UNet (`attend` on (B, 1, HW, C)).

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from sd.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,8 @@ def load_state_dict_file(path: str | Path, unsafe_pickle: bool = False) -> dict[
     if calls:
         raise CheckpointError(
             f"refusing to read {str(path)!r}: the file tries to execute code when unpickled (it calls "
-            f"{', '.join(dict.fromkeys(calls))}), which no checkpoint of weights needs. Do not load it; use the "
+            f"{', '.join(dict.fromkeys(calls))}), which no checkpoint of weights needs. Do not load it; use "
+            "the "
             ".safetensors version of the checkpoint, which holds tensors only and cannot run code."
         )
     try:
@@ -218,13 +219,15 @@ def _torch_load(path: Path, unsafe_pickle: bool):
             if "Unsupported global" not in str(err):
                 raise  # not a refused object: reported as an unreadable file
             raise CheckpointError(
-                f"checkpoint {str(path)!r} contains Python objects that torch.load(weights_only=True) refuses "
+                f"checkpoint {str(path)!r} contains Python objects that torch.load(weights_only=True) "
+                "refuses "
                 f"({_reason(err)}). Convert it to .safetensors, or, if you trust the file, pass "
                 "unsafe_pickle=True (CLI: --unsafe-pickle): unpickling can run arbitrary code."
             ) from err
     if not unsafe_pickle:
         raise CheckpointError(
-            f"refusing to read {str(path)!r}: .ckpt/.pt files are Python pickles, which can run arbitrary code, "
+            f"refusing to read {str(path)!r}: .ckpt/.pt files are Python pickles, which can run arbitrary "
+            "code, "
             "and this PyTorch's torch.load has no weights_only=True mode (needs PyTorch 1.13+). Use the "
             ".safetensors version of the checkpoint, or, if you trust the file, pass unsafe_pickle=True "
             "(CLI: --unsafe-pickle)."
@@ -272,7 +275,8 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, object], strict:
         raise CheckpointError(
             f"checkpoint does not match the model ({type(model).__name__}, {len(targets)} tensors): "
             + "; ".join(problems)
-            + ". Check that the config matches the checkpoint (sd21-base vs sd21-v vs tiny) and that the file "
+            + ". Check that the config matches the checkpoint (sd21-base vs sd21-v vs tiny) and that the "
+              "file "
             "is an SD 2.1 checkpoint."
         )
     _check_finite(state_dict, matched)

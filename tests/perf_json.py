@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perf_tests.cases import parse_name
+from perf_tests.names import parse_name
 
 CASES = (
     "test_txt2img[tiny-original-eager-bs1-fp32]",
@@ -23,7 +23,8 @@ CASES = (
 MACHINE = {
     "node": "ci-runner", "machine": "x86_64", "processor": "x86_64", "python_implementation": "CPython",
     "python_version": "3.11.2", "system": "Linux", "release": "6.1", "cpu": {"brand_raw": "Intel Xeon"},
-    "device_name": "Intel(R) Xeon(R) Processor", "device_slug": "cpu-intel-xeon-processor", "device_type": "cpu",
+    "device_name": "Intel(R) Xeon(R) Processor", "device_slug": "cpu-intel-xeon-processor",
+    "device_type": "cpu",
     "gpu_count": 0, "driver_version": None, "cuda_version": None, "cudnn_version": None,
     "torch_version": "2.14.1", "open_clip_version": "3.3.0", "cpu_model": "Intel(R) Xeon(R) Processor",
     "git_commit": "0123456789abcdef", "env": "torch2", "machine_id": "a1b2c3d4e5f6",
@@ -78,7 +79,8 @@ def run_doc(seed: int = 0, rounds: int = 20, *, slow: dict | None = None, cases=
             "skipped": [{"name": n, "reason": r} for n, r in skipped.items()],
             "failed": [{"name": n, "kind": k, "reason": r} for n, (k, r) in failed.items()],
             "canary": {"workload": "matmul", "samples": [
-                {"t": float(i), "seconds": 0.001 * (1 + 0.01 * i), "before": n} for i, n in enumerate(cases)]},
+                {"t": float(i), "seconds": 0.001 * (1 + 0.01 * i), "before": n} for i,
+                n in enumerate(cases)]},
             "inductor_cache": {"mode": "cold", "dir": "/tmp/inductor"},
         }
     return doc

@@ -46,7 +46,8 @@ def test_update_writes_device_env_profile_file_with_raw_samples(tmp_path):
     assert sum(1 for line in target.read_text().splitlines() if '"samples"' in line) == 2 * len(CASES)
 
     compiled = doc["cases"][CASES[3]]["runs"][0]
-    assert (compiled["compile_cache"], compiled["iterations"], compiled["compile_time_s"]) == ("cold", 1, 12.0)
+    assert (compiled["compile_cache"], compiled["iterations"], compiled["compile_time_s"]) == ("cold", 1,
+                                                                                               12.0)
 
     side = R.side_from_baseline(R.read_baseline(target), "b")
     assert side.n_runs == 2 and len(side.cases[CASES[0]].runs) == 2
@@ -83,7 +84,8 @@ def test_version_1_baselines_are_read_and_upgraded_on_update(tmp_path):
     old = R.read_baseline(update.path)
     assert old.schema_version == 1 and old.runs[0].cases[CASES[0]].iterations == 1
     # the same run again is recognised by the hash of its samples, even in a version 1 file
-    (again,) = B.update_baselines([tmp_path / "r1.json", write_run(tmp_path / "r2.json", 2)], tmp_path / "baselines")
+    (again,) = B.update_baselines([tmp_path / "r1.json", write_run(tmp_path / "r2.json", 2)],
+                                  tmp_path / "baselines")
     assert again.duplicates == ["r1.json"] and again.added == ["r2.json"]
     assert json.loads(update.path.read_text())["schema_version"] == 2
 
@@ -194,7 +196,8 @@ def test_atomic_write_creates_folders(tmp_path):
 
 def test_missing_baseline_names_existing_ones_and_how_to_create(tmp_path):
     B.update_baselines([write_run(tmp_path / "r1.json", 1)], tmp_path / "baselines")
-    side = R.load_side([write_run(tmp_path / "gpu.json", machine={"device_slug": "nvidia-a100-sxm4-80gb"})])
+    side, _ = R.load_side([write_run(tmp_path / "gpu.json",
+                                     machine={"device_slug": "nvidia-a100-sxm4-80gb"})])
     with pytest.raises(B.MissingBaseline) as exc:
         B.locate_baselines(tmp_path / "baselines", side, ["tiny"])
     msg = str(exc.value)

@@ -56,7 +56,8 @@ def test_regression_exits_1_with_effect_table_markdown_json_and_plot(capsys, run
     assert code == 1 and md.startswith("### 🔴 Performance gate") and f"| `{CASES[1]}` | 🔴 REGRESSION" in md
 
     report = tmp_path / "out" / "cmp.json"
-    code, _, err = run_cli(capsys, "compare", runs["base"], runs["slow"], "--format", "json", "--output", report,
+    code, _, err = run_cli(capsys, "compare", runs["base"], runs["slow"], "--format", "json", "--output",
+                           report,
                            "--plot-dir", tmp_path / "plots")
     doc = json.loads(report.read_text())
     case = next(c for c in doc["cases"] if c["name"] == CASES[1])
@@ -104,12 +105,14 @@ def test_one_run_a_side_is_never_a_regression_by_rounds_alone(capsys, tmp_path):
 
 
 def test_environment_change_is_judged_and_labelled(capsys, runs, tmp_path):
-    other = [write_run(tmp_path / f"o{i}.json", 40 + i, slow={CASES[1]: 1.5}, machine={"torch_version": "2.15.0"})
+    other = [write_run(tmp_path / f"o{i}.json", 40 + i, slow={CASES[1]: 1.5},
+                       machine={"torch_version": "2.15.0"})
              for i in (1, 2, 3)]
     code, out, _ = run_cli(capsys, "compare", runs["base"], other)
     assert code == 1 and "REGRESSION" in out  # a PyTorch upgrade is judged, not switched off
     assert "environment changed" in out and "2.14.1" in out and "2.15.0" in out
-    gpu = [write_run(tmp_path / f"g{i}.json", 50 + i, slow={CASES[1]: 1.5}, machine={"device_slug": "other-cpu"})
+    gpu = [write_run(tmp_path / f"g{i}.json", 50 + i, slow={CASES[1]: 1.5},
+                     machine={"device_slug": "other-cpu"})
            for i in (1, 2, 3)]
     code, out, _ = run_cli(capsys, "compare", runs["base_runs"][0], gpu)
     assert code == 0 and "REGRESSION" not in out  # another device type is incomparable
@@ -131,7 +134,8 @@ def test_step_summary_is_appended(capsys, runs, tmp_path, monkeypatch):
     assert text.startswith("earlier step\n") and "Performance gate" in text
 
 
-# --- failures fail, missing cases under --require-all, a killed run's journal ---------------------------------
+# --- failures fail, missing cases under --require-all, a killed run's journal
+# ---------------------------------
 
 
 @pytest.mark.parametrize("kind", ["wrong-output", "non-finite", "error", "oom"])
@@ -150,7 +154,8 @@ def test_a_killed_runs_journal_is_compared_on_what_it_finished(capsys, runs, tmp
     journal.write_text("".join(journal_lines(run_doc(2), end=False)[:3]))  # start + 2 of 4 cases
     code, out, err = run_cli(capsys, "compare", runs["base"], journal)
     assert code == 0
-    assert "killed.journal.jsonl: the run did not finish" in err and f"lacks 2 selected case(s): {CASES[2]}" in err
+    assert "killed.journal.jsonl: the run did not finish" in err
+    assert f"lacks 2 selected case(s): {CASES[2]}" in err
     code, _, _ = run_cli(capsys, "compare", runs["base"], journal, "--require-all")
     assert code == 1
 
@@ -193,7 +198,8 @@ def test_every_format_is_rendered_once_into_the_report_dir(capsys, runs, tmp_pat
     assert sorted(written) == ["json", "markdown", "text"]  # no flagged case, no plot
 
 
-# --- bad input: message and exit code 2 ----------------------------------------------------------------------
+# --- bad input: message and exit code 2
+# ----------------------------------------------------------------------
 
 
 def _bad_files(tmp_path):
@@ -231,12 +237,14 @@ def test_bad_input_to_update_baselines_exits_2(capsys, tmp_path):
     assert code == 2 and message in err and not (tmp_path / "bl").exists()
 
 
-@pytest.mark.parametrize("argv", [["compare"], ["compare", "a.json", "b.json", "--alpha", "2"], ["frobnicate"],
+@pytest.mark.parametrize("argv", [["compare"], ["compare", "a.json", "b.json", "--alpha", "2"],
+                                  ["frobnicate"],
                                   ["compare", "a.json", "b.json", "--format", "yaml"],
                                   ["compare", "a.json", "b.json", "--", "-x"],
                                   ["compare", "a.json", "b.json", "--machine-case-sd", "-0.1"]])
 def test_usage_errors_exit_2(capsys, runs, argv):
-    argv = [str(runs["base"]) if a == "a.json" else str(runs["same"][0]) if a == "b.json" else a for a in argv]
+    files = {"a.json": str(runs["base"]), "b.json": str(runs["same"][0])}
+    argv = [files.get(a, a) for a in argv]
     with pytest.raises(SystemExit) as exc:
         code = main(argv)
         raise SystemExit(code)
@@ -244,17 +252,20 @@ def test_usage_errors_exit_2(capsys, runs, argv):
 
 
 def test_machine_case_sd_option_sets_the_policy_for_every_device_type():
-    from perf_tests.__main__ import build_parser, build_policy
+    from perf_tests.cli import build_parser
+    from perf_tests.cli.options import build_policy
 
     args = build_parser().parse_args(["compare", "a.json", "b.json", "--machine-case-sd", "0.05"])
     policy = build_policy(args)
-    assert policy.machine_case_sd({"device_type": "cpu"}) == policy.machine_case_sd({"device_type": "cuda"}) == 0.05
+    assert policy.machine_case_sd({"device_type": "cpu"}) == 0.05
+    assert policy.machine_case_sd({"device_type": "cuda"}) == 0.05
     default = build_policy(build_parser().parse_args(["compare", "a.json", "b.json"]))
     assert default.machine_case_sd({"device_type": "cpu"}) == 0.20
 
 
 def test_module_entry_point_and_exit_code(runs):
-    res = subprocess.run([sys.executable, "-m", "perf_tests", "compare", str(runs["base"]), *map(str, runs["slow"]),
+    res = subprocess.run([sys.executable, "-m", "perf_tests", "compare", str(runs["base"]), *map(str,
+                                                                                                 runs["slow"]),
                           "--format", "markdown"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 1, res.stderr
     assert "REGRESSION" in res.stdout

@@ -71,7 +71,8 @@ def test_rows_sorted_by_added_time_with_shares_and_agreement():
     assert names[0] == "aten::_softmax" and names[1] == "cpp_fused_add_0" and names[-1] == "aten::mul"
     soft = d.rows[0]
     assert soft.added_us == pytest.approx(49.0) and soft.consistent
-    assert soft.candidate_share == pytest.approx(100 / 216) and soft.baseline_share == pytest.approx(51 / 176.5)
+    assert soft.candidate_share == pytest.approx(100 / 216)
+    assert soft.baseline_share == pytest.approx(51 / 176.5)
     assert d.rows[1].compiled and d.rows[1].baseline_us == 0 and d.rows[1].consistent
     bmm = next(r for r in d.rows if r.name == "aten::bmm")
     assert not bmm.consistent  # 100, 110 vs 108, 104: the processes overlap

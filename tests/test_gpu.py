@@ -24,7 +24,8 @@ from perf_tests.suite import Options, PerfSession
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible to this PyTorch)"),
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA device (none visible to this PyTorch)"),
 ]
 
 needs_compile = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile needs PyTorch 2")
@@ -38,7 +39,8 @@ class Bench:
 
     def __init__(self):
         self.extra_info, self.data, self.iterations = {}, [], None
-        self.stats = SimpleNamespace(as_dict=lambda include_data=True: {"name": "x", "extra_info": self.extra_info,
+        self.stats = SimpleNamespace(as_dict=lambda include_data=True: {"name": "x",
+                                                                        "extra_info": self.extra_info,
                                                                         "stats": {"data": self.data}})
 
     def pedantic(self, target, rounds=1, warmup_rounds=0, iterations=1):
@@ -240,7 +242,8 @@ def test_sdp_kernel_fallback_of_pytorch_2_0_to_2_2_restricts_the_kernel(monkeypa
         pytest.skip("this PyTorch no longer has torch.backends.cuda.sdp_kernel")
     monkeypatch.setattr(capabilities, "sdpa_kernel_api", lambda: "torch.backends.cuda.sdp_kernel")
     q, k, v = qkv(torch.float16)
-    for kernel, op in (("flash", KERNEL_OPS["sdpa-flash"]), ("mem-efficient", KERNEL_OPS["sdpa-mem-efficient"])):
+    for kernel, op in (("flash", KERNEL_OPS["sdpa-flash"]), ("mem-efficient",
+                                                             KERNEL_OPS["sdpa-mem-efficient"])):
         context = capabilities.sdpa_kernel_context(kernel)
 
         def call(context=context):
@@ -332,8 +335,8 @@ def test_cuda_graph_outputs_are_not_overwritten_by_the_next_call(mode):
         compiled.unet(xs[0], t, context)  # a replay that would overwrite an aliased output
         assert torch.equal(outs[-2], kept), "a kept output changed under the next CUDA-graph replay"
         expected = eager.unet(xs[-2], t, context)
-    assert (outs[-2].float() - expected.float()).abs().max().item() <= C.TOLERANCES["fp16"]["unet-step"] * max(
-        1.0, expected.float().abs().max().item())
+    error = (outs[-2].float() - expected.float()).abs().max().item()
+    assert error <= C.TOLERANCES["fp16"]["unet-step"] * max(1.0, expected.float().abs().max().item())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,7 +347,8 @@ def test_cuda_machine_info_fields():
     info = machine.machine_info("cuda")
     assert info["device_type"] == "cuda" and info["gpu_count"] >= 1
     assert info["device_name"] == torch.cuda.get_device_name(0)
-    assert info["device_slug"] == machine.slugify(torch.cuda.get_device_name(0)) and info["device_slug"][0] != "-"
+    assert info["device_slug"] == machine.slugify(torch.cuda.get_device_name(0))
+    assert info["device_slug"][0] != "-"
     assert re.fullmatch(r"\d+\.\d+", info["cuda_capability"])
     assert info["cuda_version"] == torch.version.cuda
     assert info["cudnn_version"] == torch.backends.cudnn.version()

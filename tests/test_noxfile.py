@@ -41,7 +41,8 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
-# --- pins -----------------------------------------------------------------------------------------------------
+# --- pins
+# -----------------------------------------------------------------------------------------------------
 def test_torch20_is_the_study_release_with_its_torchvision_open_clip_and_numpy_1(clean_env):
     env = Env.pinned("torch20")
     assert (env.python, env.torch) == ("3.10", "2.0.1")
@@ -83,7 +84,8 @@ def test_extra_packages_and_the_interpreter_come_from_the_environment(monkeypatc
     assert env.requirements(())[-2:] == ["xformers==0.0.28", "foo"]
 
 
-# --- interpreters ---------------------------------------------------------------------------------------------
+# --- interpreters
+# ---------------------------------------------------------------------------------------------
 def _exe(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("#!/bin/sh\n")
@@ -111,8 +113,10 @@ def test_a_missing_interpreter_says_how_to_install_it(clean_env):
     assert "pyenv install 3.10" in message and "SD_PERF_TORCH20_PYTHON" in message
 
 
-# --- install stamps -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", ["home = /x\nversion_info = 3.11.7.final.0\n", "home = /x\nversion = 3.11.7\n"])
+# --- install stamps
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", ["home = /x\nversion_info = 3.11.7.final.0\n",
+                                 "home = /x\nversion = 3.11.7\n"])
 def test_the_venv_python_version_is_read_from_pyvenv_cfg(tmp_path, cfg):
     (tmp_path / "pyvenv.cfg").write_text(cfg)
     assert noxenvs.venv_python_version(tmp_path) == "3.11.7"
@@ -161,20 +165,23 @@ def test_install_installs_once_then_trusts_its_stamp(tmp_path, clean_env, no_pro
     assert more.installed
 
 
-# --- wheelhouse -----------------------------------------------------------------------------------------------
+# --- wheelhouse
+# -----------------------------------------------------------------------------------------------
 def test_a_wheelhouse_for_a_preinstalled_torch_leaves_out_torch_and_its_cuda_runtime():
     frozen = "\n".join(["numpy==2.1.0", "torch==2.5.1", "triton==3.1.0", "nvidia-cudnn-cu12==9.1.0.70",
                         "torchvision==0.20.1", "open_clip_torch==3.3.0", "pip==24.0", "-e git+x#egg=y"])
     keep, left_out = noxenvs.wheelhouse_requirements(frozen, {"torch", "torchvision"})
     assert keep == ["numpy==2.1.0", "open_clip_torch==3.3.0"]
-    assert set(left_out) == {"torch==2.5.1", "triton==3.1.0", "nvidia-cudnn-cu12==9.1.0.70", "torchvision==0.20.1"}
+    assert set(left_out) == {"torch==2.5.1", "triton==3.1.0", "nvidia-cudnn-cu12==9.1.0.70",
+                             "torchvision==0.20.1"}
 
 
 def _wheel(folder: Path, version: str, torch_pin: str) -> Path:
     path = folder / f"xformers-{version}-cp311-cp311-manylinux_2_28_x86_64.whl"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(f"xformers-{version}.dist-info/METADATA",
-                    f"Metadata-Version: 2.1\nName: xformers\nRequires-Dist: numpy\nRequires-Dist: torch=={torch_pin}\n")
+                    "Metadata-Version: 2.1\nName: xformers\nRequires-Dist: numpy\nRequires-Dist: "
+                    f"torch=={torch_pin}\n")
     return path
 
 
@@ -186,7 +193,8 @@ def test_the_xformers_wheel_is_the_one_built_for_the_installed_torch(tmp_path):
     assert noxenvs.xformers_wheel(tmp_path / "empty", "2.5.1") is None
 
 
-# --- the noxfile ----------------------------------------------------------------------------------------------
+# --- the noxfile
+# ----------------------------------------------------------------------------------------------
 def _load_noxfile():
     spec = importlib.util.spec_from_file_location("noxfile_under_test", REPO / "noxfile.py")
     module = importlib.util.module_from_spec(spec)
@@ -274,6 +282,12 @@ def test_study_cases_are_the_five_configurations_once_each():
                      if c == "eager" or a not in not_compiled}
     wanted = {(config, env) for _, column in STUDY_COLUMNS for config, env in column.items()}
     assert measured == wanted
+def test_compare_and_report_install_numpy_scipy_and_matplotlib_only(noxfile):
+    """What `python -m perf_tests compare|report` import (tests/test_layers.py checks: no torch, no sd)."""
+    session = FakeSession()
+    session.install = lambda *reqs: session.runs.append(["install", *reqs])
+    noxfile.module._install_analysis(session)
+    assert [noxenvs.req_name(r) for r in session.runs[0][1:]] == ["numpy", "scipy", "matplotlib"]
 
 
 def test_nox_lists_the_sessions_without_starting_an_interpreter(tmp_path):

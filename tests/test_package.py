@@ -17,7 +17,8 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_importing_the_vocabulary_does_not_import_open_clip():
-    loaded = _modules_after("import sd, sd.attention, sd.compile, sd.precision, sd.capabilities; sd.ATTENTION_BACKENDS")
+    loaded = _modules_after("import sd, sd.attention, sd.compile, sd.precision, sd.capabilities; "
+                            "sd.ATTENTION_BACKENDS")
     assert "sd.attention" in loaded and "sd.precision" in loaded
     assert not {"open_clip", "sd.model", "sd.text_encoder"} & loaded
 

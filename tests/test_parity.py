@@ -13,6 +13,7 @@ import torch
 from conftest import micro_config
 
 from perf_tests import parity
+from perf_tests.cli import main as cli
 
 
 def test_ratio_interval_known_answers():
@@ -36,7 +37,8 @@ def test_verdict_says_when_the_interval_straddles_the_target():
 def test_rungs_cover_the_cpu_ladder_and_patterns_select():
     cpu = torch.device("cpu")
     ids = [str(r) for r in parity.all_rungs(cpu)]
-    assert len(ids) == 8 and "eager-contiguous-separate-fp32" in ids and "compile-channels-last-fused-fp32" in ids
+    assert len(ids) == 8
+    assert "eager-contiguous-separate-fp32" in ids and "compile-channels-last-fused-fp32" in ids
     assert [str(r) for r in parity.select_rungs(cpu, ["eager-*-separate-*"])] == [
         "eager-contiguous-separate-fp32",
         "eager-channels-last-separate-fp32",
@@ -61,7 +63,8 @@ def test_micro_eager_rungs_match_diffusers_and_report_every_rung(tiny_config, tm
         micro_config(tiny_config), batch_size=1, rounds=2, warmup=1, rungs=["eager-*"], latent_side=16
     )
     rungs = {r.rung: r for r in report.results}
-    assert sorted(rungs) == sorted(str(r) for r in parity.all_rungs(torch.device("cpu")) if r.compile == "eager")
+    eager = [str(r) for r in parity.all_rungs(torch.device("cpu")) if r.compile == "eager"]
+    assert sorted(rungs) == sorted(eager)
     for r in rungs.values():
         if r.status == "unavailable":
             assert r.rung.split("-")[-2] == "fused" and "not available in this tree" in r.reason
@@ -84,5 +87,5 @@ def test_main_without_diffusers_is_an_error_paragraph(monkeypatch, capsys):
         raise parity.ParityError("diffusers does not import here")
 
     monkeypatch.setattr(parity, "_diffusers", missing)
-    assert parity.main(["--rounds", "2", "--rungs", "eager-*"]) == 2
+    assert cli(["parity", "--rounds", "2", "--rungs", "eager-*"]) == 2
     assert capsys.readouterr().err.startswith("error: diffusers")

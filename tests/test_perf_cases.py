@@ -10,13 +10,14 @@ import pytest
 
 from perf_tests import cases as C
 from perf_tests.suite import OptionError, Options
-from sd.capabilities import DeviceCapabilities
+from sd.device import DeviceCapabilities
 
 ALL_AVAILABLE = dict.fromkeys(C.ATTENTION_BACKENDS)
 CPU_TORCH2 = DeviceCapabilities(
     device_type="cpu",
     attention={**ALL_AVAILABLE, "sdpa-mem-efficient": "a test call on cpu failed (no kernel)",
-               "sdpa-cudnn": "a test call on cpu failed (no kernel)", "xformers": "xformers is not importable"},
+               "sdpa-cudnn": "a test call on cpu failed (no kernel)",
+               "xformers": "xformers is not importable"},
     has_compile=True,
     torch_version="2.14.1",
 )
@@ -27,7 +28,8 @@ CPU_TORCH1 = DeviceCapabilities(
     has_compile=False,
     torch_version="1.12.1",
 )
-CUDA = DeviceCapabilities(device_type="cuda", attention=ALL_AVAILABLE, has_compile=True, torch_version="2.5.0",
+CUDA = DeviceCapabilities(device_type="cuda", attention=ALL_AVAILABLE, has_compile=True,
+                          torch_version="2.5.0",
                       cuda_capability=(8, 0))
 
 
@@ -47,7 +49,8 @@ def test_case_id_and_benchmark_name():
 
 @pytest.mark.parametrize("profile", list(C.PROFILES))
 def test_parse_name_inverts_every_grid_point(profile):
-    for kind, a, comp, prec in itertools.product(C.KINDS, C.ATTENTION_BACKENDS, C.COMPILE_MODES, C.PRECISIONS):
+    for kind, a, comp, prec in itertools.product(C.KINDS, C.ATTENTION_BACKENDS, C.COMPILE_MODES,
+                                                 C.PRECISIONS):
         c = C.Case(kind, profile, a, comp, 4, prec)
         assert C.parse_name(c.name) == c
 
@@ -69,7 +72,8 @@ def test_compile_modes_have_one_spelling():
 
 
 def test_kind_family_and_unknown_kind():
-    assert C.normalize_kinds(["attention"]) == ("attention-self-4096", "attention-self-1024", "attention-cross-77")
+    assert C.normalize_kinds(["attention"]) == ("attention-self-4096", "attention-self-1024",
+                                                "attention-cross-77")
     assert C.normalize_kinds(["unet_step", "txt2img", "unet-step"]) == ("unet-step", "txt2img")
     with pytest.raises(ValueError, match="unknown case kind"):
         C.normalize_kinds(["decode"])
@@ -137,7 +141,8 @@ def test_grid_names_and_json_form():
 
 
 def test_build_cases_filters_nothing():
-    got = C.build_cases("txt2img", "tiny", C.ATTENTION_BACKENDS, ("eager", "compile"), (1, 2), ("fp32",), steps=3)
+    got = C.build_cases("txt2img", "tiny", C.ATTENTION_BACKENDS, ("eager", "compile"), (1, 2), ("fp32",),
+                        steps=3)
     assert len(got) == len(C.ATTENTION_BACKENDS) * 2 * 2
     assert len({str(c) for c in got}) == len(got)
     assert {c.steps for c in got} == {3}
@@ -268,7 +273,8 @@ def test_memory_format_and_projections_axes_keep_old_ids():
     for x in (c, both, dataclasses.replace(c, projections="fused"),
               dataclasses.replace(c, memory_format="channels-last")):
         assert C.parse_name(x.name) == dataclasses.replace(x, steps=None, height=None, width=None)
-    assert both.optimized and both.reference() == dataclasses.replace(c, attention="original", compile="eager")
+    assert both.optimized and both.reference() == dataclasses.replace(c, attention="original",
+                                                                      compile="eager")
     assert dataclasses.replace(case(attention="original"), memory_format="channels-last").optimized
     assert both.model_key() != c.model_key()
     assert C.definition_hash(both) != C.definition_hash(c)
@@ -278,9 +284,11 @@ def test_memory_format_and_projections_skip_where_they_do_not_apply():
     fused = dict(memory_format="channels-last", projections="fused")
     r = C.skip_reason(case(kind="attention-self-1024", **fused), CPU_TORCH2)
     assert "measured as tiny-sdpa-math-eager-bs1-fp32" in r
-    assert "measured once as" in C.skip_reason(case(kind="text-encode", attention="original", **fused), CPU_TORCH2)
+    assert "measured once as" in C.skip_reason(case(kind="text-encode", attention="original", **fused),
+                                               CPU_TORCH2)
     assert C.skip_reason(case(kind="unet-step", **fused), CPU_TORCH2) is None
-    got = C.build_cases("unet-step", "tiny", ["sdpa"], ["eager"], [1], ["fp32"], None, C.MEMORY_FORMATS, C.PROJECTIONS)
+    got = C.build_cases("unet-step", "tiny", ["sdpa"], ["eager"], [1], ["fp32"], None, C.MEMORY_FORMATS,
+                        C.PROJECTIONS)
     assert [str(x) for x in got] == ["tiny-sdpa-eager-bs1-fp32", "tiny-sdpa-eager-bs1-fp32-fused",
                                      "tiny-sdpa-eager-bs1-fp32-channels-last",
                                      "tiny-sdpa-eager-bs1-fp32-channels-last-fused"]
@@ -296,7 +304,8 @@ def test_options_defaults_and_overrides(monkeypatch):
     assert o.device == "cpu" and o.grid.profile == "tiny" and o.grid.name == "gate"
     assert o.canary and o.inductor_cache == "warm" and o.min_round_s is None
     assert o.inductor_cache_dir.endswith("sd-perf/inductor")
-    o = Options.parse(_getter(perf_grid="full", perf_attention="original,sdpa", perf_compile="eager,compile-max-autotune",
+    o = Options.parse(_getter(perf_grid="full", perf_attention="original,sdpa",
+                              perf_compile="eager,compile-max-autotune",
                               perf_batch_size="4", perf_case_kind="attention,txt2img", perf_steps="3",
                               perf_min_round_ms="20", perf_canary="off", perf_inductor_cache="cold",
                               perf_threads="auto", perf_memory_format="contiguous,channels-last"),
@@ -312,7 +321,8 @@ def test_options_defaults_and_overrides(monkeypatch):
     assert Options.parse(_getter(perf_rounds="7", perf_grid="full"), cuda_available=False).grid.name == "full"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/side-a")  # what `python -m perf_tests run` sets
     assert Options.parse(_getter(), cuda_available=False).inductor_cache_dir == "/tmp/side-a"
-    assert Options.parse(_getter(perf_inductor_cache_dir="/x"), cuda_available=False).inductor_cache_dir == "/x"
+    assert Options.parse(_getter(perf_inductor_cache_dir="/x"),
+                         cuda_available=False).inductor_cache_dir == "/x"
 
 
 def test_one_axis_on_a_focused_grid_keeps_the_kinds_other_axis():
@@ -333,7 +343,8 @@ def test_one_axis_on_a_focused_grid_keeps_the_kinds_other_axis():
     ({"perf_compile": "default"}, "--compile"), ({"perf_case_kind": "decoder"}, "--case-kind"),
     ({"perf_case_kind": ""}, "--case-kind"), ({"perf_attention": ","}, "--attention"),
     ({"perf_steps": "0"}, "--steps"), ({"perf_steps": "-3"}, "--steps"), ({"perf_steps": "two"}, "--steps"),
-    ({"perf_rounds": "0"}, "--rounds"), ({"perf_rounds": "-1"}, "--rounds"), ({"perf_rounds": "2.5"}, "--rounds"),
+    ({"perf_rounds": "0"}, "--rounds"), ({"perf_rounds": "-1"}, "--rounds"), ({"perf_rounds": "2.5"},
+                                                                              "--rounds"),
     ({"perf_warmup_rounds": "0"}, "--warmup-rounds"), ({"perf_batch_size": "0"}, "--batch-size"),
     ({"perf_batch_size": "1,-2"}, "--batch-size"), ({"perf_batch_size": "x"}, "--batch-size"),
     ({"perf_batch_size": ""}, "--batch-size"), ({"perf_min_round_ms": "0"}, "--min-round-ms"),

@@ -31,7 +31,8 @@ def suite_cmd(tmp_path: Path, *args: str) -> list[str]:
 
 
 def run_suite(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(suite_cmd(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(suite_cmd(tmp_path, *args), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def read_journal(path: Path) -> list[dict]:
@@ -39,7 +40,8 @@ def read_journal(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("args, option", [  # every option's check: tests/test_perf_cases.py
-    (["--steps", "0"], "--steps"), (["--batch-size", "1,x"], "--batch-size"), (["--grid", "nightly"], "--grid"),
+    (["--steps", "0"], "--steps"), (["--batch-size", "1,x"], "--batch-size"), (["--grid", "nightly"],
+                                                                               "--grid"),
 ])
 def test_bad_option_exits_2_naming_the_option(tmp_path, args, option):
     result = run_suite(tmp_path, *args, "--benchmark-json", str(tmp_path / "r.json"))
@@ -69,7 +71,8 @@ def test_a_run_writes_the_perf_tests_section_and_a_complete_journal(tmp_path):
 
     lines = read_journal(journal_path(out))
     assert [x["type"] for x in lines] == ["start", "canary", "case", "skip", "canary", "end"]
-    assert lines[0]["perf_tests"]["selected"] == p["selected"] and lines[0]["machine_info"]["device_type"] == "cpu"
+    assert lines[0]["perf_tests"]["selected"] == p["selected"]
+    assert lines[0]["machine_info"]["device_type"] == "cpu"
     assert lines[2]["benchmark"]["stats"]["data"] == bench["stats"]["data"]
     assert lines[2]["benchmark"]["extra_info"] == info
 
@@ -132,7 +135,8 @@ def test_a_run_where_every_case_fails_still_writes_its_failures(tmp_path, wrong_
     name = "test_attention_self_1024[tiny-sdpa-math-eager-bs1-fp32]"
     assert doc["benchmarks"] == []
     (failure,) = doc["perf_tests"]["failed"]
-    assert failure["name"] == name and failure["kind"] == "wrong-output" and "WRONG OUTPUT" in failure["reason"]
+    assert failure["name"] == name and failure["kind"] == "wrong-output"
+    assert "WRONG OUTPUT" in failure["reason"]
     lines = read_journal(journal_path(out))
     assert [x["type"] for x in lines] == ["start", "canary", "fail", "canary", "end"]
 
@@ -144,7 +148,8 @@ def test_compile_time_is_recorded_in_the_cache_state_it_ran_in_on_a_fresh_and_a_
     machine's a cold one. With --inductor-cache warm both runs measure a compile that finds every graph in
     the cache when the folder is full (the second run); the first run on an empty folder compiles once and
     says so (cold), so the two are never compared as one state."""
-    args = ["--case-kind", "attention-self-1024", "--attention", "sdpa", "--compile", "compile", "--rounds", "2",
+    args = ["--case-kind", "attention-self-1024", "--attention", "sdpa", "--compile", "compile", "--rounds",
+            "2",
             "--canary", "off"]
     infos = []
     for i in range(2):

@@ -12,7 +12,7 @@ from perf_tests import cases as C
 from perf_tests import suite
 from perf_tests.suite import Options, PerfSession
 from perf_tests.workloads import ModelCache, make_workload
-from sd.capabilities import DeviceCapabilities
+from sd.device import DeviceCapabilities
 
 CAPS = DeviceCapabilities(device_type="cpu", attention={**dict.fromkeys(C.ATTENTION_BACKENDS),
                                                    "xformers": "xformers is not importable"},

@@ -117,7 +117,8 @@ def test_one_environment_has_plain_labels_and_other_backends_follow_the_study_ro
 
 
 def test_kind_defaults_to_txt2img_and_tables_per_kind():
-    r = run([bench("unet-step", "original", "eager", 1, [0.5]), bench("txt2img", "original", "eager", 1, [5.0]),
+    r = run([bench("unet-step", "original", "eager", 1, [0.5]), bench("txt2img", "original", "eager", 1,
+                                                                      [5.0]),
              bench("attention-self-4096", "sdpa", "eager", 2, [0.01])])
     assert build_study_table([r]).kind == "txt2img"
     assert [t.kind for t in build_study_tables([r])] == ["txt2img", "unet-step", "attention-self-4096"]
@@ -134,8 +135,12 @@ def test_plot_and_write_study(tmp_path):
     t = build_study_table(study_runs())
     png = plot_study(t, tmp_path / "fig" / "study.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    written = write_study(study_runs(), tmp_path / "out")
-    assert sorted(p.name for p in written) == ["study-txt2img.png", "study.md", "study.txt"]
+    out = tmp_path / "out"
+    written = write_study(study_runs(), out / "study.md", plot=out / "study.png")
+    written += write_study(study_runs(), out / "study.txt")
+    assert sorted(p.name for p in written) == ["study.md", "study.png", "study.txt"]
+    assert (out / "study.txt").read_text().startswith(build_study_table(study_runs()).to_text())
+    assert (out / "study.md").read_text().startswith(build_study_table(study_runs()).to_markdown())
 
 
 def test_a_cell_is_never_made_of_a_median_alone():
@@ -148,7 +153,8 @@ def test_a_cell_is_never_made_of_a_median_alone():
 
 def test_a_killed_runs_journal_gives_its_finished_cases(tmp_path):
     lines = [{"type": "start", "machine_info": {"env": "torch2", "device_slug": "cpu-x"},
-              "perf_tests": {"selected": [bench("txt2img", "original", "eager", bs, [1.0])["name"] for bs in (1, 2)]}},
+              "perf_tests": {"selected": [bench("txt2img", "original", "eager", bs,
+                                                [1.0])["name"] for bs in (1, 2)]}},
              {"type": "case", "benchmark": bench("txt2img", "original", "eager", 1, [4.0, 5.0])}]
     path = tmp_path / "run.journal.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -170,7 +176,8 @@ def test_a_case_whose_vae_ran_another_kernel_is_marked():
     assert any("width 512" in n for n in t.notes)
 
 
-def ladder_bench(attention, compile, samples, memory_format="contiguous", projections="separate", precision="fp32"):
+def ladder_bench(attention, compile, samples, memory_format="contiguous", projections="separate",
+                 precision="fp32"):
     c = Case("unet-step", "tiny", attention, compile, 2, precision, memory_format=memory_format,
              projections=projections)
     return {"name": c.name, "extra_info": {"case": c.as_dict(), "env": "torch2", "correct": True},

@@ -164,7 +164,8 @@ def test_failed_check_times_nothing(events, clock):
 
 
 def test_eager_extra_info_fields(events, clock):
-    extra = timing.measure(FakeBenchmark(events), workload(events, clock), device="cpu", rounds=2, warmup_rounds=2)
+    extra = timing.measure(FakeBenchmark(events), workload(events, clock), device="cpu", rounds=2,
+                           warmup_rounds=2)
     assert extra["compile_time_s"] is None and extra["graph_breaks"] is None and extra["recompiles"] is None
     assert extra["compile_cache"] is None and extra["peak_reserved_bytes"] is None
 
@@ -189,7 +190,8 @@ def test_injected_slowdown_is_inside_the_timed_region(events, clock, monkeypatch
         return lambda: events.append("delay")
 
     monkeypatch.setattr(timing, "make_delay", fake_delay)
-    extra = timing.measure(FakeBenchmark(events), workload(events, clock), device="cpu", rounds=2, warmup_rounds=2,
+    extra = timing.measure(FakeBenchmark(events), workload(events, clock), device="cpu", rounds=2,
+                           warmup_rounds=2,
                            delay_s=0.125)
     assert timed_part(events) == ["start", "work", "delay", "sync", "stop"] * 2 + ["sync"]
     assert asked == [0.125] and extra["injected_delay_s"] == 0.125

@@ -1,4 +1,5 @@
-"""txt2img on the tiny preset at 64x64: shapes, PNGs, seeding, precision checks, the random-weights warning."""
+"""txt2img on the tiny preset at 64x64: shapes, PNGs, seeding, precision checks, the random-weights
+warning."""
 
 from __future__ import annotations
 

@@ -15,18 +15,22 @@ from pathlib import Path
 import pytest
 
 from perf_tests import run as R
-from perf_tests.ab import Tree, ab_trees
+from perf_tests import turns
+from perf_tests.ab import ab_trees
+from perf_tests.cli import main as cli
+from perf_tests.cli import parse_args, split_passthrough
+from perf_tests.worktree import Tree
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # --- options ----------------------------------------------------------------------------------------------
 def test_arguments_after_the_first_double_dash_go_to_pytest():
-    assert R.split_pytest_args(["--runs", "2", "--", "--case-kind", "unet-step", "--", "x"]) == (
+    assert split_passthrough(["--runs", "2", "--", "--case-kind", "unet-step", "--", "x"]) == (
         ["--runs", "2"], ["--case-kind", "unet-step", "--", "x"])
-    assert R.split_pytest_args(["--runs", "2"]) == (["--runs", "2"], [])
-    opts, pytest_args = R.parse_args(["--grid", "full", "--budget", "3", "--", "--rounds", "5"])
-    assert (opts.grid, opts.budget, opts.runs, pytest_args) == ("full", 3.0, None, ["--rounds", "5"])
+    assert split_passthrough(["--runs", "2"]) == (["--runs", "2"], [])
+    opts = parse_args(["run", "--grid", "full", "--budget", "3", "--", "--rounds", "5"])
+    assert (opts.grid, opts.budget, opts.runs, opts.passthrough) == ("full", 3.0, None, ["--rounds", "5"])
 
 
 @pytest.mark.parametrize("argv", [
@@ -36,7 +40,7 @@ def test_arguments_after_the_first_double_dash_go_to_pytest():
 ])
 def test_bad_options_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        R.parse_args(argv)
+        cli(["run", *argv])
     assert exc.value.code == 2
 
 
@@ -91,7 +95,7 @@ def _opts(**kw) -> argparse.Namespace:
 def test_budget_runs_until_the_next_would_overrun(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     fake = FakeSuite([180, 90, 90, 90, 90])
-    runs = R.run_all([Tree("", tmp_path, "current tree")], _opts(budget=8), [], tmp_path, "torch2",
+    runs = R.run_all([Tree(tmp_path, label="current tree")], _opts(budget=8), [], tmp_path, "torch2",
                      launch=fake.launch, clock=fake.clock, log=lambda m: None)
     # 180 + 90 + 90 + 90 = 450 s; a fifth would end at 540 s > 480
     assert [r.path.name for r in runs] == [f"torch2-run{i}.json" for i in (1, 2, 3, 4)]
@@ -102,33 +106,36 @@ def test_budget_runs_until_the_next_would_overrun(tmp_path, monkeypatch):
 
 def test_runs_default_to_one(tmp_path):
     fake = FakeSuite([1])
-    runs = R.run_all([Tree("", tmp_path, "")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
+    runs = R.run_all([Tree(tmp_path, label="")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
                      lambda m: None)
     assert len(runs) == 1
 
 
 def test_ab_alternates_a_and_b_in_pairs_each_side_in_its_tree(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    a, b = Tree("A", tmp_path / "a", "current tree"), Tree("B", tmp_path / "b", "HEAD (abc)")
+    a, b = Tree(tmp_path / "a", side="A", label="current tree"), Tree(tmp_path / "b", side="B",
+                                                                      label="HEAD (abc)")
     fake = FakeSuite([10])
     R.run_all([a, b], _opts(runs=3), ["-x"], tmp_path, "torch2", fake.launch, fake.clock, lambda m: None)
     assert [c[0] for c in fake.calls] == ["torch2-A-run1.json", "torch2-B-run1.json", "torch2-A-run2.json",
                                           "torch2-B-run2.json", "torch2-A-run3.json", "torch2-B-run3.json"]
     assert [c[1].name for c in fake.calls] == ["a", "b"] * 3
-    assert [c[3].split(os.pathsep)[0] for c in fake.calls[:2]] == [str(a.root), str(b.root)]
+    assert [c[3].split(os.pathsep)[0] for c in fake.calls[:2]] == [str(a.path), str(b.path)]
 
 
 def test_ab_budget_counts_pairs(tmp_path):
     fake = FakeSuite([60])  # a pair takes 120 s: 3 pairs fit in 6 minutes, never half a pair
-    runs = R.run_all([Tree("A", tmp_path, ""), Tree("B", tmp_path, "")], _opts(budget=6.5), [], tmp_path, "t",
+    runs = R.run_all([Tree(tmp_path, side="A", label=""), Tree(tmp_path, side="B", label="")],
+                     _opts(budget=6.5), [], tmp_path, "t",
                      fake.launch, fake.clock, lambda m: None)
-    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3)]
+    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B",
+                                                                                                         3)]
 
 
 def _turn_taking_tree(root: Path, side: str, label: str) -> Tree:
     (root / "perf_tests").mkdir(parents=True)
     (root / "perf_tests" / "turns.py").write_text("")
-    return Tree(side, root, label)
+    return Tree(root, label, side=side)
 
 
 def test_ab_pairs_run_side_by_side_when_both_trees_take_turns(tmp_path):
@@ -145,14 +152,16 @@ def test_ab_pairs_run_side_by_side_when_both_trees_take_turns(tmp_path):
     assert len(pairs) == 3  # a pair costs 120 s of the fake clock: 3 fit in 6.5 min
     assert [(Path(p[0]).name, p[1], p[2]) for p in pairs[0]] == [("t-A-run1.json", "a", "t-A-run1.log"),
                                                                  ("t-B-run1.json", "b", "t-B-run1.log")]
-    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3)]
+    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B",
+                                                                                                         3)]
     # --interleave runs, or a tree that cannot take turns: A, then B, one process at a time
     fake2 = FakeSuite([60])
     R.run_all([a, b], _opts(runs=1, interleave="runs"), [], tmp_path, "u", fake2.launch, fake2.clock,
               lambda m: None, launch_pair=None)
     assert [c[0] for c in fake2.calls] == ["u-A-run1.json", "u-B-run1.json"]
     logged = []
-    R.run_all([a, Tree("B", tmp_path / "old", "v1 (def)")], _opts(runs=1), [], tmp_path, "v", fake2.launch,
+    R.run_all([a, Tree(tmp_path / "old", side="B", label="v1 (def)")], _opts(runs=1), [], tmp_path, "v",
+              fake2.launch,
               fake2.clock, logged.append, launch_pair=None)
     assert any("v1 (def) cannot take turns" in m for m in logged)
 
@@ -163,7 +172,7 @@ def test_a_suite_process_without_a_result_is_an_error_naming_its_journal(tmp_pat
     journal.write_text('{"type": "start"}\n')
     fake = FakeSuite([1], returncode=-9, write=False)
     with pytest.raises(R.RunError, match="exit -9 and no result.*journal.jsonl"):
-        R.run_all([Tree("", tmp_path, "")], _opts(runs=2), [], tmp_path, "torch2", fake.launch, fake.clock,
+        R.run_all([Tree(tmp_path, label="")], _opts(runs=2), [], tmp_path, "torch2", fake.launch, fake.clock,
                   lambda m: None)
     assert len(fake.calls) == 1  # no second run after a crash
 
@@ -171,13 +180,13 @@ def test_a_suite_process_without_a_result_is_an_error_naming_its_journal(tmp_pat
 def test_pytest_collecting_no_test_is_an_error(tmp_path):
     fake = FakeSuite([1], returncode=5, write=False)
     with pytest.raises(R.RunError, match="collected no test"):
-        R.run_all([Tree("", tmp_path, "")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
+        R.run_all([Tree(tmp_path, label="")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
                   lambda m: None)
 
 
 def test_a_failed_case_pytest_exit_1_with_a_result_is_a_result(tmp_path):
     fake = FakeSuite([1], returncode=1)
-    runs = R.run_all([Tree("", tmp_path, "")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
+    runs = R.run_all([Tree(tmp_path, label="")], _opts(), [], tmp_path, "torch2", fake.launch, fake.clock,
                      lambda m: None)
     assert runs[0].returncode == 1
 
@@ -196,13 +205,14 @@ def test_exit_code_mapping(gate_code, failed, gate, expected):
 
 def test_run_outside_a_repository_root_is_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert R.main(["--runs", "1"]) == 2
+    assert cli(["run", "--runs", "1"]) == 2
     assert "error:" in capsys.readouterr().err
 
 
 # --- A/B trees ----------------------------------------------------------------------------------------------
 def _git(repo, *args):
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo,
+                   check=True,
                    capture_output=True)
 
 
@@ -216,10 +226,10 @@ def test_ab_trees_check_out_the_ref_beside_the_tree_and_remove_it(tmp_path):
     _git(repo, "commit", "-q", "-m", "ref")
     (repo / "perf_tests" / "v.txt").write_text("working tree")
     with ab_trees("HEAD", repo) as (a, b):
-        assert (a.side, b.side) == ("A", "B") and a.root == repo
-        assert (b.root / "perf_tests" / "v.txt").read_text() == "ref"
+        assert (a.side, b.side) == ("A", "B") and a.path == repo
+        assert (b.path / "perf_tests" / "v.txt").read_text() == "ref"
         assert b.label.startswith("HEAD (")
-    assert not b.root.exists()
+    assert not b.path.exists()
     listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
     assert len(listed.strip().splitlines()) == 1
 
@@ -269,7 +279,7 @@ def test_ab_end_to_end_on_a_fake_suite(tmp_path, monkeypatch, capsys):
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     out = tmp_path / "out"
-    code = R.main(["--ab", "HEAD", "--runs", "3", "--results", str(out), "--label", "torch2",
+    code = cli(["run", "--ab", "HEAD", "--runs", "3", "--results", str(out), "--label", "torch2",
                    "--", "--benchmark-timer=time.process_time"])
     err = capsys.readouterr().err
     assert code in (0, 1), err
@@ -314,13 +324,15 @@ def test_ab_pairs_take_turns_through_pytest_benchmark_rounds(tmp_path, monkeypat
     log = tmp_path / "rounds.txt"
     (repo / "perf_tests" / "test_fake.py").write_text(textwrap.dedent(TURN_SUITE.format(log=str(log))))
     (repo / "perf_tests" / "conftest.py").write_text(TURN_CONFTEST)
-    shutil.copy(REPO / "perf_tests" / "turns.py", repo / "perf_tests" / "turns.py")
+    turns_file = repo / Path(turns.__file__).relative_to(REPO)  # where this layout keeps it
+    turns_file.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(turns.__file__, turns_file)
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "reference")
     monkeypatch.chdir(repo)
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # perf_tests.turns for the fake suite
-    trees = [Tree("A", repo, "current tree"), Tree("B", repo, "HEAD")]
+    trees = [Tree(repo, side="A", label="current tree"), Tree(repo, side="B", label="HEAD")]
     runs = R.run_all(trees, _opts(runs=1), [], tmp_path, "t", log=lambda m: None)
     assert [r.returncode for r in runs] == [0, 0]
     pids = log.read_text().split()
@@ -349,7 +361,7 @@ def test_explain_profiles_each_flagged_case_in_both_ab_trees_and_writes_it_into_
 
     monkeypatch.setattr(explain, "explain_trees", fake_explain_trees)
     out = tmp_path / "out"
-    code = R.main(["--ab", "HEAD", "--runs", "3", "--explain", "--results", str(out), "--label", "torch2",
+    code = cli(["run", "--ab", "HEAD", "--runs", "3", "--explain", "--results", str(out), "--label", "torch2",
                    "--", "--benchmark-timer=time.process_time"])
     assert code == 1, capsys.readouterr().err
     (ref_tree, current, names, label), = seen
@@ -365,7 +377,7 @@ def test_update_baselines_records_the_runs_of_a_fake_suite(tmp_path, monkeypatch
     repo = _fake_repo(tmp_path)
     monkeypatch.chdir(repo)
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    code = R.main(["--update-baselines", "--runs", "2", "--results", str(tmp_path / "out"),
+    code = cli(["run", "--update-baselines", "--runs", "2", "--results", str(tmp_path / "out"),
                    "--baseline-dir", str(tmp_path / "bl"), "--label", "torch2"])
     assert code == 0, capsys.readouterr().err
     written = list((tmp_path / "bl").rglob("*.json"))
@@ -374,16 +386,19 @@ def test_update_baselines_records_the_runs_of_a_fake_suite(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="the fake suite is a git repository")
-def test_a_run_with_a_failed_case_is_never_recorded_and_fails_even_with_gate_warn(tmp_path, monkeypatch, capsys):
+def test_a_run_with_a_failed_case_is_never_recorded_and_fails_even_with_gate_warn(tmp_path, monkeypatch,
+                                                                                  capsys):
     repo = _fake_repo(tmp_path, failing=True)
     monkeypatch.chdir(repo)
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    code = R.main(["--update-baselines", "--results", str(tmp_path / "out"), "--baseline-dir", str(tmp_path / "bl"),
+    code = cli(["run", "--update-baselines", "--results", str(tmp_path / "out"), "--baseline-dir",
+                str(tmp_path / "bl"),
                    "--label", "torch2"])
     assert code == 1 and "not recorded" in capsys.readouterr().err
     assert not (tmp_path / "bl").exists()
     (tmp_path / "bl").mkdir()  # no baseline for this device: the failed case alone fails the run
-    code = R.main(["--gate", "warn", "--results", str(tmp_path / "out2"), "--baseline-dir", str(tmp_path / "bl"),
+    code = cli(["run", "--gate", "warn", "--results", str(tmp_path / "out2"), "--baseline-dir",
+                str(tmp_path / "bl"),
                    "--label", "torch2"])
     assert code == 1
 
@@ -393,7 +408,8 @@ def test_one_real_run_of_one_tiny_case_end_to_end(tmp_path):
     """The real suite, one process, one case: result, study table, verdict files and the job summary."""
     summary = tmp_path / "summary.md"
     out = tmp_path / "out"
-    env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
+    env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
     res = subprocess.run(
         [sys.executable, "-m", "perf_tests", "run", "--runs", "1", "--gate", "warn", "--results", str(out),
          "--label", "e2e", "--", "--case-kind", "attention-self-1024", "--attention", "original",
@@ -403,7 +419,8 @@ def test_one_real_run_of_one_tiny_case_end_to_end(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"e2e-run1.json", "study-e2e.md", "verdict-e2e.txt", "verdict-e2e.md", "verdict-e2e.json"} <= names
     result = json.loads((out / "e2e-run1.json").read_text())
-    assert [b["name"] for b in result["benchmarks"]] == ["test_attention_self_1024[tiny-original-eager-bs1-fp32]"]
+    expected = ["test_attention_self_1024[tiny-original-eager-bs1-fp32]"]
+    assert [b["name"] for b in result["benchmarks"]] == expected
     assert (out / "verdict-e2e.txt").read_text().strip() in res.stdout  # the verdict is printed
     text = summary.read_text()
     assert text.count((out / "verdict-e2e.md").read_text().strip()) == 1

@@ -19,7 +19,7 @@ from perf_tests import machine, store_baseline
 from perf_tests.baselines import update_baselines
 from perf_tests.results import InputError, read_baseline, read_run, run_from_doc
 from perf_tests.store import MIGRATIONS, SCHEMA_VERSION, Store, run_key
-from perf_tests.store_cli import export_baseline, import_paths
+from perf_tests.store_io import export_baseline, import_paths
 from tests.perf_json import CASES, run_doc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_two_writers_at_once_lose_and_duplicate_no_run(where, tmp_path):
         pass
     code = (
         "import sys; from pathlib import Path; from perf_tests.store import Store; "
-        "from perf_tests.store_cli import import_paths\n"
+        "from perf_tests.store_io import import_paths\n"
         "with Store.open(sys.argv[1]) as s:\n"
         "    import_paths(s, [Path(p) for p in sys.argv[2:]], log=lambda m: None)"
     )

@@ -1,6 +1,7 @@
 """OpenCLIPTextEncoder against plain-torch math of the CLIP text transformer written here from raw tensors.
 
-Runs under both open_clip generations (sequence-first 2.0.2 in the torch1 environment, batch-first 3.x in torch2).
+Runs under both open_clip generations (sequence-first 2.0.2 in the torch1 environment, batch-first 3.x in
+torch2).
 """
 
 from __future__ import annotations

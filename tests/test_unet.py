@@ -1,4 +1,5 @@
-"""sd.unet: the numerics of the original openaimodel.py UNetModel, and the whole UNet against diffusers' (the oracle)."""
+"""sd.unet: the numerics of the original openaimodel.py UNetModel, and the whole UNet against diffusers' (the
+oracle)."""
 
 from __future__ import annotations
 

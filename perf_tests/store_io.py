@@ -7,7 +7,6 @@ python -m perf_tests store info
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 from collections.abc import Iterator, Sequence
@@ -15,19 +14,10 @@ from pathlib import Path
 
 from perf_tests.baselines import atomic_write_json, baseline_doc, locked, merge_runs
 from perf_tests.results import JOURNAL_SUFFIX, Baseline, InputError, Run, read_any
-from perf_tests.store import STORE_ENV, Store, default_location, describe
+from perf_tests.store import Store, describe
 from perf_tests.store_baseline import run_context
 
 AB_NAME = re.compile(r"-[AB]-run\d+(\.json|\.journal\.jsonl)$")
-
-
-def store_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--store",
-        default=None,
-        metavar="PATH|URL",
-        help=f"SQLite file or postgresql://... (default ${STORE_ENV}, else ~/.cache/sd-perf/store.sqlite)",
-    )
 
 
 def _files(paths: Sequence[Path]) -> Iterator[tuple[Path, bool]]:
@@ -65,17 +55,6 @@ def import_paths(store: Store, paths: Sequence[Path], log=print) -> tuple[int, i
             already += not result.added
         log(f"{path}: {len(runs)} run(s)")
     return added, already, passed
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    with Store.open(args.store) as store:
-        added, already, passed = import_paths(store, args.paths)
-        print(
-            f"{describe(store.location)}: {added} run(s) added, {already} already there"
-            + (f", {passed} file(s) that are no result passed over" if passed else "")
-            + f"; {store.count()} runs in all"
-        )
-    return 0
 
 
 def export_baseline(
@@ -117,62 +96,3 @@ def export_baseline(
         baseline = merge_runs(None, runs, (device, env, profile), output).baseline
         atomic_write_json(output, baseline_doc(baseline))
     return baseline
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    with Store.open(args.store) as store:
-        baseline = export_baseline(
-            store,
-            args.output,
-            args.device,
-            args.env,
-            args.profile,
-            commit=args.commit,
-            host=args.host,
-            replace=args.replace,
-        )
-    print(
-        f"wrote {args.output}: {len(baseline.runs)} run(s), "
-        f"{len({n for r in baseline.runs for n in r.cases})} cases"
-    )
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    with Store.open(args.store) as store:
-        print(
-            f"{describe(store.location)}: schema version {store.version()}, {store.count()} runs, "
-            f"{store.count('results')} case results, {store.count('failures')} failures, "
-            f"{store.count('skips')} skips"
-        )
-        for slug, device_type, env, n in store.groups():
-            print(f"  {slug} ({device_type}) {env}: {n} runs")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "store",
-        help="the results store: import result folders and baselines, export a baseline",
-        description=f"The results store (default {default_location()}; docs/store.md).",
-    )
-    cmds = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
-    imp = cmds.add_parser("import", help="record result JSONs, journals, result folders and baseline files")
-    imp.add_argument("paths", nargs="+", type=Path)
-    store_option(imp)
-    imp.set_defaults(func=cmd_import)
-    exp = cmds.add_parser("export", help="write a baseline file from the store's runs")
-    exp.add_argument(
-        "output", type=Path, help="the baseline file, e.g. baselines/<device>/<env>-<profile>.json"
-    )
-    exp.add_argument("--device", required=True, help="device slug, e.g. nvidia-h100-80gb-hbm3")
-    exp.add_argument("--env", required=True, help="torch1, torch2, ...")
-    exp.add_argument("--profile", required=True, help="tiny, sd21-base, ...")
-    exp.add_argument("--commit", help="only the runs of this commit (full sha)")
-    exp.add_argument("--host", help="only the runs of this host_id")
-    exp.add_argument("--replace", action="store_true", help="overwrite an existing output file")
-    store_option(exp)
-    exp.set_defaults(func=cmd_export)
-    info = cmds.add_parser("info", help="schema version, counts, device types and environments")
-    store_option(info)
-    info.set_defaults(func=cmd_info)
