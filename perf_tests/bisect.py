@@ -118,7 +118,8 @@ class Ratio:
                 f"{self.runs_reference}+{self.runs_x} runs)")
 
 
-def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]], policy: Policy | None = None) -> Ratio:
+def ratio(reference: Sequence[Sequence[float]], x: Sequence[Sequence[float]],
+          policy: Policy | None = None) -> Ratio:
     """X over the reference from per-call samples grouped by run (see the module docstring)."""
     policy = policy or Policy()
     yb = np.log([float(np.median(r)) for r in reference])  # (runs,) log run medians

@@ -35,7 +35,8 @@ REASON_BITS = {
     0x100: "display_clock_setting",
 }
 # nvmlPerfPolicyType_t (nvml.h): NVML counts, per policy, the nanoseconds the clocks were held below target.
-POLICIES = {"power": 0, "thermal": 1, "sync_boost": 2, "board_limit": 3, "low_utilization": 4, "reliability": 5}
+POLICIES = {"power": 0, "thermal": 1, "sync_boost": 2, "board_limit": 3, "low_utilization": 4,
+            "reliability": 5}
 # What makes a case slower than its code: heat and hardware slowdowns. Power capping and idle are not.
 DISTURBING_REASONS = ("sw_thermal_slowdown", "hw_thermal_slowdown", "hw_slowdown", "hw_power_brake_slowdown")
 DISTURBING_POLICIES = ("thermal", "reliability")
@@ -60,7 +61,8 @@ class Disturbance:
 
     def sentence(self) -> str:
         what = "thermal throttling" if any("thermal" in r for r in self.reasons) else "GPU slowdown"
-        share = f"{self.throttled_ms:.0f} of {self.case_ms:.0f} ms" if self.case_ms else f"{self.throttled_ms:.0f} ms"
+        share = (f"{self.throttled_ms:.0f} of {self.case_ms:.0f} ms" if self.case_ms
+                 else f"{self.throttled_ms:.0f} ms")
         return f"{what} ({', '.join(self.reasons)}; {share} held below target clocks)"
 
 
@@ -111,7 +113,8 @@ class Probe:
         out = {}
         for name in DISTURBING_POLICIES + ("power",):
             try:
-                out[name] = int(self.nvml.nvmlDeviceGetViolationStatus(self.handle, POLICIES[name]).violationTime)
+                out[name] = int(self.nvml.nvmlDeviceGetViolationStatus(self.handle,
+                                                                       POLICIES[name]).violationTime)
             except Exception:  # NVMLError_NotSupported on some boards and policies
                 continue
         return out
@@ -215,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     """Record this GPU's NVML answers over a few seconds of load: a Replay file for the tests."""
     p = argparse.ArgumentParser(prog="python -m perf_tests.gpu_state", description=main.__doc__)
     p.add_argument("--record", type=Path, required=True, help="write the recording (JSON) here")
-    p.add_argument("--seconds", type=float, default=5.0, help="how long to load the GPU between the snapshots")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="how long to load the GPU between the snapshots")
     p.add_argument("--index", type=int, default=0)
     opts = p.parse_args(argv)
     try:

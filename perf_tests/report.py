@@ -45,7 +45,8 @@ def _unsettled(r: Reason) -> str:
             + ACROSS_MACHINES_FIX if r["across_machines"]
             else "over 100 runs per side would be needed to settle it")
     return (f"interval [{r['low'] - 1:+.1%}, {r['high'] - 1:+.1%}] reaches beyond the ±{r['min_effect']:.1%} "
-            f"band and no change beyond it is significant after {r['correction']} (MDE {r['mde']:.1%}); {more}")
+            f"band and no change beyond it is significant after {r['correction']} (MDE {r['mde']:.1%}); "
+            f"{more}")
 
 
 def _machines(r: Reason) -> str:
@@ -66,8 +67,8 @@ SENTENCES = {
         + ("the environment changed" if r["environment_changed"] else "no canary on both sides")
         + "): " + ACROSS_MACHINES_FIX),
     "attention-differs": lambda r: f"attention backend used differs: {r['baseline']} vs {r['candidate']}",
-    "kernel-differs": lambda r: (f"the attention kernel that ran differs: {r['baseline']} vs {r['candidate']} "
-                                 "(the same backend dispatched to another kernel)"),
+    "kernel-differs": lambda r: (f"the attention kernel that ran differs: {r['baseline']} vs "
+                                 f"{r['candidate']} (the same backend dispatched to another kernel)"),
     "noise-prior": lambda r: (f"run-to-run sd {r['sd']:.1%} (prior for {r['device_type']}/{r['env']}; one "
                               "run per side, no recorded noise)"),
     "machine-variance": _machines,
@@ -173,9 +174,9 @@ def policy_line(cmp: Comparison) -> str:
         f"case-specific part, estimated once (docs/statistics.md); regression = a one-sided t test of the "
         f"case's change significant at alpha {p.alpha} ({over}) AND a point estimate above "
         f"+{p.min_effect:.0%}; no change = "
-        f"the {p.confidence_level:.0%} interval inside ±{p.min_effect:.0%}; one run a side judged only against "
-        f"a recorded or prior run-to-run noise; a run (pair) with a disturbed canary is left out while enough "
-        "clean ones remain, else regressions and no change are inconclusive. "
+        f"the {p.confidence_level:.0%} interval inside ±{p.min_effect:.0%}; one run a side judged only "
+        f"against a recorded or prior run-to-run noise; a run (pair) with a disturbed canary is left out "
+        "while enough clean ones remain, else regressions and no change are inconclusive. "
         f"compile time ±{p.compile_threshold:.0%} within one cache state, peak memory "
         f"±{p.memory_threshold:.0%}, "
         f"on every run pair."
@@ -206,8 +207,8 @@ def suite_line(cmp: Comparison) -> str:
     which makes no case a regression."""
     s = cmp.suite
     p = min(s.p_regression, s.p_improvement)
-    return (f"the suite as a whole: {_change(s)} ({_MARK[s.verdict]}, p {p:.2g}, MDE {s.mde:.1%}; the mean over "
-            "the cases measured in every run, tested on its own)")
+    return (f"the suite as a whole: {_change(s)} ({_MARK[s.verdict]}, p {p:.2g}, MDE {s.mde:.1%}; the mean "
+            "over the cases measured in every run, tested on its own)")
 
 
 def canary_line(cmp: Comparison) -> str:

@@ -124,7 +124,8 @@ class Policy:
 
 @dataclass
 class CaseSamples:
-    """One case on one side: per-call seconds per run (one list of rounds per run) and once-per-run metrics."""
+    """One case on one side: per-call seconds per run (one list of rounds per run) and once-per-run
+    metrics."""
 
     name: str
     runs: list[list[float]]
@@ -163,7 +164,8 @@ class Side:
     canary: list[list[float]] = field(default_factory=list)  # per run: the canary's per-call seconds
     skipped: dict[str, str] = field(default_factory=dict)  # name -> reason
     failed: dict[str, str] = field(default_factory=dict)  # name -> reason
-    selected: set[str] | None = None  # None: unknown (e.g. a baseline), every baseline case counts as selected
+    # None: unknown (e.g. a baseline), every baseline case counts as selected
+    selected: set[str] | None = None
     run_order: list[int] | None = None  # global position of each run when A and B alternated
     # per run: why the device slowed it down by itself (a throttled GPU, perf_tests.gpu_state), else None
     disturbances: list[str | None] = field(default_factory=list)
@@ -239,7 +241,8 @@ class CanaryResult:
 
     @property
     def disturbed_summary(self) -> str:
-        """The disturbed runs' reasons; beyond two, the first and a count (each run is marked in the canary line)."""
+        """The disturbed runs' reasons; beyond two, the first and a count (each run is marked in the canary
+        line)."""
         if len(self.disturbed) <= 2:
             return "; ".join(self.disturbed)
         total = sum(r.side == "candidate" for r in self.runs)
@@ -812,7 +815,8 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     runs = [CanaryRun("baseline", i, float(np.median(r)), cv) for i, (r, cv) in enumerate(zip(b_runs, b_cvs,
                                                                                              strict=True))]
     # A candidate on a machine none of the baseline's runs came from: its canary differs from the baseline's
-    # by the machine (taken out of every change in compare), so a run is held against the other candidate runs.
+    # by the machine (taken out of every change in compare), so a run is held against the other candidate
+    # runs.
     ref, against = (b_meds.mean(), "the baseline's") if b_meds.size and not env_changed else (None, "")
     if not by_pair and on_new_machine(baseline, candidate):
         c_meds = np.log([np.median(r) for r in c_runs])
@@ -831,13 +835,15 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
                 trouble = (f"machine disturbed: canary spread {max(cv, b_cvs[i]):.1%} within pair {i + 1} "
                        f"(usual < {cv_limit:.1%})")
             elif abs(shift) > limit:
-                trouble = (f"machine disturbed: canary {math.expm1(shift):+.1%} between the runs of pair {i + 1} "
-                       f"(their own noise allows ±{math.expm1(limit):.1%})")
+                trouble = (f"machine disturbed: canary {math.expm1(shift):+.1%} between the runs of pair "
+                       f"{i + 1} (their own noise allows ±{math.expm1(limit):.1%})")
         elif cv > cv_limit:
-            trouble = f"machine disturbed: canary spread {cv:.1%} within candidate run {i + 1} (usual < {cv_limit:.1%})"
+            trouble = (f"machine disturbed: canary spread {cv:.1%} within candidate run {i + 1} "
+                       f"(usual < {cv_limit:.1%})")
         elif ref is not None and abs(math.log(med) - ref) > shift_limit:
-            trouble = (f"machine disturbed: canary {math.expm1(math.log(med) - ref):+.1%} in candidate run {i + 1} "
-                   f"against {against} (the baseline's run-to-run noise allows ±{math.expm1(shift_limit):.1%})")
+            trouble = (f"machine disturbed: canary {math.expm1(math.log(med) - ref):+.1%} in candidate run "
+                   f"{i + 1} against {against} (the baseline's run-to-run noise allows "
+                   f"±{math.expm1(shift_limit):.1%})")
         if trouble is None and len(device) == len(c_runs):
             trouble = device[i]
         runs.append(CanaryRun("candidate", i, med, cv, trouble))
@@ -845,8 +851,10 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
             disturbed.append(trouble)
     ratio = None
     if b_meds.size:
-        ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"])) - b_meds.mean()))
-    env_shift = f"plain kernels moved {ratio - 1:+.1%} with the environment change" if env_changed and ratio else None
+        ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"]))
+                               - b_meds.mean()))
+    env_shift = (f"plain kernels moved {ratio - 1:+.1%} with the environment change" if env_changed and ratio
+                 else None)
     return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift,
                         by_pair=by_pair)
 
@@ -871,7 +879,8 @@ def _keep_runs(side: Side, keep: Sequence[int]) -> Side:
         return [values[i] for i in keep] if values is not None and len(values) == side.n_runs else values
 
     cases = {n: dataclasses.replace(cs, runs=pick(cs.runs), run_machines=pick(cs.run_machines),
-                                    compile_time_s=pick(cs.compile_time_s), compile_cache=pick(cs.compile_cache),
+                                    compile_time_s=pick(cs.compile_time_s),
+                                    compile_cache=pick(cs.compile_cache),
                                     peak_memory_bytes=pick(cs.peak_memory_bytes))
              for n, cs in side.cases.items()}
     return dataclasses.replace(side, cases=cases, n_runs=len(keep), machines=pick(side.machines),
@@ -973,7 +982,8 @@ def _overall(metrics: Mapping[str, MetricResult]) -> str:
 # --- the comparator --------------------------------------------------------------------------------
 
 
-def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, paired: bool = False) -> Comparison:
+def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
+            paired: bool = False) -> Comparison:
     """Judge every case of ``candidate`` against ``baseline``. Pure: no I/O.
 
     ``paired=True``: the two sides' runs alternated (A, B, A, B) and run ``k`` of one side is paired with run
@@ -981,8 +991,8 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     """
     policy = policy or Policy()
     if paired and baseline.n_runs != candidate.n_runs:
-        raise ValueError(f"paired comparison needs as many runs on both sides, got {baseline.n_runs} baseline "
-                         f"and {candidate.n_runs} candidate runs")
+        raise ValueError(f"paired comparison needs as many runs on both sides, got {baseline.n_runs} "
+                         f"baseline and {candidate.n_runs} candidate runs")
     if paired and baseline.run_order and candidate.run_order and any(
             abs(b - c) != 1 for b, c in zip(baseline.run_order, candidate.run_order, strict=False)):
         raise ValueError(f"paired comparison needs runs that alternated A, B, A, B: run order baseline "
@@ -1059,14 +1069,15 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
             blockers.append(why("kernel-differs", baseline=", ".join(sorted(b.unet_kernels)),
                                 candidate=", ".join(sorted(c.unet_kernels))))
         metrics = {"time": _time_result(name, b, c, model.cases.get(name), model.paired, adj_reg.get(name),
-                                        adj_imp.get(name), alpha_one.get(name, policy.alpha), policy, blockers,
-                                        case_reasons[name], disturbed)}
+                                        adj_imp.get(name), alpha_one.get(name, policy.alpha), policy,
+                                        blockers, case_reasons[name], disturbed)}
         compile_res = _compile_result(b, c, policy, list(blockers))
         if compile_res is not None:
             metrics["compile_time"] = compile_res
         if judge_memory:
             mem = _few_values_result("peak_memory", b.peak_memory_bytes, c.peak_memory_bytes,
-                                     policy.memory_threshold, float(policy.memory_floor_bytes), list(blockers))
+                                     policy.memory_threshold, float(policy.memory_floor_bytes),
+                                     list(blockers))
             if mem is not None:
                 metrics["peak_memory"] = mem
         if c.correct is False:
@@ -1077,7 +1088,8 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
 
     notes = []
     if not judge_memory:
-        notes.append(f"peak memory is not judged on {device_type} (policy: {', '.join(policy.memory_device_types)})")
+        notes.append(f"peak memory is not judged on {device_type} "
+                     f"(policy: {', '.join(policy.memory_device_types)})")
     if canary and canary.left_out:
         what = "pair" if paired else "candidate run"
         shown = ", ".join(str(i + 1) for i in canary.left_out)
@@ -1086,9 +1098,10 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *, pa
     if canary and canary.env_shift:
         notes.append(canary.env_shift + " (reported, not used to cancel the change)")
     if net_of_canary and new_machine:
-        notes.append("the candidate ran on a machine none of the baseline's runs came from: every time change "
-                     f"is net of the canary's move ({math.expm1(model.canary_shift):+.1%}; the medians shown are "
-                     "as measured), and the machine-to-machine variance is in each interval and MDE")
+        notes.append("the candidate ran on a machine none of the baseline's runs came from: every time "
+                     f"change is net of the canary's move ({math.expm1(model.canary_shift):+.1%}; the "
+                     "medians shown are as measured), and the machine-to-machine variance is in each "
+                     "interval and MDE")
     elif net_of_canary:
         notes.append(f"every time change is net of the canary's move ({math.expm1(model.canary_shift):+.1%}) "
                      f"weighted by {model.canary_weight:.2f}, the share of the runs' common speed it "

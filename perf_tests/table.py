@@ -156,8 +156,8 @@ def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
 
 # The kernel families a forced backend may run (perf_tests.kernels names them; on a CPU, PyTorch's flash
 # backend is its CPU flash kernel).
-_FORCED = {"sdpa-flash": {"flash", "flash-cpu"}, "sdpa-mem-efficient": {"mem-efficient"}, "sdpa-cudnn": {"cudnn"},
-           "sdpa-math": {"math"}}
+_FORCED = {"sdpa-flash": {"flash", "flash-cpu"}, "sdpa-mem-efficient": {"mem-efficient"},
+           "sdpa-cudnn": {"cudnn"}, "sdpa-math": {"math"}}
 
 
 def kernel_note(attention: str, vae_attention: str | None, kernels: Mapping | None) -> str:

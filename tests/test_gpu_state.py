@@ -122,7 +122,8 @@ def test_a_recording_replays_to_the_same_snapshot():
     assert live["reasons_mask"] == 0x8 and live["power_w"] == pytest.approx(250.5)
     assert live["violation_ns"] == {"thermal": 20, "reliability": 30, "power": 10}
     assert live["app_clocks_locked"] is None  # not supported: unknown, not False
-    replayed = G.Probe(G.Replay({"calls": json.loads(json.dumps(recorder.calls))}), clock=lambda: 3.0).snapshot()
+    replayed = G.Probe(G.Replay({"calls": json.loads(json.dumps(recorder.calls))}),
+                       clock=lambda: 3.0).snapshot()
     assert replayed == live
 
 
@@ -166,7 +167,8 @@ def test_a_throttled_run_is_disturbed_and_a_clean_one_is_judged(tmp_path, throug
     hot, base_disturbed = _judge(tmp_path, "throttled.json", through_baseline=through_baseline)
     assert base_disturbed == [None, None, None]
     (reason,) = hot.canary.disturbed
-    assert reason.startswith("machine disturbed: thermal throttling (sw_thermal_slowdown, hw_thermal_slowdown")
+    assert reason.startswith("machine disturbed: thermal throttling "
+                             "(sw_thermal_slowdown, hw_thermal_slowdown")
     assert hot.canary.disturbed_runs == (1,) and hot.canary.left_out == (1,)  # the run is left out
 
     cool, _ = _judge(tmp_path, "clean.json", through_baseline=through_baseline)

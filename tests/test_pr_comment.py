@@ -34,12 +34,14 @@ def gate_folder(tmp_path):
     with the operator diff of the flagged case, and the stored-baseline comparison as context."""
     a = [write_run(tmp_path / f"a{s}.json", s, slow={SLOW: 1.3}) for s in (1, 2, 3, 4)]
     b = [write_run(tmp_path / f"b{s}.json", s + 10) for s in (1, 2, 3, 4)]
-    cmp = stats.compare(R.load_side(b, "merge base (4 runs)"), R.load_side(a, "pull request (4 runs)"), paired=True)
+    cmp = stats.compare(R.load_side(b, "merge base (4 runs)"), R.load_side(a, "pull request (4 runs)"),
+                        paired=True)
     ops = {"aten::_softmax": {"self_us": 100.0, "calls": 16}, "aten::bmm": {"self_us": 300.0, "calls": 32}}
     slow_ops = {**ops, "aten::_softmax": {"self_us": 190.0, "calls": 16}}
     meta = {"device": "cuda", "unit": "one UNet step", "calls": 10}
     diff = explain.diff_summaries(SLOW, [{"step_us": 400.0, "operators": ops, **meta}] * 2,
-                                  [{"step_us": 490.0, "operators": slow_ops, **meta}] * 2, labels=("base", "head"))
+                                  [{"step_us": 490.0, "operators": slow_ops, **meta}] * 2,
+                                  labels=("base", "head"))
     doc = {**to_dict(cmp), **explain.to_dict([diff])}
     out = tmp_path / "results"
     out.mkdir()

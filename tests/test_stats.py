@@ -91,7 +91,8 @@ def test_mde_formula_matches_a_simulated_power_of_80_percent():
 
 
 def test_a_uniform_slowdown_of_every_case_is_caught_by_the_common_test():
-    """The contrast of each case to the mean sees nothing when all cases slow down alike; the common test does."""
+    """The contrast of each case to the mean sees nothing when all cases slow down alike; the common test
+    does."""
     rng = np.random.default_rng(31)
     all_flagged = sum(
         S.compare(make_side(rng, 5), make_side(rng, 3, factor=1.15, slow=range(N_CASES))).count(S.REGRESSION)
@@ -149,7 +150,8 @@ def test_inconclusive_says_how_many_runs_would_settle_it():
 
 def test_ten_percent_speedup_is_an_improvement():
     rng = np.random.default_rng(13)
-    found = sum(time_of(S.compare(make_side(rng, 5), make_side(rng, 5, factor=1 / 1.2))).verdict == S.IMPROVEMENT
+    found = sum(time_of(S.compare(make_side(rng, 5),
+                                  make_side(rng, 5, factor=1 / 1.2))).verdict == S.IMPROVEMENT
                 for _ in range(40))
     assert found / 40 >= 0.9
 
@@ -192,7 +194,8 @@ def _machine_sds(why):
 
 
 def _pooled_with_prior(prior_sd, machine_var, df):
-    """The per-machine variance pooled with the policy's prior (an sd of a difference between two machines)."""
+    """The per-machine variance pooled with the policy's prior (an sd of a difference between two
+    machines)."""
     policy = S.Policy()
     return 100 * math.sqrt((policy.machine_prior_df * prior_sd**2 / 2 + df * machine_var)
                            / (policy.machine_prior_df + df))
@@ -225,8 +228,10 @@ def test_a_new_machine_without_the_canary_to_take_it_out_is_inconclusive():
     cmp = S.compare(base, cand)
     assert {c.verdict for c in cmp.cases} == {S.INCONCLUSIVE} and cmp.new_machine
     assert "the environment changed" in " ".join(said(time_of(cmp)))
-    same_machine = S.compare(base, _with_canary(make_side(rng, 5, factor=0.6, slow=range(N_CASES), machine="m1",
-                                                          env={**ENV, "torch_version": "2.15.0"}), rng, [0.6] * 5))
+    same_machine = S.compare(base, _with_canary(make_side(rng, 5, factor=0.6, slow=range(N_CASES),
+                                                          machine="m1",
+                                                          env={**ENV, "torch_version": "2.15.0"}),
+                                                rng, [0.6] * 5))
     assert S.IMPROVEMENT in verdicts(same_machine).values()  # a faster PyTorch on one machine is seen
 
 
@@ -527,7 +532,8 @@ def test_a_disturbed_candidate_run_is_left_out_against_a_baseline():
 def test_environment_change_reports_the_canary_separately_and_still_judges():
     rng = np.random.default_rng(20)
     base = _with_canary(make_side(rng, 5), rng, [1.0] * 5)
-    cand = _with_canary(make_side(rng, 3, factor=1.25, env={**ENV, "torch_version": "2.15.0"}), rng, [0.8] * 3)
+    cand = _with_canary(make_side(rng, 3, factor=1.25, env={**ENV, "torch_version": "2.15.0"}), rng,
+                        [0.8] * 3)
     cmp = S.compare(base, cand)
     assert not cmp.canary.disturbed
     assert cmp.canary.env_shift.startswith("plain kernels moved -19")
@@ -572,7 +578,8 @@ def test_failed_skipped_missing_and_not_selected():
     cmp = S.compare(base, cand)
     v = verdicts(cmp)
     assert v[names[1]] == S.FAILED and v["test_new[x]"] == S.FAILED and cmp.has_failed
-    assert v[names[2]] == S.SKIPPED and "xformers" in said(cmp.cases[[c.name for c in cmp.cases].index(names[2])])[0]
+    assert (v[names[2]] == S.SKIPPED
+            and "xformers" in said(cmp.cases[[c.name for c in cmp.cases].index(names[2])])[0])
     assert v[names[3]] == S.MISSING and cmp.has_missing
     assert names[4] not in v and cmp.not_selected == (names[4],)
     # selection unknown: every baseline case counts as selected
@@ -622,7 +629,7 @@ def test_new_case_and_reproducible_verdicts():
     assert a == b
 
 
-# --- compile time and peak memory ----------------------------------------------------------------------------
+# --- compile time and peak memory ---------------------------------------------------------------------------
 
 
 def _compile(b_vals, b_states, c_vals, c_states):
@@ -637,9 +644,11 @@ def test_compile_time_is_compared_only_within_one_cache_state():
     c = _compile([5.0, 5.2], ["warm", "warm"], [45.0, 47.0], ["cold", "cold"])  # fresh machine, cold cache
     m = c.metrics["compile_time"]
     assert m.verdict == S.NOT_COMPARED and c.verdict != S.REGRESSION
-    assert m.reasons[0].code == "cache-state-differs" and tuple(said(m)) == ("not compared: cache state differs (baseline warm, candidate cold)",)
+    assert (m.reasons[0].code == "cache-state-differs"
+            and tuple(said(m)) == ("not compared: cache state differs (baseline warm, candidate cold)",))
     c = _compile([5.0, 40.0], ["warm", "cold"], [56.0, 60.0], ["cold", "cold"])
-    assert c.metrics["compile_time"].verdict == S.REGRESSION and c.metrics["compile_time"].baseline_median == 40
+    assert (c.metrics["compile_time"].verdict == S.REGRESSION
+            and c.metrics["compile_time"].baseline_median == 40)
     assert "cold cache on both sides" in said(c.metrics["compile_time"])
     c = _compile([10.0], [], [11.0], [])  # older results without a recorded state: compared as before
     assert c.metrics["compile_time"].verdict == S.NO_CHANGE

@@ -233,7 +233,8 @@ def test_the_markdown_is_one_table_per_batch_size_with_the_study_rows(tmp_path):
     rows = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| ")]
     assert rows == (["configuration", *STUDY_NAMES.values()]) * 3
     t, lo, hi = _expected(6.7, 6.9)
-    row = f"| original with xFormers | {t:.3f} s [{lo:.3f} s, {hi:.3f} s] (ref) | not run: {XFORMERS_MISSING} |"
+    row = (f"| original with xFormers | {t:.3f} s [{lo:.3f} s, {hi:.3f} s] (ref) | "
+           f"not run: {XFORMERS_MISSING} |")
     assert row in md
     t = _expected(4.1, 4.3)[0]
     assert f" ({(_expected(6.7, 6.9)[0] - t) / _expected(6.7, 6.9)[0] * 100:+.1f}%); compile 30.500 s |" in md
