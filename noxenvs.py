@@ -54,7 +54,8 @@ PINS = {
                "packages": ["torchvision==0.13.1", "open_clip_torch==2.0.2", "numpy<2",
                             SETUPTOOLS_WITH_PKG_RESOURCES]},
 }
-# The PyTorch 2 study's configurations per environment (perf_tests.table.STUDY_ROWS): (attention backends,
+# The PyTorch 2 study's configurations per environment (perf_tests.report.study.STUDY_ROWS): (attention
+# backends,
 # compile modes, the compiled ones to leave out). The original code on 1.12.1 and the optimized on 2.0.1 are
 # the study's pair; on the current release all five run, for what PyTorch bought since.
 STUDY_POINTS = {
@@ -317,7 +318,7 @@ def build_wheelhouse(session, env: Env, dest: Path, preinstalled: list[str], xfo
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The wheelhouse against a GPU image (facts from `python -m perf_tests.preflight --json`)
+# The wheelhouse against a GPU image (facts from `python -m perf_tests.measure.preflight --json`)
 # ---------------------------------------------------------------------------------------------------------
 # Packages whose version an image's torch and torchvision were built or resolved with: where the image has
 # them, its own are kept (a wheelhouse pin of sympy, networkx or NumPy 2 can break an older torch).
@@ -393,7 +394,7 @@ REPORT_RESERVE_S = 30  # kept at the end for the study table from a stopped run'
 
 
 def inductor_cache_state(environ=os.environ) -> tuple[str, str]:
-    """("cold" | "warm", folder) of the suite's Inductor cache folder (perf_tests.suite's default)."""
+    """("cold" | "warm", folder) of the suite's Inductor cache folder (perf_tests.measure.suite's default)."""
     default = os.path.join("~", ".cache", "sd-perf", "inductor")
     folder = environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.expanduser(default)
     warm = os.path.isdir(folder) and any(os.scandir(folder))
@@ -412,7 +413,8 @@ def gpu_check(session, wheelhouse: Path, out: Path, run_args: list[str], pytest_
     start = clock()
     out.mkdir(parents=True, exist_ok=True)
     facts_path = out / "preflight.json"
-    session.run("python", "-m", "perf_tests.preflight", "--json", str(facts_path))  # exit 2: nothing can run
+    # exit 2: nothing can run
+    session.run("python", "-m", "perf_tests.measure.preflight", "--json", str(facts_path))
     facts = json.loads(facts_path.read_text(encoding="utf-8"))
     fit = wheelhouse_fit((wheelhouse / "requirements.txt").read_text(encoding="utf-8"),
                          sorted(p.name for p in wheelhouse.glob("*.whl")), facts)
@@ -446,7 +448,7 @@ def gpu_check(session, wheelhouse: Path, out: Path, run_args: list[str], pytest_
                       "say which)")
     state, folder = inductor_cache_state()
     session.log(f"Inductor cache {folder}: {state}; the compiled case is measured {state} and recorded so")
-    session.run("python", "-m", "perf_tests.estimate", grid, "--cache", state)
+    session.run("python", "-m", "perf_tests.measure.estimate", grid, "--cache", state)
     left = int(limit_s - (clock() - start) - REPORT_RESERVE_S)
     try:
         session.run("timeout", "--signal=INT", "--kill-after=20", str(max(left, 60)),

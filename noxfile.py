@@ -75,10 +75,8 @@ def perf_torch2(session: nox.Session) -> None:
 
 @env_session(TORCH20, "perf-torch20")
 def perf_torch20(session: nox.Session) -> None:
-    """The suite on PyTorch 2.0.1 (Python 3.10), the study's release, against the torch20 baseline.
-
-    Its runs, files and baselines are labelled torch20 (perf_tests.machine.env_label). Options as perf-torch2.
-    """
+    """The suite on PyTorch 2.0.1 (Python 3.10), the study's release: runs, files and baselines labelled
+    torch20 (perf_tests.measure.machine.env_label). Options as perf-torch2."""
     noxenvs.install(session, TORCH20, ("perf",))
     perf_run(session)
 
@@ -146,9 +144,10 @@ def gpu_check(session: nox.Session) -> None:
     nox -s gpu-check -- --wheelhouse DIR --out DIR [--grid first-run|gate|full] [--limit MIN] [run options]
                         [-- pytest args]
     PyTorch and torchvision come preinstalled with the interpreter (SD_PERF_GPU_PYTHON, default python3); the
-    preflight (python -m perf_tests.preflight) checks the image and the wheelhouse's fit, then the rest comes
-    from the wheelhouse built by `nox -s wheelhouse`. A failing gpu test is reported at the end; the perf run
-    is stopped at --limit (default 9.5 min from the start) and keeps every finished case. All in --out.
+    preflight (python -m perf_tests.measure.preflight) checks the image and the wheelhouse's fit, then the
+    rest comes from the wheelhouse built by `nox -s wheelhouse`. A failing gpu test is reported at the end;
+    the perf run is stopped at --limit (default 9.5 min from the start) and keeps every finished case. All in
+    --out.
     """
     parser = argparse.ArgumentParser(prog="nox -s gpu-check --", allow_abbrev=False)
     parser.add_argument("--wheelhouse", type=Path, required=True)
@@ -167,8 +166,7 @@ def _install_analysis(session: nox.Session) -> None:
 
 @env_session(TORCH2, "compare")
 def compare(session: nox.Session) -> None:
-    """Compare results: nox -s compare -- BASELINE CANDIDATE... [options of `python -m perf_tests
-    compare`]."""
+    """Compare results: nox -s compare -- BASELINE CANDIDATE... [options of perf_tests compare]."""
     if len([a for a in session.posargs if not a.startswith("-")]) < 2:
         session.error("usage: nox -s compare -- BASELINE CANDIDATE [options of `python -m perf_tests "
                       "compare`]")
@@ -202,18 +200,16 @@ def report(session: nox.Session) -> None:
 
 @env_session(TORCH2, "history")
 def history(session: nox.Session) -> None:
-    """The results store (docs/store.md): nox -s history -- [history options], or -- store import|export|info
-    ..., or -- dashboard OUT_DIR; with the PostgreSQL driver for --store postgresql://..."""
+    """The results store (docs/store.md): nox -s history -- [history options], or -- store|dashboard|fleet
+    ...; with the PostgreSQL driver for --store postgresql://..."""
     noxenvs.install(session, TORCH2, ("perf", "store"))
-    command = [] if session.posargs[:1] in (["store"], ["dashboard"]) else ["history"]
+    command = [] if session.posargs[:1] in (["store"], ["dashboard"], ["fleet"]) else ["history"]
     session.run("python", "-m", "perf_tests", *command, *session.posargs)
 
 
 @env_session(TORCH2, "tests")
 def tests(session: nox.Session) -> None:
-    """Unit tests (pytest tests/) in the pinned PyTorch 2 env, with diffusers as the oracle.
-
-    nox is installed too, for the tests of this file (tests/test_noxfile.py)."""
+    """Unit tests (pytest tests/) in the pinned PyTorch 2 env; diffusers the oracle, nox for test_noxfile."""
     noxenvs.install(session, TORCH2, ("test", "oracle"), f"nox=={importlib.metadata.version('nox')}")
     session.run("python", "-m", "pytest", "tests", *session.posargs)
 

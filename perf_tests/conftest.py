@@ -6,7 +6,7 @@ the perf_tests section of the result JSON, the run journal, and the study table 
     python -m pytest perf_tests --profile tiny --attention original,sdpa --compile eager,compile \\
         --batch-size 1,2 --case-kind txt2img,unet-step --benchmark-json out.json --study-dir out/
 
-``--benchmark-json out.json`` also writes ``out.journal.jsonl`` case by case (perf_tests/journal.py).
+``--benchmark-json out.json`` also writes ``out.journal.jsonl`` case by case (perf_tests/records/journal.py).
 Raw samples are always saved (``--benchmark-save-data`` is forced on) and the garbage collector is off
 during timed rounds. A bad option value stops the run before anything is built, with exit code 2.
 """
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from perf_tests import cases as C
-from perf_tests import turns
-from perf_tests.journal import Journal, journal_path
-from perf_tests.machine import device_identity, env_label
-from perf_tests.suite import INDUCTOR_CACHE_DIR, OptionError, Options, PerfSession
-from perf_tests.timing import MIN_ROUND_S, use_inductor_cache
+from perf_tests.measure import cases as C
+from perf_tests.measure import turns
+from perf_tests.measure.machine import device_identity, env_label
+from perf_tests.measure.suite import INDUCTOR_CACHE_DIR, OptionError, Options, PerfSession
+from perf_tests.measure.timing import MIN_ROUND_S, use_inductor_cache
+from perf_tests.records.journal import Journal, journal_path
 
 _SESSION_KEY = "_perf_session"
 _JOURNAL_KEY = "_perf_journal"
@@ -196,7 +196,7 @@ def pytest_runtestloop(session):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from perf_tests.machine import machine_info as perf_machine_info
+    from perf_tests.measure.machine import machine_info as perf_machine_info
 
     machine_info.update(perf_machine_info(perf_session(config).device, str(config.rootpath)))
 
@@ -249,7 +249,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(f"{f['kind']}: {f['reason']}")
     if not bs.benchmarks:
         return
-    from perf_tests.table import build_study_tables, write_study
+    from perf_tests.report.study import build_study_tables, write_study
 
     run = {"machine_info": {"env": _env(), "device_slug": device_identity(s.device)[1]},
            "benchmarks": [b.as_dict(include_data=True) for b in bs.benchmarks if not b.has_error]}

@@ -1,11 +1,11 @@
 """A world of machines, sessions and rounds in which the gate's operating characteristics are measured.
 
 The generator is written apart from the comparator (it imports only the data containers of
-``perf_tests.stats``) and draws what the model does not assume: machines with their own speed and per-case
-factors, sessions (runs) with a heavy-tailed common speed, per-case noise of unequal size, rounds that drift
-within a run and carry outliers, a canary that tracks the machine and the session imperfectly, kinds of
-unequal size (one of a single case), many cases moving in either direction, paired A/B with drift shared by
-the members of a pair, baselines spread over several machines.
+``perf_tests.analysis.stats``) and draws what the model does not assume: machines with their own speed and
+per-case factors, sessions (runs) with a heavy-tailed common speed, per-case noise of unequal size, rounds
+that drift within a run and carry outliers, a canary that tracks the machine and the session imperfectly,
+kinds of unequal size (one of a single case), many cases moving in either direction, paired A/B with drift
+shared by the members of a pair, baselines spread over several machines.
 
     python tests/gate_world.py [--draws N] [SCENARIO ...]   # an operating-characteristics table
 """
@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats as sps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from perf_tests import stats as S  # noqa: E402
+from perf_tests.analysis import stats as S  # noqa: E402
 
 # Kinds of unequal size, one of a single case: the pooling groups of the comparator.
 KINDS = ("unet-step",) * 6 + ("attention",) * 4 + ("vae-decode",) + ("text-encoder",)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perf_tests.names import parse_name
+from perf_tests.records.names import parse_name
 
 CASES = (
     "test_txt2img[tiny-original-eager-bs1-fp32]",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from perf_tests.results import run_from_doc
-from perf_tests.store import Store
+from perf_tests.records.results import run_from_doc
+from perf_tests.records.store import Store
 from tests.perf_json import MACHINE, benchmark
 
 

@@ -7,9 +7,10 @@ import os
 import pytest
 from perf_json import CASES, write_run
 
-from perf_tests import ab, turns
-from perf_tests.compare import Outcome, load_and_compare_ab, render
-from perf_tests.stats import Policy
+from perf_tests.analysis.stats import Policy
+from perf_tests.measure import turns
+from perf_tests.tools import ab
+from perf_tests.tools.compare import Outcome, load_and_compare_ab, render
 
 SUITE = ["python", "-m", "pytest", "perf_tests", "--grid", "gate"]
 

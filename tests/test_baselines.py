@@ -1,5 +1,5 @@
-"""Baseline store (perf_tests/baselines.py): layout, merging of runs, de-duplication, atomic writes, and
-concurrent or killed writers, for real (subprocesses, SIGKILL)."""
+"""Baseline store (perf_tests/records/baselines.py): layout, merging of runs, de-duplication, atomic writes,
+and concurrent or killed writers, for real (subprocesses, SIGKILL)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from perf_json import CASES, run_doc, write_journal, write_run
 
-from perf_tests import baselines as B
-from perf_tests import results as R
 from perf_tests.__main__ import main
+from perf_tests.records import baselines as B
+from perf_tests.records import results as R
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""perf_tests.bisect: finding the commit that slowed a case down, with skips for commits that do not run.
+"""perf_tests.tools.bisect: finding the commit that slowed a case down, with skips for commits that do not
+run.
 
 The fast tests walk small repositories with a synthetic measurement (a commit's "cost" file sets the mean
 of noisy samples); the slow one builds a repository from this tree's HEAD with a chain of commits, one of
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 from test_explain import commit, edit, git, repo_from_head
 
-from perf_tests import bisect
-from perf_tests.results import InputError
+from perf_tests.records.results import InputError
+from perf_tests.tools import bisect
 
 CASE = "test_attention_self_1024[tiny-original-eager-bs1-fp32]"
 
@@ -148,7 +149,7 @@ def test_bisect_with_the_suite_names_the_commit_that_slowed_the_softmax(tmp_path
                                                       "--benchmark-timer=time.process_time"])
 
     def run_explain(parent: Path, first_bad: Path, r: bisect.BisectResult) -> str:
-        from perf_tests import explain
+        from perf_tests.tools import explain
 
         diffs = explain.explain_trees(parent, first_bad, [CASE], tmp_path / "explain", runs=1, calls=5)
         assert diffs[0].rows[0].name == "aten::_softmax", explain.render_text(diffs)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from perf_json import CASES, journal_lines, run_doc, write_run
 
-from perf_tests import results as R
-from perf_tests import stats
 from perf_tests.__main__ import main
-from perf_tests.compare import exit_code, load_and_compare, write_reports
+from perf_tests.analysis import stats
+from perf_tests.records import results as R
+from perf_tests.tools.compare import exit_code, load_and_compare, write_reports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -275,7 +275,7 @@ def test_module_entry_point_and_exit_code(runs):
 
 
 def test_report_writes_study_table_and_plot(capsys, runs, tmp_path):
-    pytest.importorskip("perf_tests.table")
+    pytest.importorskip("perf_tests.report.study")
     code, _, err = run_cli(capsys, "report", runs["base_runs"], "--output", tmp_path / "study.md", "--plot",
                            tmp_path / "study.png")
     assert code == 0, err

@@ -1,12 +1,12 @@
-"""The time estimate of a GPU run (perf_tests.estimate) and the first-run selection of gpu-check."""
+"""The time estimate of a GPU run (perf_tests.measure.estimate) and the first-run selection of gpu-check."""
 
 from __future__ import annotations
 
 import pytest
 
-from perf_tests import cases as C
-from perf_tests import estimate as E
-from perf_tests.cases import ATTENTION_BACKENDS
+from perf_tests.measure import cases as C
+from perf_tests.measure import estimate as E
+from perf_tests.measure.cases import ATTENTION_BACKENDS
 
 FIRST_RUN_LIMIT_S = 8 * 60  # gpu-check's first run has about 10 minutes; 2 are left for a slow machine
 

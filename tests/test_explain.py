@@ -1,4 +1,4 @@
-"""perf_tests.explain: the operator diff of a case between two trees.
+"""perf_tests.tools.explain: the operator diff of a case between two trees.
 
 The real test patches a copy of this tree so that the attention softmax runs twice, profiles the tiny
 attention case on both commits with the real profiler and checks that softmax heads the list. No timing
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from perf_tests import explain
-from perf_tests.worktree import checkout
+from perf_tests.tools import explain
+from perf_tests.tools.worktree import checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 EAGER_CASE = "test_attention_self_1024[tiny-original-eager-bs1-fp32]"

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from perf_tests import cases as C
-from perf_tests import machine, suite, timing
-from perf_tests.suite import Options, PerfSession
+from perf_tests.measure import cases as C
+from perf_tests.measure import machine, suite, timing
+from perf_tests.measure.suite import Options, PerfSession
 
 pytestmark = [
     pytest.mark.gpu,
@@ -257,11 +257,11 @@ def test_sdp_kernel_fallback_of_pytorch_2_0_to_2_2_restricts_the_kernel(monkeypa
 @needs_sdpa
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn"])
 def test_the_recorded_kernels_are_what_the_profiler_saw_in_the_unet_and_the_vae(backend):
-    """A case's attention_kernels (one profiled call, perf_tests.kernels: the operator tree with ranges
-    around the parts) against a second profile of the same workload read as a flat operator list. Plain
+    """A case's attention_kernels (one profiled call, perf_tests.measure.kernels: the operator tree with
+    ranges around the parts) against a second profile of the same workload read as a flat operator list. Plain
     sdpa names the kernel it dispatched to (cuDNN on sm90 with a recent cuDNN)."""
-    from perf_tests.kernels import SDPA_OPS
-    from perf_tests.workloads import make_workload
+    from perf_tests.measure.kernels import SDPA_OPS
+    from perf_tests.measure.workloads import make_workload
 
     s = session()
     forced = {"sdpa-flash": "flash", "sdpa-mem-efficient": "mem-efficient", "sdpa-cudnn": "cudnn"}
@@ -284,7 +284,7 @@ def test_the_recorded_kernels_are_what_the_profiler_saw_in_the_unet_and_the_vae(
 def test_the_vae_wide_head_runs_the_fallback_kernel_on_the_gpu(backend):
     """SD 2.1's VAE head is 512 wide, past the flash and cuDNN kernels: sd hands it to the next kernel of
     the fallback order, and that kernel is the one the profiler sees at d=512."""
-    from perf_tests.kernels import SDPA_OPS
+    from perf_tests.measure.kernels import SDPA_OPS
     from sd.config import load_config
     from sd.errors import AttentionUnavailable
     from sd.model import resolve_model_attention

@@ -1,4 +1,4 @@
-"""gpu-check without a GPU: the preflight (perf_tests.preflight), the wheelhouse's fit to an image
+"""gpu-check without a GPU: the preflight (perf_tests.measure.preflight), the wheelhouse's fit to an image
 (noxenvs.wheelhouse_fit) and the session's course (noxenvs.gpu_check) with a session that runs only pytest."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 import noxenvs
-from perf_tests import preflight
+from perf_tests.measure import preflight
 
 nox_command = pytest.importorskip(
     "nox.command", reason="gpu-check's tests need nox (installed by `nox -s tests`)"
@@ -153,7 +153,7 @@ def test_preflight_runs_here_in_seconds_and_writes_its_facts(tmp_path):
         [
             sys.executable,
             "-m",
-            "perf_tests.preflight",
+            "perf_tests.measure.preflight",
             "--no-cuda-needed",
             "--json",
             str(tmp_path / "f.json"),
@@ -190,7 +190,7 @@ class Session:
     def run(self, *args, external=False, **kwargs):
         args = list(args)
         self.runs.append(args)
-        if args[:3] == ["python", "-m", "perf_tests.preflight"]:
+        if args[:3] == ["python", "-m", "perf_tests.measure.preflight"]:
             Path(args[args.index("--json") + 1]).write_text(json.dumps(self.facts))
         elif "pytest" in args and "gpu" in args:
             test_file = self.tmp_path / "test_fake_gpu.py"
@@ -283,7 +283,7 @@ def test_a_failing_gpu_test_is_reported_at_the_end_and_the_perf_run_still_runs(t
         [*offline, noxenvs.SETUPTOOLS_WITH_PKG_RESOURCES],
     ]
     assert any("cold" in m and str(tmp_path / "empty-cache") in m for m in s.logs)
-    assert ["python", "-m", "perf_tests.estimate", "first-run", "--cache", "cold"] in s.runs
+    assert ["python", "-m", "perf_tests.measure.estimate", "first-run", "--cache", "cold"] in s.runs
 
 
 def test_a_perf_run_stopped_at_its_limit_leaves_a_study_table_from_its_journal(tmp_path, monkeypatch):
@@ -305,7 +305,7 @@ def test_a_perf_run_stopped_at_its_limit_leaves_a_study_table_from_its_journal(t
         "--output",
         str(out / "study-partial.md"),
     ]
-    assert ["python", "-m", "perf_tests.estimate", "first-run", "--cache", "warm"] in s.runs
+    assert ["python", "-m", "perf_tests.measure.estimate", "first-run", "--cache", "warm"] in s.runs
     assert len(s.installed) == 1  # no setuptools: this torch does not import pkg_resources
 
 

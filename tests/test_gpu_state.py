@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from perf_tests import gpu_state as G
+from perf_tests.measure import gpu_state as G
 
 DATA = Path(__file__).parent / "data" / "nvml"
 
@@ -134,7 +134,7 @@ def test_without_nvml_the_probe_says_why(monkeypatch):
 
 
 def test_the_module_imports_no_torch():
-    code = "import sys, perf_tests.gpu_state; assert 'torch' not in sys.modules"
+    code = "import sys, perf_tests.measure.gpu_state; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
@@ -144,9 +144,9 @@ def _judge(tmp_path, candidate_state: str, *, through_baseline: bool):
     sys.path.insert(0, str(Path(__file__).parent))
     from perf_json import CASES, write_run
 
-    from perf_tests import baselines as B
-    from perf_tests import results as R
-    from perf_tests import stats
+    from perf_tests.analysis import stats
+    from perf_tests.records import baselines as B
+    from perf_tests.records import results as R
 
     clean = case_state("clean.json")
     state = case_state(candidate_state)
@@ -158,8 +158,8 @@ def _judge(tmp_path, candidate_state: str, *, through_baseline: bool):
         assert json.loads(update.path.read_text())["cases"][CASES[2]]["runs"][0]["gpu_state"] == clean
         baseline = R.side_from_baseline(R.read_baseline(update.path), "baseline")
     else:
-        baseline = R.load_side(base, "baseline")
-    return stats.compare(baseline, R.load_side(cand, "candidate")), baseline.disturbances
+        baseline = R.load_side(base, "baseline")[0]
+    return stats.compare(baseline, R.load_side(cand, "candidate")[0]), baseline.disturbances
 
 
 @pytest.mark.parametrize("through_baseline", [False, True])
@@ -180,13 +180,13 @@ def test_a_throttled_member_disturbs_its_pair_in_ab(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from perf_json import CASES, write_run
 
-    from perf_tests import results as R
-    from perf_tests import stats
+    from perf_tests.analysis import stats
+    from perf_tests.records import results as R
 
     hot, clean = case_state("throttled.json"), case_state("clean.json")
     a = [write_run(tmp_path / f"a{s}.json", s, extra={CASES[0]: {"gpu_state": clean}}) for s in (1, 2, 3)]
     b = [write_run(tmp_path / f"b{s}.json", s, extra={CASES[0]: {"gpu_state": hot if s == 13 else clean}})
          for s in (11, 12, 13)]
-    cmp = stats.compare(R.load_side(b, "B"), R.load_side(a, "A"), paired=True)
+    cmp = stats.compare(R.load_side(b, "B")[0], R.load_side(a, "A")[0], paired=True)
     (reason,) = cmp.canary.disturbed
     assert "thermal throttling" in reason and reason.endswith("(the other side of pair 3)")

@@ -15,10 +15,10 @@ import tempfile
 import numpy as np
 import pytest
 
-from perf_tests import dashboard
-from perf_tests.history import change_points, energy_q, find_steps, load_series
-from perf_tests.results import run_from_doc
-from perf_tests.store import Store
+from perf_tests.analysis.history import change_points, energy_q, find_steps, load_series
+from perf_tests.records.results import run_from_doc
+from perf_tests.records.store import Store
+from perf_tests.report import dashboard
 from tests.perf_json import CASES, run_doc
 
 RUN_SD = 0.067

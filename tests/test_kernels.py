@@ -1,4 +1,5 @@
-"""perf_tests.kernels: the SDPA kernels a call ran, per model part, from the profiler; and their row notes."""
+"""perf_tests.measure.kernels: the SDPA kernels a call ran, per model part, from the profiler; and their row
+notes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from perf_tests import kernels as K
-from perf_tests.report import sentence
-from perf_tests.table import kernel_note
+from perf_tests.measure import kernels as K
+from perf_tests.report.study import kernel_note
+from perf_tests.report.verdict import sentence
 from sd.attention import resolve_attention
 
 needs_sdpa = pytest.mark.skipif(
@@ -164,9 +165,9 @@ def test_a_change_of_the_kernel_that_ran_blocks_the_time_verdict_and_survives_a_
     sys.path.insert(0, str(Path(__file__).parent))
     from perf_json import CASES, write_run
 
-    from perf_tests import baselines as B
-    from perf_tests import results as R
-    from perf_tests import stats
+    from perf_tests.analysis import stats
+    from perf_tests.records import baselines as B
+    from perf_tests.records import results as R
 
     sdpa = CASES[2]  # test_unet_step[tiny-sdpa-eager-bs2-fp32]
 
@@ -183,7 +184,7 @@ def test_a_change_of_the_kernel_that_ran_blocks_the_time_verdict_and_survives_a_
     (update,) = B.update_baselines(base_paths, tmp_path / "baselines")
     base = R.side_from_baseline(R.read_baseline(update.path), "baseline")
     assert base.cases[sdpa].unet_kernels == {"flash"}
-    verdict = stats.compare(base, R.load_side(cand_paths, "candidate"))
+    verdict = stats.compare(base, R.load_side(cand_paths, "candidate")[0])
     case = next(v for v in verdict.cases if v.name == sdpa)
     assert case.metrics["time"].verdict == stats.INCONCLUSIVE
     (differs,) = [r for r in case.metrics["time"].reasons if r.code == "kernel-differs"]

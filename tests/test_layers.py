@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Everything `python -m perf_tests compare|report|update-baselines` needs, and the command line itself.
 TORCH_FREE = (
-    "perf_tests.names", "perf_tests.errors", "perf_tests.journal", "perf_tests.results",
-    "perf_tests.baselines",
-    "perf_tests.stats", "perf_tests.compare", "perf_tests.report", "perf_tests.table", "perf_tests.tabular",
-    "perf_tests.job_summary", "perf_tests.explain", "perf_tests.worktree", "perf_tests.ab", "perf_tests.cli",
+    "perf_tests.records.names", "perf_tests.errors", "perf_tests.records.journal",
+    "perf_tests.records.results", "perf_tests.records.baselines", "perf_tests.analysis.stats",
+    "perf_tests.tools.compare", "perf_tests.report.verdict", "perf_tests.report.study",
+    "perf_tests.report.tabular", "perf_tests.report.job_summary", "perf_tests.tools.explain",
+    "perf_tests.tools.worktree", "perf_tests.tools.ab", "perf_tests.cli",
 )
 
 
@@ -37,7 +38,7 @@ def test_reading_judging_and_rendering_import_neither_torch_nor_sd():
 
 def test_the_case_vocabulary_is_sds():
     pytest.importorskip("torch")
-    from perf_tests import names
+    from perf_tests.records import names
     from sd.attention import ATTENTION_BACKENDS
     from sd.compile import COMPILE_MODES
     from sd.precision import PRECISIONS

@@ -274,7 +274,7 @@ def test_study_refuses_an_unknown_environment(noxfile):
 def test_study_cases_are_the_five_configurations_once_each():
     """The -k filters leave, over the three environments, every study configuration on the current release
     and the study's pair: original code on 1.12.1, optimized on 2.0.1."""
-    from perf_tests.table import STUDY_COLUMNS, config_label
+    from perf_tests.report.study import STUDY_COLUMNS, config_label
 
     measured = set()
     for env, (attention, compile, not_compiled) in noxenvs.STUDY_POINTS.items():

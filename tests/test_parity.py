@@ -1,4 +1,4 @@
-"""perf_tests.parity: the side-by-side harness against diffusers runs every rung and compares outputs.
+"""perf_tests.tools.parity: the side-by-side harness against diffusers runs every rung and compares outputs.
 
 Times are never asserted; the harness runs on the micro config with 2 rounds of the eager rungs.
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import micro_config
 
-from perf_tests import parity
 from perf_tests.cli import main as cli
+from perf_tests.tools import parity
 
 
 def test_ratio_interval_known_answers():

@@ -1,4 +1,5 @@
-"""perf_tests.cases: case ids and names, grid defaults, skip reasons, definition hash, option parsing."""
+"""perf_tests.measure.cases: case ids and names, grid defaults, skip reasons, definition hash, option
+parsing."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 
 import pytest
 
-from perf_tests import cases as C
-from perf_tests.suite import OptionError, Options
+from perf_tests.measure import cases as C
+from perf_tests.measure.suite import OptionError, Options
 from sd.device import DeviceCapabilities
 
 ALL_AVAILABLE = dict.fromkeys(C.ATTENTION_BACKENDS)

@@ -1,4 +1,4 @@
-"""perf_tests.machine: the machine_info keys and a stable, filesystem-safe device slug."""
+"""perf_tests.measure.machine: the machine_info keys and a stable, filesystem-safe device slug."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from perf_tests import machine
+from perf_tests.measure import machine
 
 REQUIRED_KEYS = {"device_name", "device_slug", "device_type", "gpu_count", "driver_version", "cuda_version",
                  "cudnn_version", "torch_version", "open_clip_version", "cpu_model", "git_commit", "env",

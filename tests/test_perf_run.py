@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from perf_tests.journal import journal_path
+from perf_tests.records.journal import journal_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--case-kind", "attention-self-1024", "--compile", "eager", "--rounds", "2", "--warmup-rounds", "1"]
@@ -114,7 +114,7 @@ def test_a_killed_run_keeps_every_finished_case_in_its_journal(tmp_path):
 def wrong_everywhere(tmp_path):
     """A plugin that makes every optimized output wrong (zero tolerance): a real fault in a real run."""
     (tmp_path / "zero_tolerance.py").write_text(
-        "from perf_tests import cases\n"
+        "from perf_tests.measure import cases\n"
         "def pytest_configure(config):\n"
         "    for table in cases.TOLERANCES.values():\n"
         "        for key in table:\n"

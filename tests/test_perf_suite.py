@@ -1,5 +1,5 @@
-"""perf_tests.suite: the correctness verdict beside the timing, failures and skips recorded with their kind
-and reason (in the session and its journal), the grids a session runs (no model needed)."""
+"""perf_tests.measure.suite: the correctness verdict beside the timing, failures and skips recorded with their
+kind and reason (in the session and its journal), the grids a session runs (no model needed)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from perf_tests import cases as C
-from perf_tests import suite
-from perf_tests.suite import Options, PerfSession
-from perf_tests.workloads import ModelCache, make_workload
+from perf_tests.measure import cases as C
+from perf_tests.measure import suite
+from perf_tests.measure.suite import Options, PerfSession
+from perf_tests.measure.workloads import ModelCache, make_workload
 from sd.device import DeviceCapabilities
 
 CAPS = DeviceCapabilities(device_type="cpu", attention={**dict.fromkeys(C.ATTENTION_BACKENDS),
@@ -170,7 +170,7 @@ def test_a_case_on_a_gpu_records_the_gpu_state_around_it(session, journal, monke
     import json
     from pathlib import Path
 
-    from perf_tests.gpu_state import Probe, Replay
+    from perf_tests.measure.gpu_state import Probe, Replay
 
     recording = json.loads((Path(__file__).parent / "data" / "nvml" / "throttled.json").read_text())
     session._gpu = Probe(Replay(recording), clock=iter([1.0, 3.0]).__next__)

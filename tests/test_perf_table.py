@@ -1,4 +1,4 @@
-"""perf_tests.table: the study table and plot, built from saved pytest-benchmark JSON only."""
+"""perf_tests.report.study: the study table and plot, built from saved pytest-benchmark JSON only."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from perf_tests.cases import Case
-from perf_tests.results import InputError, run_from_doc
-from perf_tests.table import (
+from perf_tests.measure.cases import Case
+from perf_tests.records.results import InputError, run_from_doc
+from perf_tests.report.study import (
     build_ladder,
     build_study_table,
     build_study_tables,

@@ -1,4 +1,4 @@
-"""perf_tests.timing: what is inside the timed region and what is not (no timing is asserted here).
+"""perf_tests.measure.timing: what is inside the timed region and what is not (no timing is asserted here).
 
 A fake pytest-benchmark fixture records the calls; a tiny nn.Module stands in for the model. The
 timing-honesty figures themselves (a known injected slowdown showing up in the medians) are measured by
@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from perf_tests import timing
+from perf_tests.measure import timing
 
 
 class FakeBenchmark:

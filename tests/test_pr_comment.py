@@ -13,13 +13,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from perf_json import CASES, write_run  # noqa: E402
 
-from perf_tests import (  # noqa: E402
-    explain,
-    pr_comment,
-    stats,  # noqa: E402
-)
-from perf_tests import results as R  # noqa: E402
-from perf_tests.report import to_dict  # noqa: E402
+from perf_tests.analysis import stats  # noqa: E402
+from perf_tests.records import results as R  # noqa: E402
+from perf_tests.report import pr_comment  # noqa: E402
+from perf_tests.report.verdict import to_dict  # noqa: E402
+from perf_tests.tools import explain  # noqa: E402
 
 SLOW = CASES[2]
 
@@ -34,7 +32,7 @@ def gate_folder(tmp_path):
     with the operator diff of the flagged case, and the stored-baseline comparison as context."""
     a = [write_run(tmp_path / f"a{s}.json", s, slow={SLOW: 1.3}) for s in (1, 2, 3, 4)]
     b = [write_run(tmp_path / f"b{s}.json", s + 10) for s in (1, 2, 3, 4)]
-    cmp = stats.compare(R.load_side(b, "merge base (4 runs)"), R.load_side(a, "pull request (4 runs)"),
+    cmp = stats.compare(R.load_side(b, "merge base (4 runs)")[0], R.load_side(a, "pull request (4 runs)")[0],
                         paired=True)
     ops = {"aten::_softmax": {"self_us": 100.0, "calls": 16}, "aten::bmm": {"self_us": 300.0, "calls": 32}}
     slow_ops = {**ops, "aten::_softmax": {"self_us": 190.0, "calls": 16}}
@@ -46,7 +44,7 @@ def gate_folder(tmp_path):
     out = tmp_path / "results"
     out.mkdir()
     (out / "verdict-torch2.json").write_text(json.dumps(doc))
-    context = stats.compare(R.load_side(b[:3], "baselines/cpu/torch2-tiny.json"), R.load_side(a, "A"))
+    context = stats.compare(R.load_side(b[:3], "baselines/cpu/torch2-tiny.json")[0], R.load_side(a, "A")[0])
     (out / "context-torch2.json").write_text(json.dumps(to_dict(context)))
     return out, cmp
 

@@ -1,5 +1,5 @@
-"""Rendering of a comparison (perf_tests/report.py): every format carries the MDE, the labels, the canary,
-the pairing and the case-level counts; plots are written without pyplot state."""
+"""Rendering of a comparison (perf_tests/report/verdict.py): every format carries the MDE, the labels, the
+canary, the pairing and the case-level counts; plots are written without pyplot state."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from perf_tests import report
-from perf_tests import stats as S
+from perf_tests.analysis import stats as S
+from perf_tests.report import verdict as report
 from tests.test_stats import ENV, N_CASES, case_name, make_side
 
 

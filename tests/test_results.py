@@ -1,5 +1,6 @@
-"""perf_tests/results.py, the one reader: typed records from runs, journals and baselines, and every kind of
-bad input refused with a message that names the file, the field and the fix (exit code 2 at the CLI)."""
+"""perf_tests/records/results.py, the one reader: typed records from runs, journals and baselines, and every
+kind of bad input refused with a message that names the file, the field and the fix (exit code 2 at the
+CLI)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import json
 import pytest
 from perf_json import CASES, journal_lines, run_doc, write_journal, write_run
 
-from perf_tests import baselines as B
-from perf_tests import results as R
 from perf_tests.__main__ import main
+from perf_tests.records import baselines as B
+from perf_tests.records import results as R
 
 
 def test_a_run_is_read_into_typed_records(tmp_path):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from perf_tests import run as R
-from perf_tests import turns
-from perf_tests.ab import ab_trees
 from perf_tests.cli import main as cli
 from perf_tests.cli import parse_args, split_passthrough
-from perf_tests.worktree import Tree
+from perf_tests.measure import turns
+from perf_tests.tools import run as R
+from perf_tests.tools.ab import ab_trees
+from perf_tests.tools.worktree import Tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -299,7 +299,7 @@ def test_ab_end_to_end_on_a_fake_suite(tmp_path, monkeypatch, capsys):
 
 TURN_SUITE = """
 import os
-from perf_tests import turns
+from perf_tests.measure import turns
 def test_fake(benchmark):
     def handover():
         with open({log!r}, "a") as fh:
@@ -308,7 +308,7 @@ def test_fake(benchmark):
     benchmark.pedantic(lambda: sum(range(20000)), rounds=6, iterations=5, teardown=handover)
 """
 TURN_CONFTEST = """
-from perf_tests import turns
+from perf_tests.measure import turns
 def pytest_collection_finish(session):
     turns.begin()
 def pytest_unconfigure(config):
@@ -331,7 +331,7 @@ def test_ab_pairs_take_turns_through_pytest_benchmark_rounds(tmp_path, monkeypat
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "reference")
     monkeypatch.chdir(repo)
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # perf_tests.turns for the fake suite
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # perf_tests.measure.turns for the fake suite
     trees = [Tree(repo, side="A", label="current tree"), Tree(repo, side="B", label="HEAD")]
     runs = R.run_all(trees, _opts(runs=1), [], tmp_path, "t", log=lambda m: None)
     assert [r.returncode for r in runs] == [0, 0]
@@ -344,9 +344,9 @@ def test_ab_pairs_take_turns_through_pytest_benchmark_rounds(tmp_path, monkeypat
 @pytest.mark.skipif(shutil.which("git") is None, reason="A/B mode needs git")
 def test_explain_profiles_each_flagged_case_in_both_ab_trees_and_writes_it_into_the_verdict(
         tmp_path, monkeypatch, capsys):
-    """--explain hands the regressions to perf_tests.explain with A/B's own trees (profiling itself is tested
-    in test_explain.py) and appends its diff to the verdict in every format."""
-    from perf_tests import explain
+    """--explain hands the regressions to perf_tests.tools.explain with A/B's own trees (profiling itself is
+    tested in test_explain.py) and appends its diff to the verdict in every format."""
+    from perf_tests.tools import explain
 
     repo = _fake_repo(tmp_path)
     (repo / "perf_tests" / "factor.txt").write_text("4.0")  # the working tree is 4x slower

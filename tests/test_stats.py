@@ -1,4 +1,4 @@
-"""The comparator (perf_tests/stats.py) on synthetic timings with known answers.
+"""The comparator (perf_tests/analysis/stats.py) on synthetic timings with known answers.
 
 Every run (process) has its own speed, 3% (log sd) common to all cases of the run, plus 1.5% per case and
 run; every round 2%, and 2% of the rounds are +25% outliers. 12 cases in 3 kinds, 10 rounds per run. The
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from perf_tests import report as R
-from perf_tests import stats as S
+from perf_tests.analysis import stats as S
+from perf_tests.report import verdict as R
 
 ROUNDS = 10
 KINDS = ("unet-step", "attention", "vae-decode")

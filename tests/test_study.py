@@ -1,5 +1,5 @@
 """The environment label of a run (torch1, torch20, torch2), the correction of files written before torch
-2.0.x had its own label, and the study's tables across the three environments (perf_tests.table)."""
+2.0.x had its own label, and the study's tables across the three environments (perf_tests.report.study)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from perf_json import run_doc, write_run
 from scipy import stats as sps
 
 import noxenvs
-from perf_tests import baselines as B
-from perf_tests import results as R
 from perf_tests.__main__ import main
-from perf_tests.cases import Case
-from perf_tests.machine import env_label
-from perf_tests.table import STUDY_NAMES, build_study_layout
+from perf_tests.measure.cases import Case
+from perf_tests.measure.machine import env_label
+from perf_tests.records import baselines as B
+from perf_tests.records import results as R
+from perf_tests.report.study import STUDY_NAMES, build_study_layout
 
 VERSIONS = {"torch1": "1.12.1+cu102", "torch20": "2.0.1+cu117", "torch2": "2.14.1+cpu"}
 
@@ -293,7 +293,7 @@ def test_runs_of_two_profiles_are_refused(tmp_path):
 
 
 def test_the_configurations_table_orders_environments_by_release_and_the_ladder_takes_the_newest(tmp_path):
-    from perf_tests.table import build_ladder, build_study_table
+    from perf_tests.report.study import build_ladder, build_study_table
 
     runs = [r for r in _runs(tmp_path)[0]]
     table = build_study_table(runs)

@@ -1,4 +1,4 @@
-"""perf_tests.turns and the side-by-side launch of an A/B pair: real processes and pipes, no suite."""
+"""perf_tests.measure.turns and the side-by-side launch of an A/B pair: real processes and pipes, no suite."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from perf_tests import run as R
-from perf_tests import turns
+from perf_tests.measure import turns
+from perf_tests.tools import run as R
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIDE = """
 import os, sys
 sys.path.insert(0, {repo!r})
-from perf_tests import turns
+from perf_tests.measure import turns
 turns.WAIT_S = 20.0
 side, rounds, stop, log = {side!r}, {rounds}, {stop}, {log!r}
 turns.begin()

@@ -8,9 +8,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from perf_tests import bisect
 from perf_tests.cli.options import check_case_name, profile_kwargs, profile_options
 from perf_tests.errors import EXIT_FAIL, EXIT_OK, InputError
+from perf_tests.tools import bisect
 
 
 def add_parser(sub) -> None:
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perf_tests import explain
+    from perf_tests.tools import explain
 
     check_case_name(args.case, "--case: ")
     if args.runs_per_step < 2:

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perf_tests.compare import load_and_compare
+    from perf_tests.tools.compare import load_and_compare
 
     outcome = load_and_compare(args.baseline, args.candidate, build_policy(args),
                                require_baseline=args.require_baseline)
@@ -32,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
 def emit(outcome, args: argparse.Namespace) -> int:
     """Warnings to stderr, the report in --format to stdout or --output, every format to --report-dir."""
-    from perf_tests.compare import exit_code, render, write_reports
-    from perf_tests.job_summary import append_step_summary
-    from perf_tests.report import plot_flagged
+    from perf_tests.report.job_summary import append_step_summary
+    from perf_tests.report.verdict import plot_flagged
+    from perf_tests.tools.compare import exit_code, render, write_reports
 
     for w in outcome.warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""``python -m perf_tests dashboard OUT``: the static HTML site of the store (perf_tests/dashboard.py)."""
+"""``python -m perf_tests dashboard OUT``: the static HTML site of the store
+(perf_tests/report/dashboard.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import argparse
 from pathlib import Path
 
 from perf_tests.cli.options import store_option
-from perf_tests.dashboard import build
-from perf_tests.store import Store
+from perf_tests.records.store import Store
+from perf_tests.report.dashboard import build
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

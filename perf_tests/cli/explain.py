@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from perf_tests import explain
 from perf_tests.cli.options import check_case_name, profile_kwargs, profile_options
 from perf_tests.errors import EXIT_BAD_INPUT, EXIT_OK
+from perf_tests.tools import explain
 
 
 def add_parser(sub) -> None:

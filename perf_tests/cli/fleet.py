@@ -1,13 +1,13 @@
-"""``python -m perf_tests fleet``: each machine against its siblings (perf_tests/fleet.py)."""
+"""``python -m perf_tests fleet``: each machine against its siblings (perf_tests/analysis/fleet.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from perf_tests.analysis.fleet import MachineHealth, health
 from perf_tests.cli.options import store_option
-from perf_tests.fleet import MachineHealth, health
-from perf_tests.store import Store, describe
+from perf_tests.records.store import Store, describe
 
 
 def _fmt(h: MachineHealth) -> str:

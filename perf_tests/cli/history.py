@@ -8,9 +8,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from perf_tests.analysis.history import change_point_line, report
 from perf_tests.cli.options import store_option
-from perf_tests.history import change_point_line, report
-from perf_tests.store import Store, describe
+from perf_tests.records.store import Store, describe
 
 
 def cmd_history(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ def _pattern_value(text: str) -> tuple[str, float]:
 
 
 def policy_options(p: argparse.ArgumentParser) -> None:
-    from perf_tests.stats import DEFAULT_ENV_FIELDS, Policy
+    from perf_tests.analysis.stats import DEFAULT_ENV_FIELDS, Policy
 
     d = Policy()
     g = p.add_argument_group("verdict policy")
@@ -99,7 +99,7 @@ def gate_options(p: argparse.ArgumentParser) -> None:
 
 def build_policy(args: argparse.Namespace):
     """The verdict policy of the options of :func:`policy_options`."""
-    from perf_tests.stats import DEFAULT_ENV_FIELDS, Policy
+    from perf_tests.analysis.stats import DEFAULT_ENV_FIELDS, Policy
 
     unknown = sorted(set(args.ignore_env) - set(DEFAULT_ENV_FIELDS))
     if unknown:
@@ -120,7 +120,7 @@ def build_policy(args: argparse.Namespace):
 
 def profile_options(p: argparse.ArgumentParser) -> None:
     """How the operator profile of a case is taken (`explain` and `bisect`)."""
-    from perf_tests.explain import DEFAULT_CALLS, DEFAULT_RUNS, DEFAULT_WARMUP, TOP
+    from perf_tests.tools.explain import DEFAULT_CALLS, DEFAULT_RUNS, DEFAULT_WARMUP, TOP
 
     g = p.add_argument_group("profiling")
     g.add_argument("--repeats", type=int, default=DEFAULT_CALLS,
@@ -144,7 +144,7 @@ def profile_kwargs(args: argparse.Namespace) -> dict:
 
 def check_case_name(name: str, option: str = "") -> None:
     """InputError unless ``name`` is a benchmark name (``test_<kind>[<id>]``)."""
-    from perf_tests.names import parse_name
+    from perf_tests.records.names import parse_name
 
     try:
         parse_name(name)

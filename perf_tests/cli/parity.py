@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from perf_tests import parity
+    from perf_tests.tools import parity
 
     torch.set_num_threads(args.threads)
     report = parity.run_parity(

@@ -1,5 +1,5 @@
 """``python -m perf_tests pr-comment --gpu GPU --results DIR``: the pull request's comment of one GPU type
-from a gate job's results folder (perf_tests/pr_comment.py), in Markdown on stdout."""
+from a gate job's results folder (perf_tests/report/pr_comment.py), in Markdown on stdout."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perf_tests.pr_comment import render_folder
+    from perf_tests.report.pr_comment import render_folder
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.gpu):
         raise InputError(f"--gpu {args.gpu!r}: a runner label of lower-case letters, digits and dashes.")

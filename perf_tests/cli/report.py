@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perf_tests.results import read_run
-    from perf_tests.table import study_text, write_study
+    from perf_tests.records.results import read_run
+    from perf_tests.report.study import study_text, write_study
 
     runs = [read_run(p) for p in args.runs]
     if args.layout == "study":
@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _study_layout(runs: list, args: argparse.Namespace) -> int:
-    """The study's tables (perf_tests.table.build_study_layout) as Markdown, and its figure."""
-    from perf_tests.table import build_study_layout, plot_study
+    """The study's tables (perf_tests.report.study.build_study_layout) as Markdown, and its figure."""
+    from perf_tests.report.study import build_study_layout, plot_study
 
     layout = build_study_layout(runs, args.kind or "txt2img")
     text = layout.to_markdown()

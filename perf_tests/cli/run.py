@@ -1,4 +1,5 @@
-"""``python -m perf_tests run [OPTIONS] [-- PYTEST ARGS]``: one perf run end to end (perf_tests/run.py)."""
+"""``python -m perf_tests run [OPTIONS] [-- PYTEST ARGS]``: one perf run end to end
+(perf_tests/tools/run.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
                         "turns after every timed round; 'runs' runs A, then B")
     p.add_argument("--results", type=Path, help="output folder (default results/<UTC timestamp>)")
     p.add_argument("--label", help="file name prefix (default: the environment, torch1, torch20 or torch2, "
-                                   "from the installed torch: perf_tests.machine.env_label)")
+                                   "from the installed torch: perf_tests.measure.machine.env_label)")
     p.add_argument("--baseline-dir", type=Path, default=Path("baselines"),
                    help="baseline store (default baselines)")
     p.add_argument("--gate", choices=("fail", "warn"), default="fail",
@@ -72,7 +73,7 @@ def usage_problem(opts: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perf_tests import run as tool
+    from perf_tests.tools import run as tool
 
     problem = usage_problem(args)
     if problem:

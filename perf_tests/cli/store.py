@@ -1,4 +1,4 @@
-"""``python -m perf_tests store import|export|info``: the results store (perf_tests/store.py)."""
+"""``python -m perf_tests store import|export|info``: the results store (perf_tests/records/store.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from perf_tests.cli.options import store_option
-from perf_tests.store import Store, default_location, describe
-from perf_tests.store_io import export_baseline, import_paths
+from perf_tests.records.store import Store, default_location, describe
+from perf_tests.records.store_io import export_baseline, import_paths
 
 
 def cmd_import(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perf_tests.baselines import update_baselines
+    from perf_tests.records.baselines import update_baselines
 
     for u in update_baselines(args.runs, args.baseline_dir, args.replace):
         if u.removed_temp_files:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from perf_tests.names import (  # noqa: F401  (re-exported: the suite's vocabulary is read from here)
+from perf_tests.records.names import (  # noqa: F401  (re-exported: the suite's vocabulary is read from here)
     ATTENTION_BACKENDS,
     ATTENTION_SHAPES,
     BACKEND_FREE_KINDS,
@@ -166,7 +166,8 @@ def _first_run(device_type: str) -> GridDefaults:
     # eager on the three attention shapes, the UNet step and the VAE decode (each records the SDPA kernels
     # it ran), one end-to-end txt2img (sdpa), then one compiled UNet step, the only compilation (about 75 s
     # cold for the sd21 UNet on an H100). Batch 1, fewer rounds than the gate. Its estimated time:
-    # perf_tests.estimate (tests/test_estimate.py holds it under 8 minutes on an H100). On a CPU the same
+    # perf_tests.measure.estimate (tests/test_estimate.py holds it under 8 minutes on an H100). On a CPU the
+    # same
     # selection on the tiny profile in fp32, so that it runs here too.
     cuda = device_type == "cuda"
     eager_everywhere = tuple((a, "eager") for a in ATTENTION_BACKENDS)

@@ -12,8 +12,8 @@
    against this machine's runs in the store, else the committed baseline (or, with ``--ab REF``, against
    REF on this machine, analysed in pairs), written once per format: ``verdict-<label>.txt|.md|.json``.
    The two processes of a pair start together and take turns after every timed round
-   (``perf_tests.turns``), so both meet the machine's moment-to-moment load alike; ``--interleave runs``
-   runs A, then B.
+   (``perf_tests.measure.turns``), so both meet the machine's moment-to-moment load alike;
+   ``--interleave runs`` runs A, then B.
 4. The study table and the verdict appended once to ``$GITHUB_STEP_SUMMARY`` when that is set.
 
 Exit codes: 0 pass; 1 regression or failed case (or missing under --require-all, inconclusive under
@@ -36,16 +36,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tests import store_baseline, turns
-from perf_tests.ab import ab_trees, pair_cpus
-from perf_tests.baselines import locate_baselines, update_baselines
-from perf_tests.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
+from perf_tests.analysis.stats import FAILED, MISSING, REGRESSION
 from perf_tests.errors import EXIT_FAIL, EXIT_OK, InputError
-from perf_tests.job_summary import append_step_summary
-from perf_tests.machine import env_label
-from perf_tests.results import profiles_of, read_baseline, read_run
-from perf_tests.stats import FAILED, MISSING, REGRESSION
-from perf_tests.worktree import Tree
+from perf_tests.measure import turns
+from perf_tests.measure.machine import env_label
+from perf_tests.records.baselines import locate_baselines, update_baselines
+from perf_tests.records.results import profiles_of, read_baseline, read_run
+from perf_tests.report.job_summary import append_step_summary
+from perf_tests.tools import store_baseline
+from perf_tests.tools.ab import ab_trees, pair_cpus
+from perf_tests.tools.compare import Outcome, exit_code, load_and_compare, load_and_compare_ab, write_reports
+from perf_tests.tools.worktree import Tree
 
 PYTEST_NO_TESTS = 5
 
@@ -99,13 +100,14 @@ class Job:
 
 def shared_cpu(suite_cmd: Sequence[str] = ()) -> set[int] | None:
     """The CPUs both processes of a pair run on (Linux), else None: one core on a CPU run, every core on
-    CUDA (perf_tests.ab.pair_cpus says why)."""
+    CUDA (perf_tests.tools.ab.pair_cpus says why)."""
     return pair_cpus(suite_cmd)
 
 
 def run_side_by_side(jobs: Sequence[Job]) -> list[int]:
     """Start the two processes of an A/B pair at once, on one CPU; they take turns round by round
-    (perf_tests.turns), the first job first. Returns their exit codes; each one's output is in its log."""
+    (perf_tests.measure.turns), the first job first. Returns their exit codes; each one's output is in its
+    log."""
     a_read, b_write = os.pipe()  # B -> A
     b_read, a_write = os.pipe()  # A -> B
     os.write(b_write, turns.TOKEN)  # A starts
@@ -155,9 +157,10 @@ def run_all(
     pair side by side taking turns round by round unless ``--interleave runs``."""
     budget_s = opts.budget * 60 if opts.budget is not None else None
     side_by_side = len(trees) == 2 and getattr(opts, "interleave", "rounds") == "rounds"
-    older = [t.label for t in trees if not (t.path / "perf_tests" / "turns.py").is_file()]
+    turns_files = ("measure/turns.py", "turns.py")  # the second: a tree from before the layers
+    older = [t.label for t in trees if not any((t.path / "perf_tests" / f).is_file() for f in turns_files)]
     if side_by_side and older:  # a tree without turns.py would not wait for its turn: run A, then B
-        log(f"[run] {', '.join(older)} cannot take turns round by round (no perf_tests/turns.py): "
+        log(f"[run] {', '.join(older)} cannot take turns round by round (no perf_tests/measure/turns.py): "
             "each pair runs A, then B")
         side_by_side = False
     runs: list[SuiteRun] = []
@@ -234,7 +237,7 @@ def _summary(paths: Sequence[Path]) -> None:
 
 def write_study(files: Sequence[Path], out: Path, label: str) -> Path | None:
     """The study table over all runs (study-<label>.md and its bar chart), printed too."""
-    from perf_tests.table import write_study as write
+    from perf_tests.report.study import write_study as write
 
     md = out / f"study-{label}.md"
     write([read_run(f) for f in files], md, plot=out / f"study-{label}.png")
@@ -320,7 +323,7 @@ def _hard_verdicts(outcome: Outcome, *, require_all: bool) -> int:
 def _explain(opts: argparse.Namespace, trees: Sequence[Tree], outcome: Outcome, out: Path,
              reports: dict[str, Path]) -> None:
     """The operator diff of every case flagged as a regression, appended to the verdict in every format."""
-    from perf_tests import explain
+    from perf_tests.tools import explain
 
     cases = outcome.comparison.cases if outcome.comparison else []
     flagged = [c.name for c in cases if c.verdict == REGRESSION]

@@ -12,12 +12,13 @@ or (without one) for most of its cases. A baseline should not be recorded on suc
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from perf_tests.stats import CaseSamples, Policy, Side, compare
-from perf_tests.store import Store, StoredRun
+from perf_tests.analysis.stats import CaseSamples, Policy, Side, compare
+from perf_tests.records.store import Store, StoredRun
 
 CANARY = "canary"
 
@@ -38,8 +39,10 @@ class MachineHealth:
 
     @property
     def slow(self) -> bool:
+        """The gate's own rule: slower than its siblings beyond doubt (the interval above 1) and by more
+        than the minimum effect (the estimate); by the canary where it ran, else by most cases."""
         if self.canary_ci is not None:
-            return self.canary_ci[0] > 1 + self.min_effect
+            return self.canary_ci[0] > 1 and self.canary_ratio > 1 + self.min_effect
         return self.cases > 0 and self.slow_cases > self.cases / 2
 
 
@@ -69,7 +72,9 @@ def health(store: Store, device: str, env: str, since: str | None = None,
     by_machine: dict[str, list[StoredRun]] = {}
     for s in runs:
         by_machine.setdefault(s.run.machine_id or "?", []).append(s)
-    policy = policy or Policy()
+    # The siblings are the reference: their spread is the fleet's machine-to-machine variance, which the
+    # device type's prior would otherwise outweigh at a few machines.
+    policy = policy or dataclasses.replace(Policy(), machine_prior_df=0)
     out = []
     for mid, mine in sorted(by_machine.items()):
         others = [s for m, rs in by_machine.items() if m != mid for s in rs]
@@ -82,6 +87,7 @@ def health(store: Store, device: str, env: str, since: str | None = None,
         out.append(MachineHealth(
             device, env, mid, len(mine), len(by_machine) - 1, canary.ratio if canary else None,
             canary.ci if canary else None, statistics.median(ratios) if ratios else None,
-            sum(bool(t.ci) and t.ci[0] > 1 + policy.min_effect for t in times.values()), len(ratios),
+            sum(bool(t.ci) and t.ci[0] > 1 and t.ratio > 1 + policy.min_effect for t in times.values()),
+            len(ratios),
             policy.min_effect))
     return out

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from perf_tests.stats import CaseSamples, Policy, Side, compare
-from perf_tests.store import Store
+from perf_tests.analysis.stats import CaseSamples, Policy, Side, compare
+from perf_tests.records.store import Store
 
 WINDOW = 60  # commits per window
 STRIDE = 30  # windows overlap by half, so a step near a window's edge is central in the next

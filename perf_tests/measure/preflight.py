@@ -1,6 +1,6 @@
 """What a GPU machine's image offers the suite, checked in seconds before anything is installed or run.
 
-    python -m perf_tests.preflight [--json FACTS.json] [--no-cuda-needed]
+    python -m perf_tests.measure.preflight [--json FACTS.json] [--no-cuda-needed]
 
 Checks, each with what is wrong and the fix: PyTorch imports; a CUDA device is visible; torchvision imports
 and was built for this torch; NumPy hands arrays to torch (a torch built against NumPy 1 fails with 2);
@@ -166,7 +166,7 @@ def report(facts: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m perf_tests.preflight", description=__doc__.split("\n")[0]
+        prog="python -m perf_tests.measure.preflight", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--json", type=Path, help="write the facts and checks here (for noxenvs.wheelhouse_fit)"

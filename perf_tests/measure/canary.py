@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from perf_tests.timing import sync
+from perf_tests.measure.timing import sync
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tests.results import CaseResult, Failure, InputError, Run, Skip, case_result
+from perf_tests.records.results import CaseResult, Failure, InputError, Run, Skip, case_result
 
 STORE_ENV = "SD_PERF_STORE"
 OFF = "off"

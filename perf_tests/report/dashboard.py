@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from perf_tests.history import ChangePoint, Series, find_steps, load_series
-from perf_tests.stats import DEFAULT_ENV_FIELDS, CaseSamples, Comparison, Policy, Side, compare
-from perf_tests.store import Store, describe
+from perf_tests.analysis.history import ChangePoint, Series, find_steps, load_series
+from perf_tests.analysis.stats import DEFAULT_ENV_FIELDS, CaseSamples, Comparison, Policy, Side, compare
+from perf_tests.records.store import Store, describe
 
 W, H, PAD_L, PAD_R, PAD_T, PAD_B = 760, 190, 64, 12, 14, 26
 # Writes each plot's drawn extent into <body data-layout>: a headless browser's DOM dump says what rendered.

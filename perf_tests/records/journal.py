@@ -4,7 +4,7 @@ Beside ``--benchmark-json X.json`` the suite writes ``X.journal.jsonl``, one JSO
 appended, flushed and fsync'ed before the run goes on: ``start`` (machine_info and the perf_tests section:
 grid, selection, ...), then ``case`` (the benchmarks[] entry, with stats.data), ``skip``, ``fail`` and
 ``canary`` lines as they happen, and ``end`` when the run finished. A journal without ``end`` is the
-record of a run that was killed (by the OOM killer, a timeout, a Ctrl-C). perf_tests.results reads it.
+record of a run that was killed (by the OOM killer, a timeout, a Ctrl-C). perf_tests.records.results reads it.
 """
 
 from __future__ import annotations

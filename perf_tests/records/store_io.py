@@ -12,10 +12,10 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from perf_tests.baselines import atomic_write_json, baseline_doc, locked, merge_runs
-from perf_tests.results import JOURNAL_SUFFIX, Baseline, InputError, Run, read_any
-from perf_tests.store import Store, describe
-from perf_tests.store_baseline import run_context
+from perf_tests.records.baselines import atomic_write_json, baseline_doc, locked, merge_runs
+from perf_tests.records.results import JOURNAL_SUFFIX, Baseline, InputError, Run, read_any
+from perf_tests.records.store import Store, describe
+from perf_tests.tools.store_baseline import run_context
 
 AB_NAME = re.compile(r"-[AB]-run\d+(\.json|\.journal\.jsonl)$")
 

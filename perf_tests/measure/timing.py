@@ -347,13 +347,13 @@ def measure(
     ``check``, which raises when it is wrong). With ``compile_cache="warm"`` a compile that missed the
     cache is recorded as ``compile_cache: "cold"``, the state it ran in, and is not repeated;
     ``kernels``, when given, is called once with ``fn`` after the first call, untimed (it profiles a call:
-    :mod:`perf_tests.kernels`), and its dict joins the result;
+    :mod:`perf_tests.measure.kernels`), and its dict joins the result;
     ``warmup_rounds - 1`` more untimed calls (one more when compiled, so a recompile on the second call is
     not timed); the block sizing (see :func:`block_size`); then ``rounds`` timed rounds of
     ``iterations`` calls each with the garbage collector off. ``delay_s`` adds a known delay
     (device-side on CUDA) to every call: the timing-honesty check, whose medians must move by about that
     much. ``after_round`` runs after every timed round, untimed (pytest-benchmark's ``teardown``): the
-    A/B hand-over of :mod:`perf_tests.turns`.
+    A/B hand-over of :mod:`perf_tests.measure.turns`.
     """
     device_type = torch.device(device).type
     is_cuda = device_type == "cuda"

@@ -53,13 +53,17 @@ _NAME_SUBS = ((re.compile(r"CompiledFxGraph \w+"), "CompiledFxGraph"), (re.compi
 def build_case(name: str, device: str) -> Callable[[], object]:
     """The case's workload as the suite builds it: the one place coupled to the suite's internals.
 
-    Uses the profiled tree's ``perf_tests.cases`` and ``perf_tests.workloads`` (main's API as of this
-    module); the thread count is the suite's grid default for the device.
+    Uses the profiled tree's ``perf_tests.measure.cases`` and ``perf_tests.measure.workloads`` (main's API as
+    of this module); the thread count is the suite's grid default for the device.
     """
     import torch
 
-    from perf_tests import cases as C
-    from perf_tests.workloads import ModelCache, make_workload
+    try:
+        from perf_tests.measure import cases as C
+        from perf_tests.measure.workloads import ModelCache, make_workload
+    except ImportError:  # a tree from before the layers (layout-before-layers)
+        from perf_tests import cases as C  # layout-before-layers
+        from perf_tests.workloads import ModelCache, make_workload  # layout-before-layers
 
     parsed = C.parse_name(name)
     case = C.build_cases(parsed.kind, parsed.profile, [parsed.attention], [parsed.compile],
@@ -160,7 +164,7 @@ def profile_case(name: str, out_stem: Path, calls: int, warmup: int, device: str
 
 
 def child_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="perf_tests.explain (profiled process)")
+    p = argparse.ArgumentParser(prog="perf_tests.tools.explain (profiled process)")
     p.add_argument("--case", required=True)
     p.add_argument("--out-stem", type=Path, required=True)
     p.add_argument("--calls", type=int, default=DEFAULT_CALLS)
@@ -318,7 +322,7 @@ def explain_cases(
 ) -> list[OperatorDiff]:
     """The gate's entry point: the operator diff of each case, REF (baseline) against the tree at ``root``
     (default: the current repository's working tree). Keyword arguments go to :func:`explain_trees`."""
-    from perf_tests.worktree import checkout, repo_root
+    from perf_tests.tools.worktree import checkout, repo_root
 
     root = repo_root(root)
     with checkout(ref, root, prefix="perf-explain-") as tree:
@@ -366,7 +370,7 @@ _FOOT = ("(?) = the processes of the two sides overlap for this operator: within
 
 
 def render_text(diffs: Sequence[OperatorDiff]) -> str:
-    from perf_tests.tabular import text_table
+    from perf_tests.report.tabular import text_table
 
     out = []
     for d in diffs:
@@ -385,7 +389,7 @@ def render_text(diffs: Sequence[OperatorDiff]) -> str:
 
 
 def render_markdown(diffs: Sequence[OperatorDiff]) -> str:
-    from perf_tests.tabular import markdown_table
+    from perf_tests.report.tabular import markdown_table
 
     out = ["### Operators that got slower", ""]
     for d in diffs:

@@ -135,7 +135,8 @@ class CaseSamples:
     compile_cache: list[str | None] = field(default_factory=list)  # "warm" | "cold" | None, parallel to above
     peak_memory_bytes: list[float] = field(default_factory=list)
     attention_used: str | None = None
-    unet_kernels: set = field(default_factory=set)  # UNet SDPA kernels the runs saw (perf_tests.kernels)
+    # UNet SDPA kernels the runs saw (perf_tests.measure.kernels)
+    unet_kernels: set = field(default_factory=set)
     correct: bool | None = None  # False if any run reported a wrong output
     case: dict = field(default_factory=dict)  # extra_info["case"]: kind, profile, attention, ...
 
@@ -167,7 +168,8 @@ class Side:
     # None: unknown (e.g. a baseline), every baseline case counts as selected
     selected: set[str] | None = None
     run_order: list[int] | None = None  # global position of each run when A and B alternated
-    # per run: why the device slowed it down by itself (a throttled GPU, perf_tests.gpu_state), else None
+    # per run: why the device slowed it down by itself (a throttled GPU, perf_tests.measure.gpu_state), else
+    # None
     disturbances: list[str | None] = field(default_factory=list)
 
 

@@ -17,7 +17,7 @@ VAE's kernel (its single head is 512 wide, beyond the flash kernels), and ``extr
 model (original attention, eager, fp32) is kept for the whole session, on the CPU whenever it is not
 running, so that it never counts in another case's device memory; any other model is kept until a case
 needs a different one (cases are sorted so each model is built once). Compiled cases share the compiled
-model of their key, but each compiles it afresh (perf_tests.timing.compile_cache_state).
+model of their key, but each compiles it afresh (perf_tests.measure.timing.compile_cache_state).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from perf_tests.cases import ATTENTION_SHAPES, PROFILES, Case, Profile
+from perf_tests.measure.cases import ATTENTION_SHAPES, PROFILES, Case, Profile
 from sd.attention import resolve_attention
 from sd.compile import compile_fn, compile_model
 from sd.model import load_model

@@ -1,10 +1,10 @@
 """The A/B protocol: the current tree (A, the candidate) against a git ref (B, the reference) on one machine.
 
-B is checked out into a temporary detached worktree (perf_tests.worktree) and removed afterwards. Both sides
-run in the same environment (the interpreter running ``python -m perf_tests run``), in separate processes
-that alternate A, B, A, B, ...: pair i is (A_i, B_i), run back to back, so drift of the machine that hits
-both members of a pair cancels in the paired analysis (per-pair log ratios of the case medians).
-``perf_tests.run`` drives the runs and the budget; this module holds the trees and their order.
+B is checked out into a temporary detached worktree (perf_tests.tools.worktree) and removed afterwards. Both
+sides run in the same environment (the interpreter running ``python -m perf_tests run``), in separate
+processes that alternate A, B, A, B, ...: pair i is (A_i, B_i), run back to back, so drift of the machine that
+hits both members of a pair cancels in the paired analysis (per-pair log ratios of the case medians).
+``perf_tests.tools.run`` drives the runs and the budget; this module holds the trees and their order.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from perf_tests.errors import InputError
-from perf_tests.worktree import Tree, checkout
+from perf_tests.tools.worktree import Tree, checkout
 
 
 @contextmanager
@@ -58,7 +58,7 @@ def pair_cpus(suite_cmd: Sequence[str], allowed: set[int] | None = None,
     scheduler, and cores of a shared machine differ in speed (measured here: one side of an A/A pair ran a
     case 30% slower in every round). On CUDA the time is the device's, and a compile needs the host's
     cores (Inductor compiles in parallel workers; a cold max-autotune compile on one core can outlast the
-    partner's wait, perf_tests.turns.WAIT_S): both get every core this process may use."""
+    partner's wait, perf_tests.measure.turns.WAIT_S): both get every core this process may use."""
     if allowed is None:
         if not hasattr(os, "sched_getaffinity"):
             return None

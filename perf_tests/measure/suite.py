@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from perf_tests import cases as C
-from perf_tests import kernels as K
-from perf_tests import turns
-from perf_tests.canary import Canary
-from perf_tests.gpu_state import Probe
-from perf_tests.machine import env_label
-from perf_tests.timing import MIN_ROUND_S, is_oom, measure, sync
-from perf_tests.workloads import ModelCache, make_workload
+from perf_tests.measure import cases as C
+from perf_tests.measure import kernels as K
+from perf_tests.measure import turns
+from perf_tests.measure.canary import Canary
+from perf_tests.measure.gpu_state import Probe
+from perf_tests.measure.machine import env_label
+from perf_tests.measure.timing import MIN_ROUND_S, is_oom, measure, sync
+from perf_tests.measure.workloads import ModelCache, make_workload
 from sd.device import DeviceCapabilities, probe_device
 from sd.errors import AttentionUnavailable, CompileUnavailable
 from sd.precision import precision_dtype
@@ -327,7 +327,8 @@ class PerfSession:
                 self._fail(case, "oom", f"{case.name}: out of memory (the run goes on): {first_line}")
             self.record_failure(case.name, f"{type(exc).__name__}: {first_line}", "error")
             raise
-        if gpu_before is not None:  # clocks, heat and throttling while the case ran (perf_tests.gpu_state)
+        # clocks, heat and throttling while the case ran (perf_tests.measure.gpu_state)
+        if gpu_before is not None:
             benchmark.extra_info["gpu_state"] = Probe.case_state(gpu_before, self._gpu.snapshot())
         elif self._gpu_unavailable:
             benchmark.extra_info["gpu_state"] = {"unavailable": self._gpu_unavailable}
@@ -363,13 +364,14 @@ class PerfSession:
             kernels=lambda f: self.attention_kernels(case, built, f),
         ))
         if turns.active():
-            info["interleaved"] = True  # its rounds alternated with the A/B partner's (perf_tests.turns)
+            # its rounds alternated with the A/B partner's (perf_tests.measure.turns)
+            info["interleaved"] = True
         elif turns.alone_reason():
             info["alone"] = turns.alone_reason()  # one of an A/B pair, measured after its partner went
 
     def attention_kernels(self, case: C.Case, built, fn) -> dict:
-        """The SDPA kernels one profiled call of ``fn`` ran, per model part (perf_tests.kernels). A profiler
-        that cannot run here is recorded as such; the case is measured all the same."""
+        """The SDPA kernels one profiled call of ``fn`` ran, per model part (perf_tests.measure.kernels). A
+        profiler that cannot run here is recorded as such; the case is measured all the same."""
         parts = None if case.kind in C.ATTENTION_SHAPES else K.model_parts(built.model)
         try:
             return K.attention_kernels(fn, self.device, parts, default_part="unet")

@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from perf_tests.analysis.stats import median_ratio_interval
 from perf_tests.errors import InputError
-from perf_tests.stats import median_ratio_interval
-from perf_tests.tabular import markdown_table, text_table
-from perf_tests.timing import sync
+from perf_tests.measure.timing import sync
+from perf_tests.report.tabular import markdown_table, text_table
 from sd.capabilities import has_compile
 from sd.compile import compile_fn, compile_model
 from sd.config import ModelConfig, load_config

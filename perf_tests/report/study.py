@@ -23,9 +23,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from perf_tests.analysis.stats import Policy, run_interval
 from perf_tests.errors import InputError
-from perf_tests.machine import ENV_LABELS
-from perf_tests.names import (
+from perf_tests.measure.machine import ENV_LABELS
+from perf_tests.records.names import (
     ATTENTION_BACKENDS,
     COMPILE_MODES,
     KINDS,
@@ -35,9 +36,8 @@ from perf_tests.names import (
     Case,
     parse_name,
 )
-from perf_tests.results import Run, read_run, run_from_doc
-from perf_tests.stats import Policy, run_interval
-from perf_tests.tabular import format_seconds, markdown_table, text_table
+from perf_tests.records.results import Run, read_run, run_from_doc
+from perf_tests.report.tabular import format_seconds, markdown_table, text_table
 
 STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient",
               "sdpa-mem-efficient+compile")
@@ -125,7 +125,8 @@ class _Entry:
     device: str
     samples: list
     vae_attention: str | None = None  # the VAE's kernel where it is not the case's (its head is too wide)
-    kernels: dict | None = None  # extra_info.attention_kernels: {part: [kernel, ...]} (perf_tests.kernels)
+    # extra_info.attention_kernels: {part: [kernel, ...]} (perf_tests.measure.kernels)
+    kernels: dict | None = None
 
 
 def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
@@ -154,7 +155,8 @@ def _entries(runs: Iterable[Run | Mapping]) -> list[_Entry]:
     return list(pooled.values())
 
 
-# The kernel families a forced backend may run (perf_tests.kernels names them; on a CPU, PyTorch's flash
+# The kernel families a forced backend may run (perf_tests.measure.kernels names them; on a CPU, PyTorch's
+# flash
 # backend is its CPU flash kernel).
 _FORCED = {"sdpa-flash": {"flash", "flash-cpu"}, "sdpa-mem-efficient": {"mem-efficient"},
            "sdpa-cudnn": {"cudnn"}, "sdpa-math": {"math"}}
@@ -249,8 +251,9 @@ def build_study_table(runs: list[Run], reference: str = "original", kind: str | 
                      "does not run; the UNet used the requested kernel, the VAE kernel k (sd.attention's "
                      "fallback order)")
     if any("<" in r.label for r in ordered):
-        notes.append("<ran k>: the SDPA kernel the profiler saw in one call of the case (perf_tests.kernels):"
-                     " the one plain sdpa dispatched to, or the VAE's where it differs from the UNet's")
+        notes.append("<ran k>: the SDPA kernel the profiler saw in one call of the case "
+                     "(perf_tests.measure.kernels): the one plain sdpa dispatched to, or the VAE's where it "
+                     "differs from the UNet's")
     rounds = sorted({c.rounds for r in ordered for c in r.cells.values()})
     if rounds:
         notes.append("median of " + (f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}")

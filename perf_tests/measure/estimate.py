@@ -8,9 +8,9 @@ figure for the VAE decode, the bare attention kernels or fp32; those below are u
 their reasoning, and matter little: a kernel call is far shorter than a timed round (MIN_ROUND_S), so a
 kernel case costs its rounds, whatever the call.
 
-What a case costs follows perf_tests.timing.measure: the first call, one profiled call
-(perf_tests.kernels), the warm-up calls (one more when compiled), one block to size the rounds, then the
-timed rounds of ``iterations`` calls each lasting at least ``min_round_s``; plus a canary measurement
+What a case costs follows perf_tests.measure.timing.measure: the first call, one profiled call
+(perf_tests.measure.kernels), the warm-up calls (one more when compiled), one block to size the rounds, then
+the timed rounds of ``iterations`` calls each lasting at least ``min_round_s``; plus a canary measurement
 before it, a model build when its model differs from the previous case's, a compile when compiled, and
 the fp32 reference output once per (kind, batch). This module imports no torch: it runs anywhere.
 """
@@ -21,9 +21,9 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from perf_tests import cases as C
+from perf_tests.measure import cases as C
 
-# CUDA's default shortest round (perf_tests.timing.MIN_ROUND_S["cuda"]; that module imports torch).
+# CUDA's default shortest round (perf_tests.measure.timing.MIN_ROUND_S["cuda"]; that module imports torch).
 CUDA_MIN_ROUND_S = 0.02
 
 
@@ -83,7 +83,7 @@ def call_s(case: C.Case, gpu: GpuFigures) -> float:
 
 
 def case_s(case: C.Case, rounds: int, warmup_rounds: int, gpu: GpuFigures, min_round_s: float) -> float:
-    """The calls of one case as perf_tests.timing.measure makes them (no build, no compile)."""
+    """The calls of one case as perf_tests.measure.timing.measure makes them (no build, no compile)."""
     one = call_s(case, gpu)
     iterations = max(1, math.ceil(min_round_s / one))
     untimed = 1 + 1 + (max(warmup_rounds, 1) - 1) + (1 if case.compiled else 0)  # first, profiled, warm-up
@@ -97,12 +97,12 @@ def selection_s(
     cache: str = "cold",
     min_round_s: float = CUDA_MIN_ROUND_S,
 ) -> float:
-    """Seconds for the selection run in suite order (perf_tests.cases.run_order) in one process."""
+    """Seconds for the selection run in suite order (perf_tests.measure.cases.run_order) in one process."""
     if cache not in ("cold", "warm"):
         raise ValueError(f"unknown Inductor cache state {cache!r}; choose cold or warm")
     fig = FIGURES[gpu]
     total, model, references = fig.startup_s, None, set()
-    reference_built = False  # the fp32 reference model is built once and kept (perf_tests.workloads)
+    reference_built = False  # the fp32 reference model is built once and kept (perf_tests.measure.workloads)
     for case in sorted(selection, key=C.run_order):
         total += fig.canary_s
         if case.kind not in C.ATTENTION_SHAPES and case.model_key() != model:
@@ -114,7 +114,8 @@ def selection_s(
             if case.kind not in C.ATTENTION_SHAPES and not reference_built:
                 total += fig.build_s
                 reference_built = True
-        if case.compiled:  # each compiled case compiles afresh (perf_tests.timing.compile_cache_state)
+        # each compiled case compiles afresh (perf_tests.measure.timing.compile_cache_state)
+        if case.compiled:
             unet = case.kind in ("txt2img", "unet-step")
             cold, warm = (
                 (fig.compile_cold_s, fig.compile_warm_s)
@@ -132,10 +133,11 @@ def grid_cases(grid: C.GridDefaults) -> list[C.Case]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m perf_tests.estimate GRID [--cache cold|warm]``: the CUDA grid's estimated minutes."""
+    """``python -m perf_tests.measure.estimate GRID [--cache cold|warm]``: the CUDA grid's estimated
+    minutes."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m perf_tests.estimate", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m perf_tests.measure.estimate", description=main.__doc__)
     parser.add_argument("grid", choices=C.GRID_NAMES)
     parser.add_argument("--cache", choices=("cold", "warm"), default="cold")
     opts = parser.parse_args(argv)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = ", ".join(f"{gpu} {selection_s(cases, g, gpu, opts.cache) / 60:.1f} min" for gpu in FIGURES)
     print(
         f"{opts.grid} grid, {len(cases)} cases, Inductor cache {opts.cache}: estimated {minutes} "
-        "(perf_tests.estimate, from the README's per-call figures)"
+        "(perf_tests.measure.estimate, from the README's per-call figures)"
     )
     return 0
 

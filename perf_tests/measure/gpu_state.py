@@ -8,7 +8,7 @@ capping is recorded but not a disturbance: a power-bound kernel runs at its powe
 
 Nothing here imports torch: the reader of a result judges a recorded state (:func:`disturbance`). The
 NVML calls go through an object with ``pynvml``'s function names, so tests replay recorded answers
-(:class:`Replay`) and a GPU machine records them (``python -m perf_tests.gpu_state --record FILE``).
+(:class:`Replay`) and a GPU machine records them (``python -m perf_tests.measure.gpu_state --record FILE``).
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class Recorder:
 
 def main(argv: list[str] | None = None) -> int:
     """Record this GPU's NVML answers over a few seconds of load: a Replay file for the tests."""
-    p = argparse.ArgumentParser(prog="python -m perf_tests.gpu_state", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m perf_tests.measure.gpu_state", description=main.__doc__)
     p.add_argument("--record", type=Path, required=True, help="write the recording (JSON) here")
     p.add_argument("--seconds", type=float, default=5.0,
                    help="how long to load the GPU between the snapshots")

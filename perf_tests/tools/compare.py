@@ -15,12 +15,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests import stats
-from perf_tests.baselines import locate_baselines
+from perf_tests.analysis import stats
+from perf_tests.analysis.stats import Comparison, Policy, Side
 from perf_tests.errors import EXIT_FAIL, EXIT_OK, InputError
-from perf_tests.report import RENDERERS, plot_flagged
-from perf_tests.results import MissingBaseline, load_side, profiles_of, read_baseline, side_from_baseline
-from perf_tests.stats import Comparison, Policy, Side
+from perf_tests.records.baselines import locate_baselines
+from perf_tests.records.results import (
+    MissingBaseline,
+    load_side,
+    profiles_of,
+    read_baseline,
+    side_from_baseline,
+)
+from perf_tests.report.verdict import RENDERERS, plot_flagged
 
 REPORT_SUFFIXES = {"text": ".txt", "markdown": ".md", "json": ".json"}
 

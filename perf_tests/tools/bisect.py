@@ -15,12 +15,12 @@ interleaved with runs of GOOD (GOOD, X, GOOD, X, ...) so that machine drift hits
 3. A commit whose run fails (it does not import, the case errors or is missing) is skipped, as
    ``git bisect skip`` does: the nearest untested commit to the middle is measured instead.
 4. The first bad commit is measured against its parent (interleaved runs, the ratio with its interval)
-   and profiled against it (:mod:`perf_tests.explain`).
+   and profiled against it (:mod:`perf_tests.tools.explain`).
 
-Runs are the unit, as in the gate (``perf_tests.stats``): each run is reduced to the log of its median, the
-ratio is the exponential of the difference of the sides' means, and its interval a t interval on the
-run-to-run sd pooled over both sides (the policy's largest prior, e.g. 10%, while neither side has two runs).
-How a commit is measured is a parameter, ``measure(tree, case) -> per-call seconds of one run``; the
+Runs are the unit, as in the gate (``perf_tests.analysis.stats``): each run is reduced to the log of its
+median, the ratio is the exponential of the difference of the sides' means, and its interval a t interval on
+the run-to-run sd pooled over both sides (the policy's largest prior, e.g. 10%, while neither side has two
+runs). How a commit is measured is a parameter, ``measure(tree, case) -> per-call seconds of one run``; the
 default runs the suite (:func:`measure_with_suite`).
 """
 
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from perf_tests.analysis.stats import Policy, ratio_interval
 from perf_tests.errors import InputError
-from perf_tests.stats import Policy, ratio_interval
-from perf_tests.worktree import checkout, git, resolve
+from perf_tests.tools.worktree import checkout, git, resolve
 
 Measure = Callable[[Path, str], list[float]]  # (tree, case name) -> per-call seconds of one run (process)
 
@@ -57,7 +57,7 @@ class MeasureFailed(Exception):
 
 def suite_args(case_name: str) -> list[str]:
     """The suite options selecting exactly this one case: the coupling to the suite's command line."""
-    from perf_tests.names import MEMORY_FORMATS, PROJECTIONS, parse_name
+    from perf_tests.records.names import MEMORY_FORMATS, PROJECTIONS, parse_name
 
     c = parse_name(case_name)
     args = [f"--profile={c.profile}", f"--attention={c.attention}", f"--compile={c.compile}",
@@ -71,7 +71,7 @@ def suite_args(case_name: str) -> list[str]:
 def measure_with_suite(tree: Path, case: str, extra_args: Sequence[str] = (),
                        timeout_s: float = 1800) -> list[float]:
     """One run of the suite in ``tree`` selecting only ``case``: its per-call samples (seconds)."""
-    from perf_tests.explain import tree_env
+    from perf_tests.tools.explain import tree_env
 
     with tempfile.TemporaryDirectory(prefix="perf-bisect-run-") as tmp:
         out = Path(tmp) / "run.json"

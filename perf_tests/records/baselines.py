@@ -39,7 +39,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.results import (
+from perf_tests.analysis.stats import DEFAULT_ENV_FIELDS, Side, environment_mismatch
+from perf_tests.records.results import (
     PER_RUN_FIELDS,
     SCHEMA,
     SCHEMA_VERSION,
@@ -50,7 +51,6 @@ from perf_tests.results import (
     read_baseline,
     read_run,
 )
-from perf_tests.stats import DEFAULT_ENV_FIELDS, Side, environment_mismatch
 
 CREATE_HINT = (
     "Create one on this machine with `python -m perf_tests update-baselines RUN.json [RUN2.json ...]` "
@@ -172,8 +172,9 @@ def baseline_doc(baseline: Baseline) -> dict:
             case["runs"].append({
                 "run": index, "samples": list(r.samples), "iterations": r.iterations,
                 "compile_cache": r.compile_cache, "correct": r.correct,
-                "attention_kernels": r.extra.get("attention_kernels"),  # perf_tests.kernels; None before
-                "gpu_state": r.extra.get("gpu_state"),  # perf_tests.gpu_state; None off CUDA
+                # perf_tests.measure.kernels; None before
+                "attention_kernels": r.extra.get("attention_kernels"),
+                "gpu_state": r.extra.get("gpu_state"),  # perf_tests.measure.gpu_state; None off CUDA
                 **{k: r.extra.get(k) for k in PER_RUN_FIELDS},
                 "compile_time_s": r.compile_time_s, "peak_memory_bytes": r.peak_memory_bytes,
             })

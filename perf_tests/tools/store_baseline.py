@@ -21,11 +21,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf_tests import machine
-from perf_tests.compare import Outcome, read_side
-from perf_tests.results import JOURNAL_SUFFIX, InputError, Run, profiles_of, read_run, side_from_runs
-from perf_tests.stats import DEFAULT_ENV_FIELDS, Policy, compare
-from perf_tests.store import OFF, RunContext, Store, StoredRun, default_location, describe, run_key
+from perf_tests.analysis.stats import DEFAULT_ENV_FIELDS, Policy, compare
+from perf_tests.measure import machine
+from perf_tests.records.results import (
+    JOURNAL_SUFFIX,
+    InputError,
+    Run,
+    load_side,
+    profiles_of,
+    read_run,
+    side_from_runs,
+)
+from perf_tests.records.store import OFF, RunContext, Store, StoredRun, default_location, describe, run_key
+from perf_tests.tools.compare import Outcome
 
 
 def location(option: str | None) -> str | None:
@@ -234,6 +242,6 @@ def judge(
             f"store: {why_not}; judged against the committed baseline instead. The next run on "
             f"this machine is judged against these {len(runs)} run(s)."
         ]
-    candidate, warnings = read_side(list(candidate_paths), f"current tree ({len(runs)} runs)")
+    candidate, warnings = load_side(list(candidate_paths), f"current tree ({len(runs)} runs)")
     baseline = side_from_runs(chosen.runs, chosen.label)
     return Outcome(compare(baseline, candidate, policy), baseline, candidate, warnings), [chosen.why]

@@ -29,12 +29,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from perf_tests.analysis.stats import DEFAULT_ENV_FIELDS, CaseSamples, Side, environment_mismatch
 from perf_tests.errors import InputError
-from perf_tests.gpu_state import disturbance
-from perf_tests.journal import JOURNAL_SUFFIX, journal_path
-from perf_tests.machine import env_label
-from perf_tests.names import parse_name
-from perf_tests.stats import DEFAULT_ENV_FIELDS, CaseSamples, Side, environment_mismatch
+from perf_tests.measure.gpu_state import disturbance
+from perf_tests.measure.machine import env_label
+from perf_tests.records.journal import JOURNAL_SUFFIX, journal_path
+from perf_tests.records.names import parse_name
 
 SCHEMA = "sd-perf-baseline"
 SCHEMA_VERSION = 2  # written; versions 1 and 2 are read
@@ -444,7 +444,7 @@ def run_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Run:
     """A loaded pytest-benchmark JSON document -> Run."""
     benches = _list(path, "benchmarks", doc.get("benchmarks"), optional=False)
     section = _dict(path, "perf_tests", doc.get("perf_tests"))
-    canary = _dict(path, "perf_tests.canary", section.get("canary"))
+    canary = _dict(path, "perf_tests.measure.canary", section.get("canary"))
     commit_info = _dict(path, "commit_info", doc.get("commit_info"))
     return _build_run(
         path, doc.get("machine_info"), section,
@@ -453,8 +453,8 @@ def run_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Run:
                                                                                  section.get("skipped")))],
         [_failure(path, f"perf_tests.failed[{i}]", f) for i, f in enumerate(_list(path, "perf_tests.failed",
                                                                                     section.get("failed")))],
-        [_canary_sample(path, f"perf_tests.canary.samples[{i}]", s)
-         for i, s in enumerate(_list(path, "perf_tests.canary.samples", canary.get("samples")))],
+        [_canary_sample(path, f"perf_tests.measure.canary.samples[{i}]", s)
+         for i, s in enumerate(_list(path, "perf_tests.measure.canary.samples", canary.get("samples")))],
         doc_datetime=_str(path, "datetime", doc.get("datetime")),
         commit=_str(path, "commit_info.id", commit_info.get("id")),
     )

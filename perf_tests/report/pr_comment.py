@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from perf_tests import explain
+from perf_tests.tools import explain
 
 _SHOWN = ("regression", "failed", "missing", "improvement", "inconclusive", "no change", "skipped", "new")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perf_tests.stats import (
+from perf_tests.analysis.stats import (
     FAILED,
     IMPROVEMENT,
     INCONCLUSIVE,
@@ -31,7 +31,7 @@ from perf_tests.stats import (
     Reason,
     Side,
 )
-from perf_tests.tabular import format_seconds, markdown_table, text_table
+from perf_tests.report.tabular import format_seconds, markdown_table, text_table
 
 # What settles a comparison across machines, where more runs do not (the machine-to-machine variance stays).
 ACROSS_MACHINES_FIX = ("compare on one machine: --ab REF, or a baseline recorded on this one "

@@ -1,0 +1,2 @@
+"""The comparator: its statistical model and its verdicts, as data. No torch, no ``sd``.
+"""

@@ -1,0 +1,2 @@
+"""Rendering: text, Markdown, JSON, plots, the study table, the one table helper. No torch, no ``sd``.
+"""

@@ -1,0 +1,2 @@
+"""Orchestration: the gate's comparison, the perf run, A/B, worktrees, bisect, explain, parity.
+"""
