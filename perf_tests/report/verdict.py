@@ -196,10 +196,26 @@ def context_lines(cmp: Comparison) -> list[str]:
         lines.append(canary_line(cmp))
     if cmp.suite is not None:
         lines.append(suite_line(cmp))
+    if clock_line(cmp):
+        lines.append(clock_line(cmp))
     if cmp.paired and cmp.pairing_narrowing is not None:
         lines.append(f"pairing narrowed the intervals by {cmp.pairing_narrowing:.0%} (median over cases) "
                      "against the unpaired analysis of the same runs")
     return lines
+
+
+def clock_line(cmp: Comparison) -> str | None:
+    """Which clock each case's time was judged on, when any was judged on the device's (CUDA events)."""
+    clocks = {c.name: c.metrics["time"].clock for c in cmp.cases if "time" in c.metrics}
+    device = [n for n, k in clocks.items() if k == "device"]
+    if not device:
+        return None
+    wall = [n for n, k in clocks.items() if k != "device"]
+    text = f"time judged on the device's clock (CUDA events) for {len(device)} case(s)"
+    if wall:
+        shown = ", ".join(wall[:3]) + (f" and {len(wall) - 3} more" if len(wall) > 3 else "")
+        text += f"; on the wall clock for {len(wall)} (end-to-end, or a side without device time): {shown}"
+    return text
 
 
 def suite_line(cmp: Comparison) -> str:
