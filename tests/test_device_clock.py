@@ -128,3 +128,27 @@ def test_the_report_says_which_clock_each_case_was_judged_on(tmp_path):
     # a comparison without device time says nothing about clocks
     old = side(tmp_path, "old", (1, 2, 3), 0.0005, device_time=False)
     assert "clock" not in verdict.render_text(stats.compare(old, cand))
+
+
+def test_a_flagged_case_is_plotted_on_the_clock_it_was_judged_on(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    base = side(tmp_path, "base", (1, 2, 3), 0.0005)
+    slower = {p: cuda_run(s, 0.0005) for p, s in (("c4.json", 4), ("c5.json", 5), ("c6.json", 6))}
+    for doc in slower.values():  # the GPU's work 20% slower, on both clocks
+        unet = next(b for b in doc["benchmarks"] if b["name"] == UNET)
+        device = unet["extra_info"]["device_samples"]
+        unet["stats"]["data"] = [w + 0.2 * d for w, d in zip(unet["stats"]["data"], device, strict=True)]
+        unet["extra_info"]["device_samples"] = [1.2 * d for d in device]
+    cand = R.load_side([write(tmp_path / p, d) for p, d in slower.items()], "cand")[0]
+    cmp = stats.compare(base, cand)
+    assert next(c for c in cmp.cases if c.name == UNET).verdict == stats.REGRESSION
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: figures.append(fig))
+    verdict.plot_flagged(cmp, base, cand, tmp_path / "plots", verdicts=(stats.REGRESSION,))
+    (fig,) = figures
+    ax = fig.axes[0]
+    assert "on the device's clock" in ax.get_xlabel()
+    plotted = np.concatenate([c.get_offsets()[:, 0] for c in ax.collections])
+    device = np.concatenate([*base.cases[UNET].device_runs, *cand.cases[UNET].device_runs])
+    assert np.allclose(np.sort(plotted), np.sort(device) * 1e3)

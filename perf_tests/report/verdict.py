@@ -30,6 +30,7 @@ from perf_tests.analysis.stats import (
     MetricResult,
     Reason,
     Side,
+    on_one_clock,
 )
 from perf_tests.report.tabular import format_seconds, markdown_table, text_table
 
@@ -376,9 +377,12 @@ def plot_flagged(
     cmp: Comparison, baseline: Side, candidate: Side, plot_dir: str | Path,
     verdicts: tuple[str, ...] = (REGRESSION, IMPROVEMENT, INCONCLUSIVE),
 ) -> list[Path]:
-    """One PNG per flagged case: per-run strips of baseline and candidate timings with their medians."""
+    """One PNG per flagged case: per-run strips of baseline and candidate timings with their medians, on the
+    clock the case was judged on."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    baseline, candidate = on_one_clock(baseline, candidate)
 
     out_dir = Path(plot_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -399,8 +403,9 @@ def plot_flagged(
                 ax.plot([med, med], [y - 0.35, y + 0.35], color=f"C{r % 10}", lw=2)
             labels.append(f"{label}\n({len(cs.runs)} run(s), {cs.samples.size} rounds)")
         ax.set_yticks([0, 1], labels)
-        ax.set_xlabel("time per call (ms); colour = run, bar = the run's median")
         t = c.metrics.get("time")
+        clock = " on the device's clock" if t is not None and t.clock == "device" else ""
+        ax.set_xlabel(f"time per call (ms){clock}; colour = run, bar = the run's median")
         mde = "" if t is None or t.mde is None else f", MDE {t.mde:.1%}"
         ax.set_title(f"{c.name}\n{_MARK[c.verdict]}: {_change(t)}{mde}", fontsize=9)
         fig.tight_layout()
