@@ -152,3 +152,14 @@ def test_a_flagged_case_is_plotted_on_the_clock_it_was_judged_on(tmp_path, monke
     plotted = np.concatenate([c.get_offsets()[:, 0] for c in ax.collections])
     device = np.concatenate([*base.cases[UNET].device_runs, *cand.cases[UNET].device_runs])
     assert np.allclose(np.sort(plotted), np.sort(device) * 1e3)
+
+
+def test_the_results_store_gives_device_samples_back(tmp_path):
+    from perf_tests.records.store import Store
+
+    run = R.read_run(write(tmp_path / "torch2-run1.json", cuda_run(1, 0.002)))
+    with Store.open(str(tmp_path / "store.sqlite")) as store:
+        store.record(run)
+        (stored,) = store.runs()
+    assert stored.run.cases[UNET].device_samples == run.cases[UNET].device_samples
+    assert stored.run.cases[TXT2IMG].device_samples is None

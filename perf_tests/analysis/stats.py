@@ -201,7 +201,6 @@ class MetricResult:
     p_improvement: float | None = None
     threshold: float | None = None  # the case's min_effect (time) or the metric's threshold
     mde: float | None = None  # smallest relative slowdown caught with Policy.power (time only)
-    clock: str | None = None  # time only: "device" (CUDA events on both sides) or "wall"
     se: float | None = None  # standard error of the log change used (time only)
     df: float | None = None  # its degrees of freedom (inf: a known variance)
     runs_needed: int | None = None  # runs per side that would bring the MDE to Policy.target_mde
@@ -210,6 +209,7 @@ class MetricResult:
     baseline_median: float | None = None
     candidate_median: float | None = None
     reasons: tuple[Reason, ...] = ()
+    clock: str | None = None  # time only: "device" (CUDA events on both sides) or "wall"
 
 
 @dataclass(frozen=True)
