@@ -20,9 +20,9 @@ from perf_tests.measure import kernels as K
 from perf_tests.measure import turns
 from perf_tests.measure.canary import Canary
 from perf_tests.measure.gpu_state import Probe
-from perf_tests.measure.machine import env_label
 from perf_tests.measure.timing import MIN_ROUND_S, cuda_event, is_oom, measure, sync
 from perf_tests.measure.workloads import ModelCache, make_workload
+from perf_tests.records.names import env_label
 from sd.device import DeviceCapabilities, probe_device
 from sd.errors import AttentionUnavailable, CompileUnavailable
 from sd.precision import precision_dtype

@@ -33,10 +33,9 @@ from pathlib import Path
 
 from perf_tests.analysis.stats import DEFAULT_ENV_FIELDS, CaseSamples, Side, environment_mismatch
 from perf_tests.errors import InputError
-from perf_tests.measure.machine import env_label
 from perf_tests.records.gpu_disturbance import disturbance
 from perf_tests.records.journal import JOURNAL_SUFFIX, journal_path
-from perf_tests.records.names import parse_name
+from perf_tests.records.names import env_label, parse_name
 
 SCHEMA = "sd-perf-baseline"
 SCHEMA_VERSION = 2  # written; versions 1 and 2 are read
