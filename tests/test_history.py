@@ -25,13 +25,13 @@ RUN_SD = 0.067
 
 
 def synthetic(rng, n=100, runs=3, step=0.0, at=None) -> np.ndarray:
-    """Per commit: the median over its runs of log run medians (what ``Series.values`` computes)."""
+    """Per commit, the log run medians of its runs (shape (n, runs), what ``Series.values`` gives)."""
     out = []
     for c in range(n):
         shift = np.log1p(step) if at is not None and c >= at else 0.0
         e = RUN_SD * rng.standard_t(3, runs) / np.sqrt(3)  # t(3) has variance 3
         e += np.where(rng.random(runs) < 0.05, np.log1p(rng.uniform(0.15, 0.4, runs)), 0.0)
-        out.append(np.median(shift + e))
+        out.append(shift + e)
     return np.array(out)
 
 
