@@ -39,6 +39,8 @@ CONTEXT = 10  # commits on each side whose runs judge a change point
 ALPHA = 0.02  # permutation p-value below which a split is a change point
 PERMUTATIONS = 99
 REFINE = 8  # commits either side of an E-Divisive split that the scan over runs may move it
+# schema 2's index (run_id, name, median_s) holds every column asked for: the rows with samples stay unread
+MEDIANS_SQL = "SELECT run_id, name, median_s FROM results WHERE run_id IN (SELECT id FROM runs WHERE {where})"
 PERMUTED_VALUES = 1 << 22  # elements of the distance arrays of one batch of permutations (16 MiB in float32)
 
 
@@ -348,10 +350,7 @@ def load_series(store: Store, device_slug: str, env: str, branch: str | None = N
     index = {sha: i for i, sha in enumerate(commits)}
     run_commit = {run_id: index[sha] for run_id, sha in run_sha.items()}
     with _collector_paused():
-        rows = store.execute(
-            f"SELECT run_id, name, median_s FROM results WHERE run_id IN (SELECT id FROM runs WHERE {where})",
-            params,
-        ).fetchall()
+        rows = store.execute(MEDIANS_SQL.format(where=where), params).fetchall()
         medians, run_ids = _by_case_and_commit(rows, run_commit)
     latest = [r for r, i in run_commit.items() if i == len(commits) - 1]
     kinds = {
