@@ -94,7 +94,7 @@ def screen(
     drawn = np.zeros(len(x), dtype=int)
     alive = np.isfinite(q_obs)
     limit = alpha * (permutations + 1)  # p = (1 + reached) / (permutations + 1) <= alpha
-    batch = 10  # doubled each round: most rows of a noisy series are settled by the first few permutations
+    batch = 4  # doubled each round: 2 of 4 permutations reaching a row's statistic settle 60% of noise rows
     done = 0
     while alive.any() and done < permutations:
         rows = np.flatnonzero(alive)
@@ -312,7 +312,7 @@ def _by_case_and_commit(
     first = np.searchsorted(case_of[starts], np.arange(len(cases) + 1))  # each case's first group
     medians: dict[str, dict[int, list[float]]] = {}
     run_ids: dict[str, dict[int, list[int]]] = {}
-    for j, case in enumerate(cases):  # per case, the groups' slices made and stored without a Python loop
+    for j, case in enumerate(cases):  # a loop over cases; the groups within one are sliced by map and zip
         groups = slice(first[j], first[j + 1])
         commits = commit_of[starts[groups]].tolist()
         slices = list(map(slice, starts[groups].tolist(), ends[groups].tolist()))
