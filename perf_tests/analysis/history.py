@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -249,6 +249,28 @@ def find_all(
 # --- series from the store --------------------------------------------------------------------------------
 
 
+class ByCommit(Mapping[int, list]):
+    """One case's values (run medians or run ids) by commit index, read only: sorted arrays rather than a
+    list per commit, since a store of 10,000 runs of 100 cases holds a million of them."""
+
+    def __init__(self, commits: np.ndarray, bounds: np.ndarray, values: np.ndarray):
+        self.commits, self.bounds, self.values = commits, bounds, values  # commit k: values[bounds[k]:...]
+        self._at = dict(zip(commits.tolist(), range(len(commits)), strict=True))
+
+    def __getitem__(self, i: int) -> list:
+        k = self._at[i]
+        return self.values[self.bounds[k] : self.bounds[k + 1]].tolist()
+
+    def __contains__(self, i: object) -> bool:
+        return i in self._at
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+
 @dataclass
 class Series:
     """The runs of one device type and environment, by commit in commit order."""
@@ -258,8 +280,8 @@ class Series:
     commits: list[str]  # full shas, in order
     times: list[str]
     environments: list[dict]  # the fingerprint of the commit's last run
-    medians: dict[str, dict[int, list[float]]]  # case -> commit index -> run medians (seconds)
-    run_ids: dict[str, dict[int, list[int]]]  # parallel to medians
+    medians: dict[str, ByCommit]  # case -> commit index -> run medians (seconds)
+    run_ids: dict[str, ByCommit]  # parallel to medians
     run_machines: dict[int, str | None]  # run id -> machine_id
     device_type: str | None = None
     kinds: dict[str, str] = field(default_factory=dict)
@@ -270,10 +292,8 @@ class Series:
     def values(self, case: str) -> tuple[list[int], np.ndarray, np.ndarray]:
         """(commit indices, log run medians commit after commit, runs per commit) for the commits that
         measured ``case``."""
-        by_commit = self.medians[case]
-        idx = sorted(by_commit)
-        values = np.log([m for i in idx for m in by_commit[i]])
-        return idx, values, np.array([len(by_commit[i]) for i in idx])
+        m = self.medians[case]
+        return m.commits.tolist(), np.log(m.values), np.diff(m.bounds)
 
 
 @contextmanager
@@ -291,7 +311,7 @@ def _collector_paused() -> Iterator[None]:
 
 def _by_case_and_commit(
     rows: Sequence[tuple[int, str, float]], run_commit: dict[int, int]
-) -> tuple[dict[str, dict[int, list[float]]], dict[str, dict[int, list[int]]]]:
+) -> tuple[dict[str, ByCommit], dict[str, ByCommit]]:
     """(run id, case, median) rows grouped per case and commit index, run ids ascending; sorted with numpy,
     since a store of 10,000 runs of 100 cases gives a million rows."""
     if not rows:
@@ -305,19 +325,18 @@ def _by_case_and_commit(
     ids_arr = np.array(ids, dtype=np.int64)
     order = np.lexsort((ids_arr, commit_of, case_of))
     case_of, commit_of = case_of[order], commit_of[order]
-    values_l = np.array([r[2] for r in rows])[order].tolist()
-    ids_l = ids_arr[order].tolist()
+    values_arr = np.array([r[2] for r in rows])[order]
+    ids_arr = ids_arr[order]
     starts = np.flatnonzero(np.diff(case_of, prepend=-1) | np.diff(commit_of, prepend=-1))
-    ends = np.append(starts[1:], len(order))
     first = np.searchsorted(case_of[starts], np.arange(len(cases) + 1))  # each case's first group
-    medians: dict[str, dict[int, list[float]]] = {}
-    run_ids: dict[str, dict[int, list[int]]] = {}
-    for j, case in enumerate(cases):  # a loop over cases; the groups within one are sliced by map and zip
-        groups = slice(first[j], first[j + 1])
-        commits = commit_of[starts[groups]].tolist()
-        slices = list(map(slice, starts[groups].tolist(), ends[groups].tolist()))
-        medians[case] = dict(zip(commits, map(values_l.__getitem__, slices), strict=True))
-        run_ids[case] = dict(zip(commits, map(ids_l.__getitem__, slices), strict=True))
+    medians: dict[str, ByCommit] = {}
+    run_ids: dict[str, ByCommit] = {}
+    for j, case in enumerate(cases):
+        groups = starts[first[j] : first[j + 1]]
+        end = starts[first[j + 1]] if first[j + 1] < len(starts) else len(order)
+        bounds = np.append(groups, end) - groups[0]
+        medians[case] = ByCommit(commit_of[groups], bounds, values_arr[groups[0] : end])
+        run_ids[case] = ByCommit(commit_of[groups], bounds, ids_arr[groups[0] : end])
     return medians, run_ids
 
 
