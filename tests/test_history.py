@@ -70,6 +70,9 @@ def test_energy_statistic_matches_its_definition():
         right = sum(abs(b[i] - b[j]) for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) / 2)
         assert q[tau] == pytest.approx(m * k / n * (between - left - right), rel=1e-9)
     assert np.isneginf(q[:2]).all() and np.isneginf(q[n - 1 :]).all()
+    perm = np.random.default_rng(1).permutation(n)  # a permutation's row sums: the original's, reordered
+    row_sums = np.abs(x[:, None] - x[None, :]).sum(axis=1)
+    np.testing.assert_allclose(energy_q(x[perm], 2, row_sums[perm]), energy_q(x[perm], 2), rtol=1e-12)
 
 
 def test_a_clear_step_is_found_where_it_is_and_noise_mostly_is_not():

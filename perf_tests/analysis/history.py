@@ -47,15 +47,17 @@ PERMUTED_VALUES = 1 << 22  # elements of the distance arrays of one batch of per
 # --- E-Divisive means -------------------------------------------------------------------------------------
 
 
-def energy_q(x: np.ndarray, min_size: int = MIN_SIZE) -> np.ndarray:
+def energy_q(x: np.ndarray, min_size: int = MIN_SIZE, row_sums: np.ndarray | None = None) -> np.ndarray:
     """Q(tau) of every split of each row of ``x`` (shape (..., n)): the energy statistic with alpha = 1,
     scaled by m k / n (Matteson and James, eq. 5, with kappa at the end). Splits closer than ``min_size`` to
-    an end are -inf. The sums over pairs are prefix sums over rows of the distance matrix: O(n^2) per row."""
+    an end are -inf. The sums over pairs are prefix sums over rows of the distance matrix: O(n^2) per row.
+    ``row_sums``: each value's distances to all the others, when known (a permutation only reorders them)."""
     n = x.shape[-1]
-    d = np.abs(x[..., :, None] - x[..., None, :])
+    d = x[..., :, None] - x[..., None, :]
+    np.abs(d, out=d)
     zero = np.zeros(x.shape[:-1] + (1,), dtype=d.dtype)
     # sums over the ordered pairs (i, j) with i < tau (left_all), and with both < tau (within_left)
-    left_all = np.concatenate([zero, d.sum(-1).cumsum(-1)], -1)
+    left_all = np.concatenate([zero, (d.sum(-1) if row_sums is None else row_sums).cumsum(-1)], -1)
     within_left = np.concatenate(
         [zero, 2 * np.einsum("...ij,ij->...i", d, np.tri(n, k=-1, dtype=d.dtype)).cumsum(-1)], -1
     )
@@ -87,7 +89,8 @@ def screen(
     than float64 here, and exact enough for a ranking."""
     x = (x - x.mean(axis=1, keepdims=True)).astype(np.float32)
     n = x.shape[1]
-    q = energy_q(x, min_size)
+    row_sums = np.abs(x[:, :, None] - x[:, None, :]).sum(axis=2)
+    q = energy_q(x, min_size, row_sums)
     tau = q.argmax(axis=1)
     q_obs = q[np.arange(len(x)), tau]
     reached = np.zeros(len(x), dtype=int)
@@ -103,9 +106,11 @@ def screen(
         order = np.stack([rngs[i].random((size, n)).argsort(axis=1) for i in rows])  # (rows, size, n)
         step = max(1, PERMUTED_VALUES // (size * n * n))
         for a in range(0, len(rows), step):
-            chunk = rows[a : a + step]
-            perms = np.take_along_axis(x[chunk, None, :], order[a : a + step], axis=2)
-            reached[chunk] += (energy_q(perms, min_size).max(axis=2) >= q_obs[chunk, None]).sum(axis=1)
+            chunk, chunk_order = rows[a : a + step], order[a : a + step]
+            perms = np.take_along_axis(x[chunk, None, :], chunk_order, axis=2)
+            sums = np.take_along_axis(row_sums[chunk, None, :], chunk_order, axis=2)
+            q_perm = energy_q(perms, min_size, sums).max(axis=2)
+            reached[chunk] += (q_perm >= q_obs[chunk, None]).sum(axis=1)
         drawn[rows] += size
         done += size
         alive &= 1 + reached <= limit
