@@ -85,6 +85,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             reason TEXT NOT NULL, PRIMARY KEY (run_id, name)
         )""",
     ),
+    (  # 1 -> 2: the run medians of a history read from the index alone, not from rows that hold the samples
+        "CREATE INDEX results_medians ON results (run_id, name, median_s)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
