@@ -182,7 +182,7 @@ def report(session: nox.Session) -> None:
         if os.path.isdir(arg):
             folders.append(arg)
             runs = Path(arg).glob("*.json")
-            files += sorted(str(p) for p in runs if re.fullmatch(r"torch\d*-run\d+\.json", p.name))
+            files += sorted(str(p) for p in runs if re.fullmatch(r"torch\d*-(A-)?run\d+\.json", p.name))
         elif arg.endswith(".json") and not arg.startswith("-"):
             files.append(arg)
         else:

@@ -1,13 +1,16 @@
-"""An A/B pair on CUDA: the cores both sides get, and a side that goes on without its partner says so."""
+"""An A/B pair on CUDA: the cores both sides get, and a side that goes on without its partner says so; the
+reference that --ab-baseline takes from the committed baselines."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
-from perf_json import CASES, write_run
+from perf_json import CASES, run_doc, write_run
 
 from perf_tests.analysis.stats import Policy
+from perf_tests.errors import InputError
 from perf_tests.measure import turns
 from perf_tests.tools import ab
 from perf_tests.tools.compare import Outcome, load_and_compare_ab, render
@@ -70,3 +73,32 @@ def test_the_ab_verdict_says_which_side_went_on_alone(tmp_path):
     for fmt in ("text", "markdown"):
         assert reason in render(outcome, fmt)
     assert reason not in render(Outcome(outcome.comparison, outcome.baseline, outcome.candidate, []), "text")
+
+
+def _baselines_of(tmp_path, **commits):
+    """A baseline store with one run per device type, recorded at the commit given for it."""
+    from perf_tests.records.baselines import update_baselines
+
+    gpu = {"device_name": "NVIDIA H100", "device_slug": "nvidia-h100", "device_type": "cuda", "gpu_count": 1}
+    paths = []
+    for device_type, commit in commits.items():
+        doc = run_doc(1, machine={"git_commit": commit, **(gpu if device_type == "cuda" else {})})
+        paths.append(tmp_path / f"{device_type}.json")
+        paths[-1].write_text(json.dumps(doc))
+    update_baselines(paths, tmp_path / "baselines")
+    return tmp_path / "baselines"
+
+
+@pytest.mark.parametrize("cmd, gpu, expected", [
+    ([], False, "c" * 40), ([], True, "d" * 40), (["--device", "cpu"], True, "c" * 40),
+    (["--device=cuda:1"], False, "d" * 40),
+])
+def test_the_baseline_reference_is_of_the_suites_device_type(tmp_path, cmd, gpu, expected):
+    store = _baselines_of(tmp_path, cpu="c" * 40, cuda="d" * 40)
+    assert ab.baseline_reference(store, cmd, gpu=lambda: gpu).commit == expected
+
+
+def test_no_baseline_reference_says_how_to_record_one(tmp_path):
+    store = _baselines_of(tmp_path, cuda="d" * 40)
+    with pytest.raises(InputError, match="no cpu baseline .* `nox -s update-baselines`"):
+        ab.baseline_reference(store, ["--device", "cpu"], gpu=lambda: True)

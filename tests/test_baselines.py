@@ -289,3 +289,54 @@ def test_a_stale_temp_file_is_ignored_by_readers(tmp_path):
     assert len(R.read_baseline(target).runs) == 1
     (update,) = B.update_baselines([write_run(tmp_path / "r1.json", 1)], base)
     assert update.removed_temp_files == [stale.name] and not stale.exists()
+
+
+# --- the commit a baseline names (the CI smoke's A/B reference) --------------------------------------------
+def _recorded(tmp_path, name: str, commit: str, when: str, **machine) -> Path:
+    env = {n: {"env": machine["env"]} for n in CASES} if "env" in machine else None
+    doc = run_doc(len(name), machine={"git_commit": commit, **machine}, extra=env)
+    doc["datetime"] = when
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+AMD = {"device_name": "AMD EPYC", "device_slug": "cpu-amd-epyc", "cpu_model": "AMD EPYC"}
+GPU = {"device_name": "NVIDIA H100", "device_slug": "nvidia-h100", "device_type": "cuda", "gpu_count": 1}
+
+
+def test_the_recorded_commit_is_the_newest_cpu_run_on_any_device_and_environment(tmp_path):
+    """Times in different zones are ordered as instants; a GPU baseline never names the CPU reference."""
+    runs = [
+        _recorded(tmp_path, "xeon1.json", "a" * 40, "2026-12-02T02:19:03+00:00"),
+        # the newest instant, though its local date is not the latest: 2026-12-02 23:30 UTC
+        _recorded(tmp_path, "epyc1.json", "b" * 40 + "+dirty", "2026-12-03T01:30:00+02:00", **AMD,
+                  env="torch1", torch_version="1.12.1"),
+        _recorded(tmp_path, "epyc2.json", "c" * 40, "2026-12-02T22:00:00+00:00", **AMD),
+        _recorded(tmp_path, "gpu.json", "d" * 40, "2026-12-05T00:00:00+00:00", **GPU),
+    ]
+    B.update_baselines(runs, tmp_path / "baselines")
+    found = B.latest_recorded_commit(tmp_path / "baselines")
+    assert (found.commit, found.dirty) == ("b" * 40, True)
+    assert found.path == tmp_path / "baselines" / "cpu-amd-epyc" / "torch1-tiny.json"
+    assert B.latest_recorded_commit(tmp_path / "baselines", "cuda").commit == "d" * 40
+
+
+def test_no_recorded_commit_without_a_baseline_of_that_device_type(tmp_path):
+    B.update_baselines([_recorded(tmp_path, "gpu.json", "d" * 40, "2026-12-05T00:00:00+00:00", **GPU)],
+                       tmp_path / "baselines")
+    assert B.latest_recorded_commit(tmp_path / "baselines") is None
+    assert B.latest_recorded_commit(tmp_path / "nowhere") is None
+
+
+def test_the_committed_cpu_baselines_name_a_commit_of_this_repository():
+    """The CI smoke checks that commit out (.ci/run); it must be in the history, not only on a lost branch."""
+    found = B.latest_recorded_commit(REPO / "baselines")
+    assert found is not None
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=REPO, capture_output=True,
+                             text=True, check=False)
+    if shallow.returncode != 0 or shallow.stdout.strip() != "false":
+        pytest.skip("not a full git checkout (a shallow clone lacks the history; .ci/run fetches the commit)")
+    res = subprocess.run(["git", "merge-base", "--is-ancestor", found.commit, "HEAD"], cwd=REPO,
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, f"{found.commit} ({found.path}) is not an ancestor of HEAD: {res.stderr}"

@@ -303,3 +303,16 @@ def test_nox_lists_the_sessions_without_starting_an_interpreter(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     listed = {line.split()[1] for line in res.stdout.splitlines() if line[:2] in ("* ", "- ")}
     assert SESSIONS <= listed
+
+
+def test_the_report_reads_solo_runs_and_the_tested_side_of_an_ab_run(noxfile, tmp_path):
+    """.ci/run's smokes are A/B runs: the tree under test is side A; B, the reference, stays out of the
+    table."""
+    for name in ("torch2-A-run1.json", "torch2-B-run1.json", "torch20-run1.json", "torch1-A-run2.json",
+                 "verdict-torch2.json", "torch2-A-run1.journal.jsonl", "torch1-B-run2.json"):
+        (tmp_path / name).write_text("{}")
+    session = FakeSession(str(tmp_path))
+    session.install = lambda *reqs: None
+    noxfile.module.report(session)
+    files = [Path(arg).name for arg in session.runs[0] if arg.endswith(".json")]
+    assert files == ["torch1-A-run2.json", "torch2-A-run1.json", "torch20-run1.json"]

@@ -35,7 +35,8 @@ def test_arguments_after_the_first_double_dash_go_to_pytest():
 
 @pytest.mark.parametrize("argv", [
     ["--runs", "0"], ["--budget", "0"], ["--runs", "2", "--budget", "5"], ["--replace"],
-    ["--ab", "HEAD", "--update-baselines"], ["--grid", "nightly"], ["--case-kind", "unet-step"],
+    ["--ab", "HEAD", "--update-baselines"], ["--ab", "HEAD", "--ab-baseline"], ["--grid", "nightly"],
+    ["--case-kind", "unet-step"],
     ["--", "--benchmark-json", "x.json"], ["--", "--benchmark-json=x.json"], ["--interleave", "runs"],
 ])
 def test_bad_options_exit_2(argv, capsys):

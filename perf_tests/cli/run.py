@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from perf_tests.cli.options import build_policy, gate_options, policy_options
@@ -21,7 +22,11 @@ def add_parser(sub) -> None:
     runs.add_argument("--budget", type=float, metavar="MINUTES",
                       help="run the suite again while the next run fits in MINUTES of suite time (at least "
                            "once)")
-    p.add_argument("--ab", metavar="REF", help="A/B: the current tree against git REF, alternating A,B,A,B")
+    ab = p.add_mutually_exclusive_group()
+    ab.add_argument("--ab", metavar="REF", help="A/B: the current tree against git REF, alternating A,B,A,B")
+    ab.add_argument("--ab-baseline", action="store_true",
+                    help="A/B against the commit the newest run of the committed baselines (--baseline-dir) "
+                         "of the suite's device type was recorded at, on any machine of that type")
     p.add_argument("--interleave", choices=("rounds", "runs"), default=None,
                    help="with --ab: 'rounds' (default) starts both processes of a pair together and they "
                         "take "
@@ -75,9 +80,22 @@ def usage_problem(opts: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from perf_tests.tools import run as tool
 
+    if args.ab_baseline:
+        args.ab = ab_baseline(args)
     problem = usage_problem(args)
     if problem:
         args.usage_error(problem)  # exits 2 with the usage line
     args.interleave = args.interleave or "rounds"
     args.policy = build_policy(args)
     return tool.run(args, args.passthrough)
+
+
+def ab_baseline(args: argparse.Namespace) -> str:
+    """--ab-baseline: the reference commit, said on stderr with where it comes from."""
+    from perf_tests.tools.ab import baseline_reference
+
+    found = baseline_reference(args.baseline_dir, args.passthrough)
+    edited = " (its tree had uncommitted edits then)" if found.dirty else ""
+    print(f"[run] A/B reference {found.commit[:12]}: the newest run of the committed baselines, "
+          f"{found.datetime} in {found.path}{edited}", file=sys.stderr, flush=True)
+    return found.commit

@@ -331,3 +331,43 @@ def update_baselines(
                 atomic_write_json(target, baseline_doc(update.baseline))
         updates.append(update)
     return updates
+
+
+# --- the commit a baseline names ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordedCommit:
+    """The commit a baseline run was recorded at, where, and whether its tree had uncommitted edits."""
+
+    commit: str  # full sha, without the '+dirty' mark
+    dirty: bool
+    datetime: str
+    path: Path
+
+
+def latest_recorded_commit(baseline_dir: str | os.PathLike,
+                           device_type: str = "cpu") -> RecordedCommit | None:
+    """The commit of the newest run (by its datetime) in the committed baselines of ``device_type``, on any
+    device and in any environment; None when no such run records both. An A/B reference that every machine
+    of that type can check out, whichever device recorded it."""
+    found = []
+    for path in existing_baselines(baseline_dir):
+        baseline = read_baseline(path)
+        if baseline.environment.get("device_type") != device_type:
+            continue
+        for run in baseline.runs:
+            when = _parse_time(run.datetime)
+            if run.git_commit and when is not None:
+                sha = run.git_commit.removesuffix("+dirty")
+                found.append((when, RecordedCommit(sha, sha != run.git_commit, run.datetime or "", path)))
+    return max(found, key=lambda item: item[0])[1] if found else None
+
+
+def _parse_time(text: str | None) -> _dt.datetime | None:
+    """An ISO time as an aware datetime (UTC when it names no zone); None when absent or unreadable."""
+    try:
+        when = _dt.datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    return when.replace(tzinfo=_dt.timezone.utc) if when is not None and when.tzinfo is None else when

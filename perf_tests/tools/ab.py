@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from perf_tests.errors import InputError
+from perf_tests.records.baselines import RecordedCommit, latest_recorded_commit
 from perf_tests.tools.worktree import Tree, checkout
 
 
@@ -64,3 +65,16 @@ def pair_cpus(suite_cmd: Sequence[str], allowed: set[int] | None = None,
             return None
         allowed = os.sched_getaffinity(0)
     return set(allowed) if suite_device(suite_cmd, gpu) == "cuda" else {min(allowed)}
+
+
+def baseline_reference(baseline_dir: str | os.PathLike, suite_cmd: Sequence[str],
+                       gpu: Callable[[], bool] = gpu_visible) -> RecordedCommit:
+    """The commit the newest run of the committed baselines of the suite's device type was recorded at: a
+    reference every machine of that type can A/B against, whichever of them recorded it (.ci/run)."""
+    device_type = suite_device(suite_cmd, gpu)
+    found = latest_recorded_commit(baseline_dir, device_type)
+    if found is None:
+        raise InputError(f"--ab-baseline: no {device_type} baseline in {baseline_dir} records a git commit "
+                         "and a datetime; record one with `nox -s update-baselines`, or name a ref with "
+                         "--ab.")
+    return found
