@@ -118,9 +118,10 @@ def test_ab_alternates_a_and_b_in_pairs_each_side_in_its_tree(tmp_path, monkeypa
                                                                       label="HEAD (abc)")
     fake = FakeSuite([10])
     R.run_all([a, b], _opts(runs=3), ["-x"], tmp_path, "torch2", fake.launch, fake.clock, lambda m: None)
-    assert [c[0] for c in fake.calls] == ["torch2-A-run1.json", "torch2-B-run1.json", "torch2-A-run2.json",
-                                          "torch2-B-run2.json", "torch2-A-run3.json", "torch2-B-run3.json"]
-    assert [c[1].name for c in fake.calls] == ["a", "b"] * 3
+    # one after the other here (trees without turns.py); the side that goes first alternates pair by pair
+    assert [c[0] for c in fake.calls] == ["torch2-A-run1.json", "torch2-B-run1.json", "torch2-B-run2.json",
+                                          "torch2-A-run2.json", "torch2-A-run3.json", "torch2-B-run3.json"]
+    assert [c[1].name for c in fake.calls] == ["a", "b", "b", "a", "a", "b"]
     assert [c[3].split(os.pathsep)[0] for c in fake.calls[:2]] == [str(a.path), str(b.path)]
 
 
@@ -129,8 +130,7 @@ def test_ab_budget_counts_pairs(tmp_path):
     runs = R.run_all([Tree(tmp_path, side="A", label=""), Tree(tmp_path, side="B", label="")],
                      _opts(budget=6.5), [], tmp_path, "t",
                      fake.launch, fake.clock, lambda m: None)
-    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B",
-                                                                                                         3)]
+    assert sorted((r.index, r.tree.side) for r in runs) == [(i, s) for i in (1, 2, 3) for s in "AB"]
 
 
 def _turn_taking_tree(root: Path, side: str, label: str) -> Tree:
@@ -153,7 +153,10 @@ def test_ab_pairs_run_side_by_side_when_both_trees_take_turns(tmp_path):
     assert len(pairs) == 3  # a pair costs 120 s of the fake clock: 3 fit in 6.5 min
     assert [(Path(p[0]).name, p[1], p[2]) for p in pairs[0]] == [("t-A-run1.json", "a", "t-A-run1.log"),
                                                                  ("t-B-run1.json", "b", "t-B-run1.log")]
-    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3), ("B",
+    # the side that takes the first turn alternates: A in pairs 1 and 3, B in pair 2
+    assert [[Path(j[0]).name for j in p] for p in pairs[1:]] == [["t-B-run2.json", "t-A-run2.json"],
+                                                                  ["t-A-run3.json", "t-B-run3.json"]]
+    assert [(r.tree.side, r.index) for r in runs] == [("A", 1), ("B", 1), ("B", 2), ("A", 2), ("A", 3), ("B",
                                                                                                          3)]
     # --interleave runs, or a tree that cannot take turns: A, then B, one process at a time
     fake2 = FakeSuite([60])
@@ -285,7 +288,7 @@ def test_ab_end_to_end_on_a_fake_suite(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code in (0, 1), err
     sides = [line.split(" side ")[1][0] for line in err.splitlines() if line.startswith("[run] torch2 run")]
-    assert sides == ["A", "B"] * 3
+    assert sides == ["A", "B", "B", "A", "A", "B"]  # the first turn alternates between the sides
     assert sorted(p.name for p in out.glob("torch2-*-run*.json")) == [
         f"torch2-{s}-run{i}.json" for s in "AB" for i in (1, 2, 3)]
     verdict = json.loads((out / "verdict-torch2.json").read_text())

@@ -2,8 +2,9 @@
 
 B is checked out into a temporary detached worktree (perf_tests.tools.worktree) and removed afterwards. Both
 sides run in the same environment (the interpreter running ``python -m perf_tests run``), in separate
-processes that alternate A, B, A, B, ...: pair i is (A_i, B_i), run back to back, so drift of the machine that
-hits both members of a pair cancels in the paired analysis (per-pair log ratios of the case medians).
+processes run in pairs: pair i is (A_i, B_i), side by side or back to back, A first in odd pairs and B first
+in even ones, so drift of the machine that hits both members of a pair cancels in the paired analysis
+(per-pair log ratios of the case medians), and so does an effect of going first.
 ``perf_tests.tools.run`` drives the runs and the budget; this module holds the trees and their order.
 """
 

@@ -81,16 +81,16 @@ def load_and_compare_ab(
     ref_runs: list[str | os.PathLike], current_runs: list[str | os.PathLike], policy: Policy, *,
     ref_label: str = "REF", current_label: str = "current tree",
 ) -> Outcome:
-    """A/B: the runs of REF (baseline) against those of the current tree, which alternated A, B, A, B (the
-    current tree first in each pair), analysed as pairs."""
+    """A/B: the runs of REF (baseline) against those of the current tree, run in pairs (the current tree
+    first in the odd pairs, REF in the even ones: perf_tests.tools.run.run_all), analysed as pairs."""
     if len(ref_runs) != len(current_runs) or not ref_runs:
         raise InputError(f"A/B needs as many runs of each side, at least one: {len(current_runs)} of the "
                          "current "
                          f"tree, {len(ref_runs)} of the reference.")
     base, warnings = load_side(ref_runs, ref_label)
     candidate, cand_warnings = load_side(current_runs, current_label)
-    candidate.run_order = [2 * i for i in range(len(current_runs))]
-    base.run_order = [2 * i + 1 for i in range(len(ref_runs))]
+    candidate.run_order = [2 * i + i % 2 for i in range(len(current_runs))]
+    base.run_order = [2 * i + 1 - i % 2 for i in range(len(ref_runs))]
     comparison = stats.compare(base, candidate, policy, paired=True)
     return Outcome(comparison, base, candidate, [*warnings, *cand_warnings])
 

@@ -153,8 +153,10 @@ def run_all(
     clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = print,
     launch_pair: Callable[[Sequence[Job]], list[int]] = run_side_by_side,
 ) -> list[SuiteRun]:
-    """Run the suite in each tree until --runs or --budget is spent: A, B, A, B, ... with two trees, each
-    pair side by side taking turns round by round unless ``--interleave runs``."""
+    """Run the suite in each tree until --runs or --budget is spent, in pairs with two trees, each pair side
+    by side taking turns round by round unless ``--interleave runs``. The side that goes first alternates
+    (A, B in odd pairs, B, A in even ones), so what going first does to a process (the machine's state it
+    meets, the partner still starting) falls on both sides alike and cancels in the paired analysis."""
     budget_s = opts.budget * 60 if opts.budget is not None else None
     side_by_side = len(trees) == 2 and getattr(opts, "interleave", "rounds") == "rounds"
     turns_files = ("measure/turns.py", "turns.py")  # the second: a tree from before the layers
@@ -171,7 +173,8 @@ def run_all(
             log(f"[run] {label} run {index}: {sum(durations) / 60:.1f} of {opts.budget:g} min spent")
         start = clock()
         jobs, paths = [], []
-        for tree in trees:
+        order = list(trees) if index % 2 else list(trees)[::-1]
+        for tree in order:
             path = (out / _result_name(label, tree, index)).resolve()
             pythonpath = [str(tree.path), *filter(None, [os.environ.get("PYTHONPATH")])]
             # The Inductor cache is the suite's own persistent folder, shared by all runs and both A/B sides:
@@ -189,11 +192,12 @@ def run_all(
                 check_run(run)
                 runs.append(run)
         if side_by_side:
-            log(f"[run] {label} run {index}: A and B side by side, taking turns after every timed round")
+            log(f"[run] {label} run {index}: {order[0].side} and {order[1].side} side by side, taking turns "
+                f"after every timed round, {order[0].side} first")
             t0 = clock()
             codes = launch_pair(jobs)
             pair = [SuiteRun(tree, index, path, clock() - t0, code)
-                    for tree, path, code in zip(trees, paths, codes, strict=True)]
+                    for tree, path, code in zip(order, paths, codes, strict=True)]
             for job in jobs:
                 if job.log.is_file():
                     sys.stdout.write(job.log.read_text(encoding="utf-8", errors="replace"))
