@@ -8,6 +8,7 @@ tests/test_gate_validity.py (tests/gate_world.py).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -328,8 +329,16 @@ def test_many_disturbed_runs_are_summed_up_in_one_reason():
     (reason,) = [r for r in m.reasons if r.code == "disturbed"]
     assert reason["runs"] == (1, 2, 3, 4, 5, 6) and reason["total"] == 6
     assert "machine disturbed in candidate runs 1, 2, 3, 4, 5, 6 of 6" in R.sentence(reason)
-    line = R.canary_line(S.compare(base, cand))
+    cmp = S.compare(base, cand)
+    line = R.canary_line(cmp)
     assert "machine disturbed: canary +" in line and "and 5 more of the 6 candidate runs" in line
+    # the JSON carries each disturbance as its code, numbers and sentence
+    canary = json.loads(R.render_json(cmp))["canary"]
+    first = canary["disturbed"][0]
+    assert first["code"] == "canary-shift" and first["values"]["run"] == 1 and first["values"]["shift"] > 0.4
+    assert first["sentence"] == R.sentence(cmp.canary.disturbed[0])
+    assert canary["runs"][5]["disturbed"]["sentence"] == first["sentence"]  # the first candidate run
+    assert canary["runs"][0]["disturbed"] is None  # a baseline run
 
 
 # --- paired A/B -----------------------------------------------------------------------------------------
