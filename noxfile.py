@@ -76,7 +76,7 @@ def perf_torch2(session: nox.Session) -> None:
 @env_session(TORCH20, "perf-torch20")
 def perf_torch20(session: nox.Session) -> None:
     """The suite on PyTorch 2.0.1 (Python 3.10), the study's release: runs, files and baselines labelled
-    torch20 (perf_tests.measure.machine.env_label). Options as perf-torch2."""
+    torch20 (perf_tests.records.names.env_label). Options as perf-torch2."""
     noxenvs.install(session, TORCH20, ("perf",))
     perf_run(session)
 

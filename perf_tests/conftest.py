@@ -19,10 +19,11 @@ import pytest
 
 from perf_tests.measure import cases as C
 from perf_tests.measure import turns
-from perf_tests.measure.machine import device_identity, env_label
+from perf_tests.measure.machine import device_identity
 from perf_tests.measure.suite import INDUCTOR_CACHE_DIR, OptionError, Options, PerfSession
 from perf_tests.measure.timing import MIN_ROUND_S, use_inductor_cache
 from perf_tests.records.journal import Journal, journal_path
+from perf_tests.records.names import env_label
 
 _SESSION_KEY = "_perf_session"
 _JOURNAL_KEY = "_perf_journal"

@@ -89,6 +89,35 @@ def test_injected_delay_is_a_device_side_spin_inside_the_timed_region():
     assert min(b1.data) - max(b0.data) > 0.8 * SPIN_S, (b0.data, b1.data)
 
 
+class StallingBench(Bench):
+    """Bench whose host stalls ``stall_s`` after each round's timer starts, before the first launch."""
+
+    def __init__(self, stall_s: float):
+        super().__init__()
+        self.stall_s = stall_s
+
+    def pedantic(self, target, rounds=1, warmup_rounds=0, iterations=1):
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            time.sleep(self.stall_s)
+            for _ in range(iterations):
+                target()
+            self.data.append((time.perf_counter() - t0) / iterations)
+        if iterations > 1:
+            target()
+
+
+def test_cuda_events_time_the_device_work_and_leave_a_host_stall_out():
+    stall = 2 * SPIN_S
+    b = StallingBench(stall)
+    extra = timing.measure(b, spin(spin_cycles(SPIN_S)), device="cuda", rounds=3, warmup_rounds=1,
+                           min_round_s=1e-6, events=timing.cuda_event)
+    device = extra["device_samples"]
+    assert extra["iterations"] == 1 and len(device) == len(b.data) == 3
+    assert all(0.8 * SPIN_S < d < 1.5 * SPIN_S for d in device), device  # the spin, not the launch
+    assert all(w - d > 0.8 * stall for w, d in zip(b.data, device, strict=True)), (b.data, device)
+
+
 def test_peak_memory_counts_from_a_reset_before_the_rounds():
     big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB, freed before the case
     del big

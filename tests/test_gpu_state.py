@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from perf_tests.measure import gpu_state as G
+from perf_tests.records.gpu_disturbance import disturbance
 from perf_tests.report.verdict import sentence
 
 DATA = Path(__file__).parent / "data" / "nvml"
@@ -42,12 +43,12 @@ def test_a_clean_case_records_its_state_and_is_not_disturbed():
     assert s["wall_ms"] == pytest.approx(2000.0)
     assert s["reasons"] == ["gpu_idle", "sw_power_cap"]
     assert s["app_clocks_locked"] is False
-    assert G.disturbance(s) is None  # power capping is how a power-bound kernel always runs
+    assert disturbance(s) is None  # power capping is how a power-bound kernel always runs
 
 
 def test_a_thermally_throttled_case_is_disturbed_with_its_reason():
     s = case_state("throttled.json")
-    d = G.disturbance(s)
+    d = disturbance(s)
     assert d is not None and d.code == "gpu-throttled"
     assert d.throttled_ms == pytest.approx(1200.0)  # 6.2e9 - 5.0e9 ns
     assert d.reasons == ("sw_thermal_slowdown", "hw_thermal_slowdown", "thermal policy")
@@ -56,14 +57,14 @@ def test_a_thermally_throttled_case_is_disturbed_with_its_reason():
 
 def test_counter_noise_below_one_percent_without_a_reason_bit_is_not_a_disturbance():
     state = {"throttled_ms": {"thermal": 5.0}, "reasons": [], "wall_ms": 2000.0}
-    assert G.disturbance(state) is None
-    assert G.disturbance({**state, "throttled_ms": {"thermal": 40.0}}).throttled_ms == 40.0
-    assert G.disturbance({**state, "reasons": ["hw_slowdown"]}).reasons == ("hw_slowdown", "thermal policy")
+    assert disturbance(state) is None
+    assert disturbance({**state, "throttled_ms": {"thermal": 40.0}}).throttled_ms == 40.0
+    assert disturbance({**state, "reasons": ["hw_slowdown"]}).reasons == ("hw_slowdown", "thermal policy")
 
 
 def test_no_state_or_a_state_without_counters_is_never_a_disturbance():
-    assert G.disturbance(None) is None
-    assert G.disturbance({"unavailable": "nvidia-ml-py is not installed"}) is None
+    assert disturbance(None) is None
+    assert disturbance({"unavailable": "nvidia-ml-py is not installed"}) is None
 
 
 def test_locked_application_clocks_are_reported():

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from perf_tests.measure import machine
+from perf_tests.records import names
 
 REQUIRED_KEYS = {"device_name", "device_slug", "device_type", "gpu_count", "driver_version", "cuda_version",
                  "cudnn_version", "torch_version", "open_clip_version", "cpu_model", "git_commit", "env",
@@ -26,9 +27,9 @@ def test_slugify(name, slug):
 
 
 def test_env_label():
-    assert machine.env_label("1.12.1+cu102") == "torch1"
-    assert machine.env_label("2.14.1+cu130") == "torch2"
-    assert machine.env_label("2.0.0.dev20230111+cu117") == "torch20"
+    assert names.env_label("1.12.1+cu102") == "torch1"
+    assert names.env_label("2.14.1+cu130") == "torch2"
+    assert names.env_label("2.0.0.dev20230111+cu117") == "torch20"
 
 
 def test_cpu_machine_info_has_the_required_keys():

@@ -191,3 +191,27 @@ def test_without_nvml_a_gpu_case_says_why_its_state_is_missing(session, monkeypa
     bench.stats = SimpleNamespace(as_dict=lambda include_data: {})
     session.run(bench, case())
     assert bench.extra_info["gpu_state"] == {"unavailable": session._gpu_unavailable}
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cpu"])
+def test_on_cuda_the_model_parts_are_timed_by_cuda_events_too_and_txt2img_by_wall_time_only(device,
+                                                                                           monkeypatch):
+    from perf_tests.measure import timing
+
+    s = PerfSession(Options(device=device, grid=C.grid("full", "cpu"), canary=False), caps=CAPS)
+    built = SimpleNamespace(attention_used="sdpa", vae_attention_used=None, build_s=0.0, compile_setup_s=None,
+                            compiled_parts=None)
+    monkeypatch.setattr(suite, "make_workload", lambda cache, c: (lambda: None, built))
+    events = {}
+
+    def measure(benchmark, fn, **kw):
+        events[benchmark.extra_info["case"]["kind"]] = kw["events"]
+        return {}
+
+    monkeypatch.setattr(suite, "measure", measure)
+    for kind in C.KINDS:
+        s._run(FakeBenchmark(), case(kind=kind))
+    parts = ("unet-step", "vae-decode", "text-encode", "attention-self-4096", "attention-self-1024",
+             "attention-cross-77")
+    on_cuda = device.startswith("cuda")
+    assert events == {k: timing.cuda_event if on_cuda and k in parts else None for k in C.KINDS}

@@ -358,3 +358,84 @@ def test_cold_cache_compiles_into_a_fresh_folder_that_is_removed(events, inducto
     assert extra["compile_cache"] == "cold" and extra["fxgraph_cache_misses"] == 1
     assert first_dir.startswith(str(tmp_path / "cold-")) and not os.path.exists(first_dir)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "suite")  # restored after the compile
+
+
+class FakeCudaEvents:
+    """An event factory like ``timing.cuda_event`` on a device clock of its own: ``record()`` reads the
+    device's time, ``elapsed_time(end)`` answers in milliseconds, as torch.cuda.Event does."""
+
+    def __init__(self, log):
+        self.log, self.now = log, 0.0  # device seconds
+
+    def __call__(self):
+        device = self
+
+        class Event:
+            t = None
+
+            def record(self):
+                device.log.append("record")
+                self.t = device.now
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3
+
+        return Event()
+
+
+class WallBenchmark(FakeBenchmark):
+    """FakeBenchmark keeping per-call wall seconds per round (pytest-benchmark's stats.data) on the fake
+    clock. The host stalls ``stalls[r]`` seconds after round r's timer starts, before the first call: host
+    jitter that the wall clock sees and the device, idle meanwhile, does not."""
+
+    def __init__(self, events, clock, stalls):
+        super().__init__(events)
+        self.clock, self.stalls, self.data, self.round = clock, stalls, [], None
+
+    def pedantic(self, target, rounds=1, warmup_rounds=0, iterations=1):
+        self.rounds, self.iterations = rounds, iterations
+        for r in range(rounds):
+            self.events.append("start")
+            self.round, t0 = r, self.clock.now
+            self.clock.now += self.stalls[r]
+            for _ in range(iterations):
+                target()
+            self.data.append((self.clock.now - t0) / iterations)
+            self.events.append("stop")
+        self.round = None
+        if iterations > 1:
+            self.events.append("result call")
+            target()
+
+
+def test_device_time_is_the_events_elapsed_time_and_leaves_host_stalls_out(events, clock):
+    device = FakeCudaEvents(events)
+    b = WallBenchmark(events, clock, stalls=[0.004, 0.0, 0.012, 0.001])
+    timed_calls = []  # (round, device seconds) of each call inside a timed round
+
+    def fn():
+        d = 0.003 + 0.0005 * (len(events) % 7)  # device seconds of this call, varying
+        events.append("work")
+        device.now += d
+        clock.now += d  # synchronous on the host too: wall = device + the stalls
+        if b.round is not None:
+            timed_calls.append((b.round, d))
+        return torch.ones(1)
+
+    extra = timing.measure(b, fn, device="cpu", rounds=4, warmup_rounds=1, min_round_s=0.02, events=device)
+    n = extra["iterations"]
+    assert n > 1  # blocks of calls, and pedantic's untimed result call after them
+    expected = [sum(d for r, d in timed_calls if r == k) / n for k in range(4)]
+    assert extra["device_samples"] == pytest.approx(expected, rel=1e-12)
+    stalls = [w - d for w, d in zip(b.data, extra["device_samples"], strict=True)]
+    assert stalls == pytest.approx([s / n for s in b.stalls], abs=1e-12)
+    # a start event before each round's first call, an end event after its last and before its sync; the
+    # result call records none (each event was recorded once before the rounds: 2 x 4 of them)
+    block = ["start", "record", *["work"] * n, "record", "sync", "stop"]
+    assert timed_part(events) == block * 4 + ["result call", "work", "sync"]
+    assert events.count("record") == 2 * 4 + 2 * 4
+
+
+def test_without_events_no_device_time_is_recorded(events, clock):
+    extra = timing.measure(FakeBenchmark(events), workload(events, clock), device="cpu", rounds=2)
+    assert "device_samples" not in extra and "record" not in events

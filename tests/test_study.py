@@ -14,9 +14,9 @@ from scipy import stats as sps
 import noxenvs
 from perf_tests.__main__ import main
 from perf_tests.measure.cases import Case
-from perf_tests.measure.machine import env_label
 from perf_tests.records import baselines as B
 from perf_tests.records import results as R
+from perf_tests.records.names import env_label
 from perf_tests.report.study import STUDY_NAMES, build_study_layout
 
 VERSIONS = {"torch1": "1.12.1+cu102", "torch20": "2.0.1+cu117", "torch2": "2.14.1+cpu"}

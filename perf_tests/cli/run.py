@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                         "turns after every timed round; 'runs' runs A, then B")
     p.add_argument("--results", type=Path, help="output folder (default results/<UTC timestamp>)")
     p.add_argument("--label", help="file name prefix (default: the environment, torch1, torch20 or torch2, "
-                                   "from the installed torch: perf_tests.measure.machine.env_label)")
+                                   "from the installed torch: perf_tests.records.names.env_label)")
     p.add_argument("--baseline-dir", type=Path, default=Path("baselines"),
                    help="baseline store (default baselines)")
     p.add_argument("--gate", choices=("fail", "warn"), default="fail",

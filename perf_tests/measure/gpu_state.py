@@ -3,12 +3,12 @@ power, clock-event (throttle) reasons, the time NVML counted against each perfor
 application clocks are set away from their defaults.
 
 A GPU that slows itself down while a case runs (too hot, a hardware slowdown, a power brake) makes that
-case slower without any change of the code: the case is *disturbed*, like a run whose canary moved. Power
-capping is recorded but not a disturbance: a power-bound kernel runs at its power limit every time.
+case slower without any change of the code: the case is *disturbed*. The reader of a result judges a
+recorded state (:func:`perf_tests.records.gpu_disturbance.disturbance`).
 
-Nothing here imports torch: the reader of a result judges a recorded state (:func:`disturbance`). The
-NVML calls go through an object with ``pynvml``'s function names, so tests replay recorded answers
-(:class:`Replay`) and a GPU machine records them (``python -m perf_tests.measure.gpu_state --record FILE``).
+Nothing here imports torch. The NVML calls go through an object with ``pynvml``'s function names, so tests
+replay recorded answers (:class:`Replay`) and a GPU machine records them
+(``python -m perf_tests.measure.gpu_state --record FILE``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from perf_tests.records.gpu_disturbance import DISTURBING_POLICIES
 
 # Bits of nvmlClocksEventReasons (nvml.h, "nvmlClocksEventReason*"; "ThrottleReason" in older headers).
 REASON_BITS = {
@@ -37,49 +38,12 @@ REASON_BITS = {
 # nvmlPerfPolicyType_t (nvml.h): NVML counts, per policy, the nanoseconds the clocks were held below target.
 POLICIES = {"power": 0, "thermal": 1, "sync_boost": 2, "board_limit": 3, "low_utilization": 4,
             "reliability": 5}
-# What makes a case slower than its code: heat and hardware slowdowns. Power capping and idle are not.
-DISTURBING_REASONS = ("sw_thermal_slowdown", "hw_thermal_slowdown", "hw_slowdown", "hw_power_brake_slowdown")
-DISTURBING_POLICIES = ("thermal", "reliability")
-# Throttled for less than this share of a case's wall time is noise of the counters, not a slowdown.
-MIN_THROTTLED_SHARE = 0.01
 NVML_CLOCK_SM, NVML_CLOCK_MEM = 1, 2  # nvmlClockType_t
 NVML_TEMPERATURE_GPU = 0  # nvmlTemperatureSensors_t
 
 
 def reason_names(mask: int) -> list[str]:
     return [name for bit, name in REASON_BITS.items() if mask & bit]
-
-
-@dataclass(frozen=True)
-class Disturbance:
-    """A case the GPU slowed down: a code (for programs) and its numbers (for the sentence)."""
-
-    code: str  # "gpu-throttled"
-    reasons: tuple[str, ...]
-    throttled_ms: float
-    case_ms: float
-
-    def sentence(self) -> str:
-        what = "thermal throttling" if any("thermal" in r for r in self.reasons) else "GPU slowdown"
-        share = (f"{self.throttled_ms:.0f} of {self.case_ms:.0f} ms" if self.case_ms
-                 else f"{self.throttled_ms:.0f} ms")
-        return f"{what} ({', '.join(self.reasons)}; {share} held below target clocks)"
-
-
-def disturbance(state: Mapping[str, Any] | None) -> Disturbance | None:
-    """Whether a recorded case state (:meth:`Probe.case_state`) says the GPU slowed the case down."""
-    if not state or "throttled_ms" not in state:
-        return None
-    throttled = {p: ms for p, ms in state["throttled_ms"].items() if p in DISTURBING_POLICIES and ms > 0}
-    reasons = [r for r in state.get("reasons", []) if r in DISTURBING_REASONS]
-    total = sum(throttled.values())
-    case_ms = float(state.get("wall_ms") or 0.0)
-    if case_ms and total < MIN_THROTTLED_SHARE * case_ms and not reasons:
-        return None
-    if not throttled and not reasons:
-        return None
-    names = tuple(dict.fromkeys([*reasons, *(f"{p} policy" for p in throttled)]))
-    return Disturbance("gpu-throttled", names, total, case_ms)
 
 
 class Probe:

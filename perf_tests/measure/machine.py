@@ -16,6 +16,8 @@ import shutil
 import socket
 import subprocess
 
+from perf_tests.records.names import env_label
+
 
 def slugify(text: str) -> str:
     """'NVIDIA A100-SXM4-80GB' -> 'nvidia-a100-sxm4-80gb'; '(R)', '(TM)' and '@ 2.20GHz' dropped."""
@@ -65,21 +67,6 @@ def host_id(machine_id_file: str = "/etc/machine-id") -> str:
     except OSError:
         mid = host
     return hashlib.sha256(f"{mid}\n{host}".encode()).hexdigest()[:12]
-
-
-ENV_LABELS = ("torch1", "torch20", "torch2")  # in release order
-
-
-def env_label(torch_version: str) -> str:
-    """The environment a run came from, named as its nox session (noxenvs.PINS): 'torch1' (1.x), 'torch20'
-    (2.0.x, the release of the PyTorch 2 study) or 'torch2' (any later 2.x, the current release line)."""
-    match = re.match(r"(\d+)\.(\d+)", torch_version)
-    if match is None:
-        raise ValueError(f"not a torch version: {torch_version!r} (expected e.g. '2.0.1' or '2.14.1+cpu')")
-    major, minor = int(match.group(1)), int(match.group(2))
-    if major < 2:
-        return "torch1"
-    return "torch20" if (major, minor) == (2, 0) else "torch2"
 
 
 def _version(dist: str) -> str | None:

@@ -20,14 +20,17 @@ from perf_tests.measure import kernels as K
 from perf_tests.measure import turns
 from perf_tests.measure.canary import Canary
 from perf_tests.measure.gpu_state import Probe
-from perf_tests.measure.machine import env_label
-from perf_tests.measure.timing import MIN_ROUND_S, is_oom, measure, sync
+from perf_tests.measure.timing import MIN_ROUND_S, cuda_event, is_oom, measure, sync
 from perf_tests.measure.workloads import ModelCache, make_workload
+from perf_tests.records.names import env_label
 from sd.device import DeviceCapabilities, probe_device
 from sd.errors import AttentionUnavailable, CompileUnavailable
 from sd.precision import precision_dtype
 
 FAILURE_KINDS = ("wrong-output", "non-finite", "error", "oom")
+# Kinds whose rounds are timed on the device too (CUDA events), beside wall time: the model's parts. A
+# txt2img call's host work (tokenizing, the sampler's Python loop) is part of what a user waits for.
+DEVICE_TIMED_KINDS = tuple(k for k in C.KINDS if k != "txt2img")
 INDUCTOR_CACHE_DIR = os.path.join("~", ".cache", "sd-perf", "inductor")
 # Command-line options that choose grid axes: giving any of them makes the grid "custom".
 AXIS_OPTIONS = ("perf_profile", "perf_attention", "perf_compile", "perf_batch_size", "perf_precision",
@@ -362,6 +365,7 @@ class PerfSession:
             check=lambda out: self.check(case, out), delay_s=self.options.delay_s,
             after_round=turns.pass_turn if turns.active() else None,
             kernels=lambda f: self.attention_kernels(case, built, f),
+            events=cuda_event if self.device.startswith("cuda") and case.kind in DEVICE_TIMED_KINDS else None,
         ))
         if turns.active():
             # its rounds alternated with the A/B partner's (perf_tests.measure.turns)

@@ -9,6 +9,11 @@ What a round times is ``n x (work(); delay())`` followed by one device synchroni
 CUDA work is inside the measured interval. One synchronisation per block is enough: the block starts on an
 idle device (the previous block ended with a synchronisation) and ends when the device has finished every
 call of it; synchronising after each call would add a host round trip per call to what is measured.
+With ``events`` (CUDA events for the component cases, :func:`cuda_event`), a round also records a start
+event before its first call and an end event after its last, and ``extra["device_samples"]`` holds each
+round's device time per call (``start.elapsed_time(end) / n``), parallel to pytest-benchmark's wall
+samples: the host's time to start the round, to return from the synchronisation and the timer's own ticks
+stay out of it (docs/gpus.md, "Device time and wall time").
 
 Model build, weight fill and compilation happen before the rounds. The first call (which compiles, for a
 compiled model) is timed on its own, its output is checked against the reference, and the compile
@@ -306,6 +311,11 @@ def _cuda_cycles_per_second(device) -> float:
 # The measurement
 
 
+def cuda_event():
+    """A CUDA event that records its time on the current stream (for :func:`measure`'s ``events``)."""
+    return torch.cuda.Event(enable_timing=True)
+
+
 def _timed_call(fn: Callable[[], object], device) -> tuple[object, float]:
     t0 = time.perf_counter()
     out = fn()
@@ -339,6 +349,7 @@ def measure(
     delay_s: float = 0.0,
     after_round: Callable[[], None] | None = None,
     kernels: Callable[[Callable[[], object]], dict] | None = None,
+    events: Callable[[], object] | None = None,
 ) -> dict:
     """Time ``fn`` with ``benchmark.pedantic``; returns what goes into ``benchmark.extra_info``.
 
@@ -353,7 +364,9 @@ def measure(
     ``iterations`` calls each with the garbage collector off. ``delay_s`` adds a known delay
     (device-side on CUDA) to every call: the timing-honesty check, whose medians must move by about that
     much. ``after_round`` runs after every timed round, untimed (pytest-benchmark's ``teardown``): the
-    A/B hand-over of :mod:`perf_tests.measure.turns`.
+    A/B hand-over of :mod:`perf_tests.measure.turns`. ``events`` makes an event with
+    ``torch.cuda.Event``'s ``record()`` and ``elapsed_time(end)`` (milliseconds); when given, every
+    timed round is also timed between two of them and ``device_samples`` holds per-call seconds per round.
     """
     device_type = torch.device(device).type
     is_cuda = device_type == "cuda"
@@ -409,13 +422,26 @@ def measure(
     iterations = block_size(last_call_s + delay_s, min_round_s, time_block)
     extra.update(iterations=iterations, min_round_s=min_round_s)
     calls = 0
+    # One (start, end) pair per round, each recorded once here: the first record of a CUDA event creates
+    # it, which is host work that does not belong in a round.
+    pairs = [(events(), events()) for _ in range(rounds)] if events is not None else []
+    for start, end in pairs:
+        start.record()
+        end.record()
+    if pairs:
+        sync(device)
 
     def timed():
         nonlocal calls
+        block = calls // iterations  # pedantic's extra result call runs past the last round's pair
+        if calls % iterations == 0 and block < len(pairs):
+            pairs[block][0].record()
         fn()
         delay()
         calls += 1
         if calls % iterations == 0:
+            if block < len(pairs):
+                pairs[block][1].record()
             sync(device)  # once per block, inside the timed region
 
     if is_cuda:
@@ -430,6 +456,8 @@ def measure(
         if gc_was_enabled:
             gc.enable()
     sync(device)  # pedantic makes one more untimed call after blocked rounds, for its return value
+    if pairs:
+        extra["device_samples"] = [start.elapsed_time(end) / 1e3 / iterations for start, end in pairs]
 
     if is_cuda:
         extra["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)

@@ -14,7 +14,9 @@ environment fingerprint, each case's ``definition_hash`` and a schema version. L
      ...,
                       "runs": [{"run": index into runs, "samples": [seconds, ...], "iterations"*: calls per
                                 round, "compile_cache"*: "warm"|"cold"|null, "correct"*: true|false|null,
-                                "attention_kernels"*: {part: [kernel, ...]}, "compile_time_s": ...,
+                                "attention_kernels"*: {part: [kernel, ...]}, "device_samples"*: [seconds
+                                per call on the device's clock, per round; CUDA component cases only],
+                                "compile_time_s": ...,
                                 "peak_memory_bytes": ..., "peak_reserved_bytes": ..., "graph_breaks": ...,
                                 "recompiles": ...}]}}}
 
@@ -177,6 +179,8 @@ def baseline_doc(baseline: Baseline) -> dict:
                 "gpu_state": r.extra.get("gpu_state"),  # perf_tests.measure.gpu_state; None off CUDA
                 **{k: r.extra.get(k) for k in PER_RUN_FIELDS},
                 "compile_time_s": r.compile_time_s, "peak_memory_bytes": r.peak_memory_bytes,
+                # the rounds on the device's clock (perf_tests.measure.timing); only where recorded
+                **({"device_samples": list(r.device_samples)} if r.device_samples is not None else {}),
             })
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device_slug": baseline.device_slug,

@@ -119,3 +119,17 @@ def parse_name(name: str) -> Case:
                 i["precision"],
                 memory_format=i["memory_format"][1:] if i["memory_format"] else MEMORY_FORMATS[0],
                 projections=i["projections"][1:] if i["projections"] else PROJECTIONS[0])
+
+ENV_LABELS = ("torch1", "torch20", "torch2")  # in release order
+
+
+def env_label(torch_version: str) -> str:
+    """The environment a run came from, named as its nox session (noxenvs.PINS): 'torch1' (1.x), 'torch20'
+    (2.0.x, the release of the PyTorch 2 study) or 'torch2' (any later 2.x, the current release line)."""
+    match = re.match(r"(\d+)\.(\d+)", torch_version)
+    if match is None:
+        raise ValueError(f"not a torch version: {torch_version!r} (expected e.g. '2.0.1' or '2.14.1+cpu')")
+    major, minor = int(match.group(1)), int(match.group(2))
+    if major < 2:
+        return "torch1"
+    return "torch20" if (major, minor) == (2, 0) else "torch2"

@@ -10,8 +10,10 @@ the field and the fix, which the CLI prints as ``error: ...`` with exit code 2.
 Formats read:
 
 - a run: pytest-benchmark JSON written by ``pytest perf_tests --benchmark-json X.json``; ``stats.data``
-  holds per-call seconds per round, ``extra_info`` the case and its metrics, the top-level ``perf_tests``
-  section the selection, skips, failures and the canary (absent in harness version 1 files);
+  holds per-call seconds per round, ``extra_info`` the case and its metrics (on CUDA a component case's
+  ``device_samples``: the same rounds timed by CUDA events, absent elsewhere and in older files), the
+  top-level ``perf_tests`` section the selection, skips, failures and the canary (absent in harness
+  version 1 files);
 - a journal: ``X.journal.jsonl``, written line by line while the suite runs, so a killed run still leaves
   every finished case (``Run.complete`` is False without its ``end`` line);
 - a baseline: ``schema_version`` 1 or 2 (see ``baselines.py`` for the layout); its runs come back as
@@ -31,10 +33,9 @@ from pathlib import Path
 
 from perf_tests.analysis.stats import DEFAULT_ENV_FIELDS, CaseSamples, Side, environment_mismatch
 from perf_tests.errors import InputError
-from perf_tests.measure.gpu_state import disturbance
-from perf_tests.measure.machine import env_label
+from perf_tests.records.gpu_disturbance import disturbance
 from perf_tests.records.journal import JOURNAL_SUFFIX, journal_path
-from perf_tests.records.names import parse_name
+from perf_tests.records.names import env_label, parse_name
 
 SCHEMA = "sd-perf-baseline"
 SCHEMA_VERSION = 2  # written; versions 1 and 2 are read
@@ -87,6 +88,8 @@ class CaseResult:
     compile_cache: str | None  # "warm" | "cold" | None (eager, or not recorded)
     peak_memory_bytes: float | None
     extra: dict  # the raw extra_info (or, from a baseline, the stored per-run fields)
+    # per-call seconds per round on the device's clock (CUDA events), parallel to samples; None: not timed so
+    device_samples: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,12 @@ def _case_result(path, name: str, samples: tuple[float, ...], extra: dict, at: s
         raise _fail(path, f"{at}compile_cache", f"{cache!r} is not one of {COMPILE_CACHE_STATES}", fix)
     for key in PER_RUN_FIELDS:
         _number(path, f"{at}{key}", extra.get(key), fix)
+    device = extra.get("device_samples")
+    if device is not None:
+        device = _samples(path, f"{at}device_samples", device, fix, missing_fix=fix)
+        if len(device) != len(samples):
+            raise _fail(path, f"{at}device_samples", f"{len(device)} rounds against {len(samples)} "
+                        "wall-clock rounds; each round is timed on both clocks", fix)
     return CaseResult(
         name=name,
         case=dict(_dict(path, f"{at}case", extra.get("case"), fix)) or _case_from_name(name),
@@ -349,6 +358,7 @@ def _case_result(path, name: str, samples: tuple[float, ...], extra: dict, at: s
         compile_cache=cache,
         peak_memory_bytes=_number(path, f"{at}peak_memory_bytes", extra.get("peak_memory_bytes"), fix),
         extra=extra,
+        device_samples=device,
     )
 
 
@@ -545,7 +555,7 @@ def baseline_from_doc(doc: Mapping, path: str | os.PathLike = "<memory>") -> Bas
                 {**{k: case.get(k) for k in ("case", "definition_hash", "attention_used",
                                              "vae_attention_used")},
                  **{k: entry.get(k) for k in (*PER_RUN_FIELDS, "iterations", "compile_cache", "correct",
-                                              "attention_kernels", "gpu_state")}},
+                                              "attention_kernels", "gpu_state", "device_samples")}},
                 f"{where} (runs[{i}]): ", fix)
     runs = []
     for i, (entry, cases) in enumerate(zip(run_docs, per_run, strict=True)):
@@ -606,7 +616,8 @@ def _merge_cases(runs: Sequence[Run]) -> dict[str, CaseSamples]:
             if cs is None:
                 cs = cases[name] = CaseSamples(name, [], definition_hash=r.definition_hash,
                                                attention_used=r.attention_used, case=dict(r.case),
-                                               run_machines=[], compile_cache=[], correct=r.correct)
+                                               run_machines=[], compile_cache=[], correct=r.correct,
+                                               device_runs=[])
             elif cs.definition_hash != r.definition_hash:
                 raise InputError(
                     f"{run.source}: case {name!r} has definition_hash {r.definition_hash} but an earlier run "
@@ -614,6 +625,9 @@ def _merge_cases(runs: Sequence[Run]) -> dict[str, CaseSamples]:
                     f"separately, or rerun one side with the same perf_tests."
                 )
             cs.runs.append(list(r.samples))
+            # device time is judged only where every run of the side has it (stats.on_one_clock)
+            has_device = r.device_samples is not None and cs.device_runs is not None
+            cs.device_runs = [*cs.device_runs, list(r.device_samples)] if has_device else None
             cs.run_machines.append(run.machine_id)
             kernels = r.extra.get("attention_kernels")
             if isinstance(kernels, dict) and kernels.get("unet"):

@@ -78,6 +78,10 @@ def render(gpu: str, doc: Mapping[str, Any], *, run_url: str | None = None,
             f"{_counts(doc) or 'no case judged'}. Median MDE {_mde(doc.get('mde_median'))} "
             f"(the smallest slowdown of one case this run would catch 80% of the time).", ""]
     out += [_suite_line(doc), ""]
+    device = sum(_time(c).get("clock") == "device" for c in doc.get("cases", []))
+    if device:
+        out += [f"Time judged on the GPU's own clock (CUDA events) for {device} case(s), on the wall clock "
+                "for the rest.", ""]
     if flagged:
         out += ["| case | verdict | change [interval] | MDE | why |", "|:--|:--|--:|--:|:--|", *flagged, ""]
     diffs = doc.get("explain") or []

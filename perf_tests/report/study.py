@@ -25,10 +25,10 @@ from pathlib import Path
 
 from perf_tests.analysis.stats import Policy, run_interval
 from perf_tests.errors import InputError
-from perf_tests.measure.machine import ENV_LABELS
 from perf_tests.records.names import (
     ATTENTION_BACKENDS,
     COMPILE_MODES,
+    ENV_LABELS,
     KINDS,
     MEMORY_FORMATS,
     PRECISIONS,

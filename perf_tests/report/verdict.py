@@ -31,6 +31,7 @@ from perf_tests.analysis.stats import (
     MetricResult,
     Reason,
     Side,
+    on_one_clock,
 )
 from perf_tests.report.tabular import format_seconds, markdown_table, text_table
 
@@ -210,10 +211,26 @@ def context_lines(cmp: Comparison) -> list[str]:
         lines.append(canary_line(cmp))
     if cmp.suite is not None:
         lines.append(suite_line(cmp))
+    if clock_line(cmp):
+        lines.append(clock_line(cmp))
     if cmp.paired and cmp.pairing_narrowing is not None:
         lines.append(f"pairing narrowed the intervals by {cmp.pairing_narrowing:.0%} (median over cases) "
                      "against the unpaired analysis of the same runs")
     return lines
+
+
+def clock_line(cmp: Comparison) -> str | None:
+    """Which clock each case's time was judged on, when any was judged on the device's (CUDA events)."""
+    clocks = {c.name: c.metrics["time"].clock for c in cmp.cases if "time" in c.metrics}
+    device = [n for n, k in clocks.items() if k == "device"]
+    if not device:
+        return None
+    wall = [n for n, k in clocks.items() if k != "device"]
+    text = f"time judged on the device's clock (CUDA events) for {len(device)} case(s)"
+    if wall:
+        shown = ", ".join(wall[:3]) + (f" and {len(wall) - 3} more" if len(wall) > 3 else "")
+        text += f"; on the wall clock for {len(wall)} (end-to-end, or a side without device time): {shown}"
+    return text
 
 
 def suite_line(cmp: Comparison) -> str:
@@ -389,9 +406,12 @@ def plot_flagged(
     cmp: Comparison, baseline: Side, candidate: Side, plot_dir: str | Path,
     verdicts: tuple[str, ...] = (REGRESSION, IMPROVEMENT, INCONCLUSIVE),
 ) -> list[Path]:
-    """One PNG per flagged case: per-run strips of baseline and candidate timings with their medians."""
+    """One PNG per flagged case: per-run strips of baseline and candidate timings with their medians, on the
+    clock the case was judged on."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    baseline, candidate = on_one_clock(baseline, candidate)
 
     out_dir = Path(plot_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -412,8 +432,9 @@ def plot_flagged(
                 ax.plot([med, med], [y - 0.35, y + 0.35], color=f"C{r % 10}", lw=2)
             labels.append(f"{label}\n({len(cs.runs)} run(s), {cs.samples.size} rounds)")
         ax.set_yticks([0, 1], labels)
-        ax.set_xlabel("time per call (ms); colour = run, bar = the run's median")
         t = c.metrics.get("time")
+        clock = " on the device's clock" if t is not None and t.clock == "device" else ""
+        ax.set_xlabel(f"time per call (ms){clock}; colour = run, bar = the run's median")
         mde = "" if t is None or t.mde is None else f", MDE {t.mde:.1%}"
         ax.set_title(f"{c.name}\n{_MARK[c.verdict]}: {_change(t)}{mde}", fontsize=9)
         fig.tight_layout()

@@ -39,8 +39,8 @@ from pathlib import Path
 from perf_tests.analysis.stats import FAILED, MISSING, REGRESSION
 from perf_tests.errors import EXIT_FAIL, EXIT_OK, InputError
 from perf_tests.measure import turns
-from perf_tests.measure.machine import env_label
 from perf_tests.records.baselines import locate_baselines, update_baselines
+from perf_tests.records.names import env_label
 from perf_tests.records.results import profiles_of, read_baseline, read_run
 from perf_tests.report.job_summary import append_step_summary
 from perf_tests.tools import store_baseline
