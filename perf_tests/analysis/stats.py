@@ -10,6 +10,7 @@ the MDE and the operating characteristics measured by ``tests/gate_world.py``. `
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import fnmatch
 import functools
@@ -309,9 +310,7 @@ def robust_cv(x: np.ndarray) -> float:
     """Dispersion that outliers do not dominate: 1.4826 * MAD / median (equals the CV for a normal)."""
     x = np.asarray(x, dtype=float)
     med = float(np.median(x))
-    if med <= 0:
-        return math.inf
-    return float(1.4826 * np.median(np.abs(x - med)) / med)
+    return float(1.4826 * np.median(np.abs(x - med)) / med) if med > 0 else math.inf
 
 
 def _t(q: float, df: float) -> float:
@@ -558,11 +557,9 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
             level = means.mean(axis=1)
             if kb.size == len(b_runs) and canary_ok:
                 level = level - beta * np.array([kb[r].mean() for r in rows])
-            k_m = len(levels) - 1
-            est_u = (max(float(np.var(level, ddof=1)) - var_g * inv_n, 0.0), float(k_m))
-            resid = means - means.mean(axis=1, keepdims=True)
-            resid -= resid.mean(axis=0)
-            df_m = float(k_m * (m - 1))
+            est_u = (max(float(np.var(level, ddof=1)) - var_g * inv_n, 0.0), float(len(levels) - 1))
+            resid = means - means.mean(axis=1, keepdims=True) - means.mean(axis=0) + means.mean()
+            df_m = float((len(levels) - 1) * (m - 1))
             est_e = (max(float(np.sum(resid**2)) / df_m - mean_e * inv_n, 0.0), df_m)
         prior_df = float(policy.machine_prior_df)
         # the policy's sds are of the difference between two machines: half their square per machine
@@ -571,9 +568,7 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
         model.machines = (len(levels), math.sqrt(mach_u), math.sqrt(mach_e), est_u[1] > 0)
     suite_parts = []
     for n in names:
-        n_b, n_c = (yb[n].size, yc[n].size)
-        if model.paired and n in full:
-            n_b = n_c = yb[n].size
+        n_b, n_c = (yb[n].size,) * 2 if model.paired and n in full else (yb[n].size, yc[n].size)
         k = _k(n_b, n_c, model.paired and n in full)
         d = float(yc[n].mean() - yb[n].mean()) - beta * shift
         if split and n in full:
@@ -586,8 +581,7 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
             u_parts, e_parts = [], [(pooled[kinds[n]][0] * k, pooled[kinds[n]][1])]
             runs_df = pooled[kinds[n]][1]
         elif prior is not None:
-            u_parts, e_parts = [], [(prior[0] ** 2 * k, float(policy.prior_df))]
-            runs_df = 0.0
+            u_parts, e_parts, runs_df = [], [(prior[0] ** 2 * k, float(policy.prior_df))], 0.0
             env = candidate.environment
             model.reasons[n] = why("noise-prior", sd=prior[0], device_type=env.get("device_type"),
                                    env=env.get("env"))
@@ -604,11 +598,10 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
             c.own_var, c.own_df = c.var_e, _satterthwaite(e_parts)
             suite_parts.append(c)
     if suite_parts:
-        mm = len(suite_parts)
-        se2_e = sum(c.var_e for c in suite_parts) / mm**2
-        var = suite_parts[0].var_u + se2_e
+        se2_e = sum(c.var_e for c in suite_parts) / len(suite_parts) ** 2
         df = _satterthwaite([(suite_parts[0].var_u, df_u), (se2_e, min(c.df for c in suite_parts))])
-        model.suite = (float(np.mean([c.d for c in suite_parts])), math.sqrt(var), df)
+        model.suite = (float(np.mean([c.d for c in suite_parts])), math.sqrt(suite_parts[0].var_u + se2_e),
+                       df)
     return model
 
 
@@ -694,8 +687,7 @@ def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict
     if policy.correction == "holm" and cs:
         fam = _Family(d, np.array([c.se for c in cs]), np.array([c.own_var for c in cs]),
                       min(math.sqrt(c.var_u) / c.se for c in cs), float(df.min()), min(c.own_df for c in cs))
-        (reg, need), (imp, _) = closed_test(fam, policy.alpha), closed_test(dataclasses.replace(fam, d=-d),
-                                                                         policy.alpha)
+        (reg, need), (imp, _) = (closed_test(f, policy.alpha) for f in (fam, dataclasses.replace(fam, d=-d)))
         # the t a case needs, as its own one-sided alpha on its df
         alpha_one = {n: float(special.ndtr(-x / c.se) if math.isinf(c.df) else special.stdtr(c.df, -x / c.se))
                      for n, c, x in zip(tested, cs, need, strict=True)}
@@ -728,13 +720,8 @@ def _runs_needed(c: _Case, paired: bool, alpha: float, min_effect: float, policy
         return m_e <= policy.target_mde and _t(0.5 + policy.confidence_level / 2, df) * se <= math.log1p(
             min_effect) / 2
 
-    lo, hi = 1, 100
-    if not enough(hi):
-        return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
-    return hi
+    n = bisect.bisect_left(range(1, 101), True, key=enough) + 1  # enough() only turns true as n grows
+    return n if n <= 100 else None
 
 
 def _time_result(
@@ -845,10 +832,9 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
         med = float(np.median(r))
         trouble = None
         if by_pair:
-            partner = b_runs[i]
             shift = math.log(med) - b_meds[i]
             limit = max(math.log1p(policy.canary_min_shift),
-                        policy.canary_z * math.hypot(_median_se(r), _median_se(partner)))
+                        policy.canary_z * math.hypot(_median_se(r), _median_se(b_runs[i])))
             if max(cv, b_cvs[i]) > cv_limit:
                 trouble = why("canary-spread", cv=max(cv, b_cvs[i]), limit=cv_limit, run=i + 1,
                               pair=True)
@@ -863,12 +849,9 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
         if trouble is None and len(device) == len(c_runs):
             trouble = device[i]
         runs.append(CanaryRun("candidate", i, med, cv, trouble))
-        if trouble:
-            disturbed.append(trouble)
-    ratio = None
-    if b_meds.size:
-        ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"]))
-                               - b_meds.mean()))
+        disturbed += [trouble] if trouble else []
+    ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"]))
+                           - b_meds.mean())) if b_meds.size else None
     env_shift = (f"plain kernels moved {ratio - 1:+.1%} with the environment change" if env_changed and ratio
                  else None)
     return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift,
@@ -1099,15 +1082,11 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
                                         adj_imp.get(name), alpha_one.get(name, policy.alpha), policy,
                                         blockers, case_reasons[name], disturbed)}
         metrics["time"] = dataclasses.replace(metrics["time"], clock=c.clock)
-        compile_res = _compile_result(b, c, policy, list(blockers))
-        if compile_res is not None:
-            metrics["compile_time"] = compile_res
-        if judge_memory:
-            mem = _few_values_result("peak_memory", b.peak_memory_bytes, c.peak_memory_bytes,
-                                     policy.memory_threshold, float(policy.memory_floor_bytes),
-                                     list(blockers))
-            if mem is not None:
-                metrics["peak_memory"] = mem
+        once = {"compile_time": _compile_result(b, c, policy, list(blockers)),
+                "peak_memory": _few_values_result("peak_memory", b.peak_memory_bytes, c.peak_memory_bytes,
+                                                  policy.memory_threshold, float(policy.memory_floor_bytes),
+                                                  list(blockers)) if judge_memory else None}
+        metrics.update({k: v for k, v in once.items() if v is not None})
         if c.correct is False:
             verdicts[name] = CaseVerdict(name, FAILED, metrics, (why("wrong-output"),), labels)
         else:
