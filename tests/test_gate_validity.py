@@ -33,15 +33,13 @@ def test_family_wise_false_alarm_stays_within_alpha(name):
 
 def test_one_case_ten_percent_slower_is_caught_at_five_v_three():
     r = G.run_world(G.SCENARIOS["default 5v3"], 300, seed=12, probe=0.10)
-    assert r["hit"] >= 0.85 and r["no_change"] == 0
+    assert r["hit"] >= 0.90 and r["no_change"] == 0
 
 
 @pytest.mark.slow
 @full_only
-@pytest.mark.parametrize("name,probe,power", [
-    pytest.param("noisy 5v3", 0.20, 0.80, marks=pytest.mark.xfail(
-        strict=True, reason="measured 0.72 (docs/statistics.md): the session variance's df limit one case")),
-    ("every case +10% 5v4, 6% canary", 0.10, 0.80)])
+@pytest.mark.parametrize("name,probe,power", [("noisy 5v3", 0.20, 0.80),
+                                              ("every case +10% 5v4, 6% canary", 0.10, 0.80)])
 def test_power_targets(name, probe, power):
     r = G.run_world(G.SCENARIOS[name], 400, seed=13, probe=probe)
     assert r["hit"] >= power - 0.03
@@ -49,7 +47,8 @@ def test_power_targets(name, probe, power):
 
 @pytest.mark.slow
 @full_only
-@pytest.mark.parametrize("name", ["default 5v3", "noisy 5v3", "8v8 noisy"])
+@pytest.mark.parametrize("name", ["default 5v3", "noisy 5v3", "8v8 noisy", "paired A/B 4v4, drift",
+                                  "heavy-tailed sessions, unequal cases", "7 of 12 +10%"])
 def test_power_at_the_reported_mde_is_the_promised_power(name):
     w = G.SCENARIOS[name]
     mde = float(np.median(G.run_world(w, 200, seed=14)["mdes"]))

@@ -11,6 +11,7 @@ import pytest
 
 from perf_tests.measure import gpu_state as G
 from perf_tests.records.gpu_disturbance import disturbance
+from perf_tests.report.verdict import sentence
 
 DATA = Path(__file__).parent / "data" / "nvml"
 
@@ -167,7 +168,7 @@ def _judge(tmp_path, candidate_state: str, *, through_baseline: bool):
 def test_a_throttled_run_is_disturbed_and_a_clean_one_is_judged(tmp_path, through_baseline):
     hot, base_disturbed = _judge(tmp_path, "throttled.json", through_baseline=through_baseline)
     assert base_disturbed == [None, None, None]
-    (reason,) = hot.canary.disturbed
+    (reason,) = map(sentence, hot.canary.disturbed)
     assert reason.startswith("machine disturbed: thermal throttling "
                              "(sw_thermal_slowdown, hw_thermal_slowdown")
     assert hot.canary.disturbed_runs == (1,) and hot.canary.left_out == (1,)  # the run is left out
@@ -189,5 +190,5 @@ def test_a_throttled_member_disturbs_its_pair_in_ab(tmp_path):
     b = [write_run(tmp_path / f"b{s}.json", s, extra={CASES[0]: {"gpu_state": hot if s == 13 else clean}})
          for s in (11, 12, 13)]
     cmp = stats.compare(R.load_side(b, "B")[0], R.load_side(a, "A")[0], paired=True)
-    (reason,) = cmp.canary.disturbed
+    (reason,) = map(sentence, cmp.canary.disturbed)
     assert "thermal throttling" in reason and reason.endswith("(the other side of pair 3)")

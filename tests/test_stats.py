@@ -8,6 +8,7 @@ tests/test_gate_validity.py (tests/gate_world.py).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -64,13 +65,12 @@ def time_of(cmp, name=None):
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-def test_holm_and_bh_adjustments_match_hand_computation():
+def test_bh_adjustment_matches_hand_computation():
     p = [0.01, 0.04, 0.03, 0.005]
-    np.testing.assert_allclose(S.adjust_pvalues(p, "holm"), [0.03, 0.06, 0.06, 0.02])
     np.testing.assert_allclose(S.adjust_pvalues(p, "bh"), [0.02, 0.04, 0.04, 0.02])
     if hasattr(sps, "false_discovery_control"):
         np.testing.assert_allclose(S.adjust_pvalues(p, "bh"), sps.false_discovery_control(p))
-    assert S.adjust_pvalues([], "holm").size == 0
+    assert S.adjust_pvalues([], "bh").size == 0 and list(S.adjust_pvalues(p, "none")) == p
 
 
 def test_robust_cv_ignores_a_few_outliers():
@@ -79,12 +79,14 @@ def test_robust_cv_ignores_a_few_outliers():
 
 
 def test_mde_formula_matches_a_simulated_power_of_80_percent():
-    se, df, alpha = 0.025, 30, 0.05 / 12
-    m = S.mde(se, df, alpha, 0.05, 0.8)
+    # the change drawn around the MDE, its se estimated on df: flagged when above t_crit * se and the band
     rng = np.random.default_rng(0)
-    d = math.log1p(m) + se * rng.standard_t(df, 200_000) * 1.0
-    crit = max(sps.t.ppf(1 - alpha, df) * se, math.log1p(0.05))
-    assert np.mean(d > crit) == pytest.approx(0.8, abs=0.01)
+    for se, df, alpha in ((0.025, 30, 0.05 / 12), (0.025, 8, 0.05), (0.05, 8, 0.05)):
+        m = S.mde(se, df, alpha, 0.05, 0.8)
+        d = math.log1p(m) + se * rng.standard_normal(200_000)
+        se_hat = se * np.sqrt(rng.chisquare(df, 200_000) / df)
+        crit = np.maximum(sps.t.ppf(1 - alpha, df) * se_hat, math.log1p(0.05))
+        assert np.mean(d > crit) == pytest.approx(0.8, abs=0.03)
 
 
 # --- run-level noise: verdicts on a few draws ------------------------------------------------------------
@@ -313,7 +315,9 @@ def test_on_an_unseen_machine_a_run_is_disturbed_against_the_candidate_runs_medi
     cand = _with_canary(make_side(rng, 4, machine="m2"), rng, [0.65, 0.66, 0.64, 0.95])  # run 4 busy
     cmp = S.compare(base, cand)
     assert cmp.canary.disturbed_runs == (3,)
-    assert "against the candidate runs' median" in cmp.canary.disturbed[0]
+    (reason,) = cmp.canary.disturbed
+    assert reason.code == "canary-shift" and reason["against"] == "candidate-median" and reason["run"] == 4
+    assert "against the candidate runs' median" in R.sentence(reason)
     assert cmp.canary.left_out == (3,)
 
 
@@ -322,8 +326,19 @@ def test_many_disturbed_runs_are_summed_up_in_one_reason():
     base = _with_canary(make_side(rng, 5), rng, [1.0] * 5)
     cand = _with_canary(make_side(rng, 6), rng, [1.5] * 6)  # the same machine, 50% slower in every run
     m = time_of(S.compare(base, cand))
-    why = [r for r in said(m) if "machine disturbed" in r]
-    assert len(why) == 1 and "and 5 more of the 6 candidate runs" in why[0]
+    (reason,) = [r for r in m.reasons if r.code == "disturbed"]
+    assert reason["runs"] == (1, 2, 3, 4, 5, 6) and reason["total"] == 6
+    assert "machine disturbed in candidate runs 1, 2, 3, 4, 5, 6 of 6" in R.sentence(reason)
+    cmp = S.compare(base, cand)
+    line = R.canary_line(cmp)
+    assert "machine disturbed: canary +" in line and "and 5 more of the 6 candidate runs" in line
+    # the JSON carries each disturbance as its code, numbers and sentence
+    canary = json.loads(R.render_json(cmp))["canary"]
+    first = canary["disturbed"][0]
+    assert first["code"] == "canary-shift" and first["values"]["run"] == 1 and first["values"]["shift"] > 0.4
+    assert first["sentence"] == R.sentence(cmp.canary.disturbed[0])
+    assert canary["runs"][5]["disturbed"]["sentence"] == first["sentence"]  # the first candidate run
+    assert canary["runs"][0]["disturbed"] is None  # a baseline run
 
 
 # --- paired A/B -----------------------------------------------------------------------------------------
@@ -346,15 +361,17 @@ def test_pairing_narrows_the_interval_under_drift_shared_by_pair_members():
     assert hits >= 25
 
 
-def test_paired_needs_alternated_runs_of_equal_number():
+def test_paired_needs_adjacent_pairs_of_equal_number():
     rng = np.random.default_rng(17)
     with pytest.raises(ValueError, match="as many runs"):
         S.compare(make_side(rng, 3), make_side(rng, 2), paired=True)
     base, cand = make_side(rng, 2), make_side(rng, 2)
-    base.run_order, cand.run_order = [0, 2], [1, 3]  # B, A, B, A: alternated
+    base.run_order, cand.run_order = [0, 2], [1, 3]  # B, A, B, A
+    assert S.compare(base, cand, paired=True).paired
+    base.run_order, cand.run_order = [0, 3], [1, 2]  # B, A, A, B: the first turn alternates
     assert S.compare(base, cand, paired=True).paired
     base.run_order, cand.run_order = [0, 1], [2, 3]  # all B first, then all A: nothing to pair
-    with pytest.raises(ValueError, match="alternated"):
+    with pytest.raises(ValueError, match="adjacent"):
         S.compare(base, cand, paired=True)
 
 
@@ -374,7 +391,8 @@ def test_disturbed_canary_makes_regressions_and_no_change_inconclusive():
     assert not cmp.has_regression and cmp.canary.disturbed
     assert cmp.canary.ratio == pytest.approx(1.31, rel=0.05)
     m = time_of(cmp)
-    assert m.verdict == S.INCONCLUSIVE and any("machine disturbed: canary +" in r for r in said(m))
+    assert m.verdict == S.INCONCLUSIVE and any("machine disturbed in candidate runs" in r for r in said(m))
+    assert cmp.canary.disturbed[0].code == "canary-shift" and cmp.canary.disturbed[0]["shift"] > 0.2
     # nor is a case that got faster on a machine that got faster an improvement of the code
     fast = _with_canary(make_side(rng, 3, factor=0.7, slow=range(N_CASES)), rng, [0.7, 0.68, 0.72])
     first = fast.cases[case_name(0)]
@@ -456,7 +474,9 @@ def test_canary_spread_within_a_run_marks_it_disturbed():
     cand = _with_canary(make_side(rng, 3), rng, [1.0, 1.0, 1.0])
     cand.canary[1] = list(np.asarray(cand.canary[1]) * rng.uniform(1, 1.6, 30))
     cmp = S.compare(base, cand)
-    assert len(cmp.canary.disturbed) == 1 and "spread" in cmp.canary.disturbed[0]
+    (reason,) = cmp.canary.disturbed
+    assert reason.code == "canary-spread" and reason["cv"] > reason["limit"] and reason["run"] == 2
+    assert "spread" in R.sentence(reason)
     assert cmp.canary.left_out == (1,) and time_of(cmp).n_candidate == 2  # judged on the two quiet runs
     # with the quiet runs disturbed too, nothing is left to judge on: no verdict beyond inconclusive
     for i in (0, 2):
@@ -482,7 +502,8 @@ def test_a_disturbed_pair_is_left_out_and_the_rest_judged():
     _disturb(cand, 2, 1.3)
     cmp = S.compare(base, cand, paired=True)
     assert cmp.canary.disturbed_runs == (2,) and cmp.canary.left_out == (2,)
-    assert "between the runs of pair 3" in cmp.canary.disturbed[0]
+    assert cmp.canary.disturbed[0].code == "canary-pair-shift" and cmp.canary.disturbed[0]["run"] == 3
+    assert "between the runs of pair 3" in R.sentence(cmp.canary.disturbed[0])
     assert any("pair 3 left out of the time verdicts" in n and "other 5" in n for n in cmp.notes)
     m = time_of(cmp)
     assert (m.n_baseline, m.n_candidate) == (5, 5)
@@ -514,7 +535,7 @@ def test_too_few_clean_pairs_leave_every_verdict_inconclusive():
     assert cmp.canary.disturbed_runs == (0, 1) and not cmp.canary.left_out
     m = time_of(cmp)
     assert m.verdict == S.INCONCLUSIVE and m.n_candidate == 3
-    assert "machine disturbed: canary" in " ".join(said(m))
+    assert "machine disturbed in pairs 1, 2 of 3" in " ".join(said(m))
 
 
 def test_a_disturbed_candidate_run_is_left_out_against_a_baseline():
@@ -694,25 +715,78 @@ def test_memory_is_judged_on_cuda_and_shown_only_on_cpu():
 
 
 def test_joint_tail_of_the_cases_matches_sidak_and_a_simulation():
-    # independent cases, known variance: P(max of m standard normals >= z) = 1 - Phi(z)^m
+    # independent cases, known variance: P(max of s standard normals >= z) = 1 - Phi(z)^s
     z = 2.5
-    assert S._max_sf(z, np.zeros(12), math.inf) == pytest.approx(1 - sps.norm.cdf(z) ** 12, rel=1e-6)
-    # shared term and an estimated variance: against draws of the same law
+    np.testing.assert_allclose(S._max_sf([z], 0.0, math.inf, 12)[0], 1 - sps.norm.cdf(z) ** np.arange(1, 13),
+                               rtol=1e-6)
+    # shared term and an estimated variance: against draws of the same law; one case is its t test
     rng = np.random.default_rng(0)
-    a, df, n = np.array([0.9] * 6 + [0.5] * 6), 6.0, 400_000
+    a, df, n = 0.8, 6.0, 400_000
     u, e = rng.standard_normal((n, 1)), rng.standard_normal((n, 12))
     s = np.sqrt(rng.chisquare(df, (n, 1)) / df)
     t = ((a * u + np.sqrt(1 - a**2) * e) / s).max(axis=1)
-    assert S._max_sf(2.8, a, df) == pytest.approx(np.mean(t >= 2.8), abs=0.003)
+    tail = S._max_sf([2.8], a, df, 12)[0]
+    assert tail[-1] == pytest.approx(np.mean(t >= 2.8), abs=0.003)
+    assert tail[0] == pytest.approx(sps.t.sf(2.8, df), rel=1e-3)
 
 
-def test_step_down_of_one_case_is_its_t_test_and_is_monotone():
-    assert S.step_down(np.array([2.0]), np.array([0.8]), 7.0)[0] == pytest.approx(sps.t.sf(2.0, 7), rel=1e-4)
-    t = np.array([4.0, 3.0, 0.5, -1.0])
-    p = S.step_down(t, np.full(4, 0.7), 10.0)
-    assert list(np.argsort(p)) == [0, 1, 2, 3] and np.all(p <= 1)
-    # a shared term makes the family less conservative than Bonferroni, never more than the marginal p
-    assert sps.t.sf(4.0, 10) <= p[0] <= 4 * sps.t.sf(4.0, 10)
+def _closed_by_enumeration(f):
+    """Closed testing written out: every set S holding i, its test as documented for closed_test."""
+    t, m, w = f.d / f.se, f.d.size, f.level_share
+    tail = S._max_sf(t, f.a, f.nu, m)
+    out = np.zeros(m)
+    for mask in range(1, 2**m):
+        members = [j for j in range(m) if mask >> j & 1]
+        s = len(members)
+        level = min(tail[j, s - 1] for j in members)
+        if s == 1:
+            p = level
+        else:
+            own = []
+            for j in members:
+                rest = [k for k in members if k != j]
+                sd = math.sqrt(f.v[j] + sum(f.v[k] for k in rest) / (s - 1) ** 2)
+                own.append(sps.t.sf((f.d[j] - np.mean(f.d[rest])) / sd, f.nu_own))
+            p = min(level / w, s * min(own) / (1 - w), 1.0)
+        for j in members:
+            out[j] = max(out[j], p)
+    return out
+
+
+def test_closed_test_bounds_the_enumerated_closed_test_and_keeps_its_decisions():
+    rng = np.random.default_rng(3)
+    agree = 0
+    for _ in range(40):
+        m = 6
+        shift = np.where(rng.random(m) < 0.4, rng.choice([0.15, -0.15], m), 0.0)
+        f = S._Family(d=0.03 * rng.standard_normal() + 0.015 * rng.standard_normal(m) + shift,
+                      se=np.full(m, math.hypot(0.03, 0.015)), v=0.015**2 * rng.uniform(0.6, 1.5, m), a=0.85,
+                      nu=7.0, nu_own=12.0)
+        (bound, need), exact = S.closed_test(f, 0.05), _closed_by_enumeration(f)
+        assert np.all(bound >= exact - 1e-9)
+        agree += np.array_equal(bound <= 0.05, exact <= 0.05)
+        # the change a case needs, the others as they are: just above it flagged, just below not
+        i = int(np.argmax(f.d))
+        for factor, flagged in ((1.01, True), (0.99, False)):
+            f.d[i] = need[i] * factor
+            assert (S.closed_test(f, 0.05)[0][i] <= 0.05) == flagged
+    assert agree >= 36
+    # one case: its own t test
+    one = S._Family(np.array([0.05]), np.array([0.025]), np.array([1e-4]), 0.8, 7.0, 12.0)
+    assert S.closed_test(one, 0.05)[0][0] == pytest.approx(sps.t.sf(2.0, 7), rel=1e-3)
+
+
+def test_closed_test_holds_alpha_for_unchanged_cases_whatever_the_others_do():
+    # The common term and the case terms drawn as the family states; 7 of 12 cases moved by +-20%.
+    rng = np.random.default_rng(4)
+    wrong = 0
+    for _ in range(400):
+        moved = np.r_[rng.choice([0.2, -0.2], 7), np.zeros(5)]
+        d = 0.03 * rng.standard_normal() + 0.015 * rng.standard_normal(12) + moved
+        se = np.full(12, math.hypot(0.03, 0.015))
+        f = S._Family(d, se, np.full(12, 0.015**2), 0.89, math.inf, math.inf)
+        wrong += bool(np.any(S.closed_test(f, 0.05)[0][7:] <= 0.05))
+    assert wrong / 400 <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / 400)
 
 
 def test_the_suite_as_a_whole_is_its_own_claim():

@@ -10,6 +10,7 @@ the MDE and the operating characteristics measured by ``tests/gate_world.py``. `
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import fnmatch
 import functools
@@ -19,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize, special
+from scipy import special
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -171,7 +172,7 @@ class Side:
     failed: dict[str, str] = field(default_factory=dict)  # name -> reason
     # None: unknown (e.g. a baseline), every baseline case counts as selected
     selected: set[str] | None = None
-    run_order: list[int] | None = None  # global position of each run when A and B alternated
+    run_order: list[int] | None = None  # global position of each run when A and B ran in pairs
     # per run: why the device slowed it down by itself (a throttled GPU, perf_tests.measure.gpu_state), else
     # None
     disturbances: list[str | None] = field(default_factory=list)
@@ -228,7 +229,7 @@ class CanaryRun:
     index: int
     median: float  # per-call seconds
     cv: float  # robust CV within the run
-    disturbed: str | None = None  # the reason, when this run is disturbed
+    disturbed: Reason | None = None  # why, when this run is disturbed
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ class CanaryResult:
     runs: tuple[CanaryRun, ...]
     ratio: float | None  # candidate / baseline canary median (None without both sides)
     baseline_run_sd: float | None  # run-to-run sd of log canary medians in the baseline
-    disturbed: tuple[str, ...] = ()  # one reason per disturbed candidate run (or pair)
+    disturbed: tuple[Reason, ...] = ()  # one reason per disturbed candidate run (or pair)
     env_shift: str | None = None  # "plain kernels moved +X% with the environment change"
     left_out: tuple[int, ...] = ()  # candidate runs (pairs) left out of the time verdicts (see compare)
     by_pair: bool = False  # judged pair by pair (A/B) rather than against the baseline
@@ -245,17 +246,6 @@ class CanaryResult:
     def disturbed_runs(self) -> tuple[int, ...]:
         """The 0-based indices of the disturbed candidate runs among those with canary samples."""
         return tuple(r.index for r in self.runs if r.side == "candidate" and r.disturbed)
-
-    @property
-    def disturbed_summary(self) -> str:
-        """The disturbed runs' reasons; beyond two, the first and a count (each run is marked in the canary
-        line)."""
-        if len(self.disturbed) <= 2:
-            return "; ".join(self.disturbed)
-        total = sum(r.side == "candidate" for r in self.runs)
-        what = "pairs" if self.by_pair else "candidate runs"
-        return (f"{self.disturbed[0]}; and {len(self.disturbed) - 1} more of the {total} {what}, "
-                "marked ! in the canary line")
 
 
 @dataclass(frozen=True)
@@ -282,10 +272,6 @@ class Comparison:
         return any(c.verdict == REGRESSION for c in self.cases)
 
     @property
-    def has_inconclusive(self) -> bool:
-        return any(c.verdict == INCONCLUSIVE for c in self.cases)
-
-    @property
     def has_failed(self) -> bool:
         return any(c.verdict == FAILED for c in self.cases)
 
@@ -294,37 +280,28 @@ class Comparison:
         return any(c.verdict == MISSING for c in self.cases)
 
     def _mdes(self) -> list[float]:
-        m = [c.metrics["time"].mde for c in self.cases if "time" in c.metrics]
-        return [x for x in m if x is not None]
+        return [m for c in self.cases if "time" in c.metrics and (m := c.metrics["time"].mde) is not None]
 
     @property
     def mde_median(self) -> float | None:
-        m = self._mdes()
-        return float(np.median(m)) if m else None
+        return float(np.median(m)) if (m := self._mdes()) else None
 
     @property
     def mde_worst(self) -> float | None:
-        m = self._mdes()
-        return max(m) if m else None
+        return max(m) if (m := self._mdes()) else None
 
 
 # --- small statistical helpers -------------------------------------------------------------------
 
 
 def adjust_pvalues(p: Sequence[float], method: str) -> np.ndarray:
-    """Holm step-down (FWER) or Benjamini-Hochberg step-up (FDR) adjusted p-values."""
+    """Benjamini-Hochberg step-up (FDR) adjusted p-values ("none": as they are)."""
     p = np.asarray(p, dtype=float)
     k = p.size
     if k == 0 or method == "none":
         return p.copy()
     order = np.argsort(p)
-    ranked = p[order]
-    if method == "holm":
-        adj = np.maximum.accumulate(ranked * (k - np.arange(k)))
-    elif method == "bh":
-        adj = np.minimum.accumulate((ranked * k / np.arange(1, k + 1))[::-1])[::-1]
-    else:
-        raise ValueError(f"unknown correction {method!r}")
+    adj = np.minimum.accumulate((p[order] * k / np.arange(1, k + 1))[::-1])[::-1]
     out = np.empty(k)
     out[order] = np.minimum(adj, 1.0)
     return out
@@ -334,9 +311,7 @@ def robust_cv(x: np.ndarray) -> float:
     """Dispersion that outliers do not dominate: 1.4826 * MAD / median (equals the CV for a normal)."""
     x = np.asarray(x, dtype=float)
     med = float(np.median(x))
-    if med <= 0:
-        return math.inf
-    return float(1.4826 * np.median(np.abs(x - med)) / med)
+    return float(1.4826 * np.median(np.abs(x - med)) / med) if med > 0 else math.inf
 
 
 def _t(q: float, df: float) -> float:
@@ -381,9 +356,11 @@ def median_ratio_interval(log_ratios: Sequence[float], confidence: float = 0.95,
 
 def mde(se: float, df: float, alpha: float, min_effect: float, power: float) -> float:
     """Smallest relative slowdown flagged with ``power``: significant at one-sided ``alpha`` (already
-    corrected) AND a point estimate above ``min_effect``."""
-    need = max(_t(1 - alpha, df) * se, math.log1p(min_effect))
-    return math.expm1(need + _t(power, df) * se)
+    corrected) AND a point estimate above ``min_effect``. The critical value is itself estimated: the power
+    term is the normal approximation to the noncentral t, z_power sqrt(1 + t_crit^2 / 2 df)."""
+    crit = _t(1 - alpha, df)
+    need = max(crit * se, math.log1p(min_effect))
+    return math.expm1(need + _t(power, math.inf) * se * math.sqrt(1 + crit * crit / (2 * df)))
 
 
 # --- environment ----------------------------------------------------------------------------------
@@ -391,22 +368,15 @@ def mde(se: float, df: float, alpha: float, min_effect: float, power: float) -> 
 
 def environment_mismatch(baseline: Mapping, candidate: Mapping, fields: Sequence[str]) -> list[str]:
     """Human-readable differences in the fields that matter; a field absent on either side is not judged."""
-    out = []
-    for key in fields:
-        if key in baseline and key in candidate and baseline[key] != candidate[key]:
-            out.append(f"{key}: baseline {baseline[key]!r} vs candidate {candidate[key]!r}")
-    return out
+    return [f"{key}: baseline {baseline[key]!r} vs candidate {candidate[key]!r}" for key in fields
+            if key in baseline and key in candidate and baseline[key] != candidate[key]]
 
 
 def environment_changes(baseline: Mapping, candidate: Mapping, fields: Sequence[str]) -> list[str]:
     """Comparable differences, e.g. ``"torch 2.13.1 -> 2.14.1"`` (device type/slug excluded)."""
-    out = []
-    for key in fields:
-        if key in INCOMPARABLE_ENV_FIELDS or key not in baseline or key not in candidate:
-            continue
-        if baseline[key] != candidate[key]:
-            out.append(f"{_ENV_NAMES.get(key, key)} {baseline[key]} -> {candidate[key]}")
-    return out
+    return [f"{_ENV_NAMES.get(key, key)} {baseline[key]} -> {candidate[key]}"
+            for key in fields if key not in INCOMPARABLE_ENV_FIELDS and key in baseline and key in candidate
+            and baseline[key] != candidate[key]]
 
 
 # --- time: the variance-components model ----------------------------------------------------------
@@ -451,6 +421,8 @@ class _Case:
     per_run: float  # the run-level part of var_u + var_e per unit of k (for "runs needed")
     fixed: float  # the parts that more runs do not shrink (machine-to-machine)
     runs_df: float  # df that scale with runs
+    own_var: float = math.inf  # var_e where the split is made (the contrasts between cases), else inf
+    own_df: float = math.inf
 
     @property
     def se(self) -> float:
@@ -588,11 +560,9 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
             level = means.mean(axis=1)
             if kb.size == len(b_runs) and canary_ok:
                 level = level - beta * np.array([kb[r].mean() for r in rows])
-            k_m = len(levels) - 1
-            est_u = (max(float(np.var(level, ddof=1)) - var_g * inv_n, 0.0), float(k_m))
-            resid = means - means.mean(axis=1, keepdims=True)
-            resid -= resid.mean(axis=0)
-            df_m = float(k_m * (m - 1))
+            est_u = (max(float(np.var(level, ddof=1)) - var_g * inv_n, 0.0), float(len(levels) - 1))
+            resid = means - means.mean(axis=1, keepdims=True) - means.mean(axis=0) + means.mean()
+            df_m = float((len(levels) - 1) * (m - 1))
             est_e = (max(float(np.sum(resid**2)) / df_m - mean_e * inv_n, 0.0), df_m)
         prior_df = float(policy.machine_prior_df)
         # the policy's sds are of the difference between two machines: half their square per machine
@@ -601,9 +571,7 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
         model.machines = (len(levels), math.sqrt(mach_u), math.sqrt(mach_e), est_u[1] > 0)
     suite_parts = []
     for n in names:
-        n_b, n_c = (yb[n].size, yc[n].size)
-        if model.paired and n in full:
-            n_b = n_c = yb[n].size
+        n_b, n_c = (yb[n].size,) * 2 if model.paired and n in full else (yb[n].size, yc[n].size)
         k = _k(n_b, n_c, model.paired and n in full)
         d = float(yc[n].mean() - yb[n].mean()) - beta * shift
         if split and n in full:
@@ -616,8 +584,7 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
             u_parts, e_parts = [], [(pooled[kinds[n]][0] * k, pooled[kinds[n]][1])]
             runs_df = pooled[kinds[n]][1]
         elif prior is not None:
-            u_parts, e_parts = [], [(prior[0] ** 2 * k, float(policy.prior_df))]
-            runs_df = 0.0
+            u_parts, e_parts, runs_df = [], [(prior[0] ** 2 * k, float(policy.prior_df))], 0.0
             env = candidate.environment
             model.reasons[n] = why("noise-prior", sd=prior[0], device_type=env.get("device_type"),
                                    env=env.get("env"))
@@ -631,13 +598,13 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
                   runs_df)
         model.cases[n] = c
         if split and n in full:
+            c.own_var, c.own_df = c.var_e, _satterthwaite(e_parts)
             suite_parts.append(c)
     if suite_parts:
-        mm = len(suite_parts)
-        se2_e = sum(c.var_e for c in suite_parts) / mm**2
-        var = suite_parts[0].var_u + se2_e
+        se2_e = sum(c.var_e for c in suite_parts) / len(suite_parts) ** 2
         df = _satterthwaite([(suite_parts[0].var_u, df_u), (se2_e, min(c.df for c in suite_parts))])
-        model.suite = (float(np.mean([c.d for c in suite_parts])), math.sqrt(var), df)
+        model.suite = (float(np.mean([c.d for c in suite_parts])), math.sqrt(suite_parts[0].var_u + se2_e),
+                       df)
     return model
 
 
@@ -646,16 +613,17 @@ _GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(32)
 _GH_W = _GH_W / _GH_W.sum()
 
 
-def _max_sf(t: float, a: np.ndarray, df: float) -> float:
-    """P(max_j T_j >= t) where T_j = (a_j U + sqrt(1 - a_j^2) e_j) / S, U and e_j iid standard normal and
-    S^2 ~ chi^2_df / df: the joint law of the cases' t statistics, which share the common term ``U`` and
-    (approximately) one variance estimate."""
-    a = np.clip(a, 0.0, 0.999)
-    b = np.sqrt(1 - a**2)
+def _max_sf(t: np.ndarray, a: float, df: float, m: int) -> np.ndarray:
+    """P(max_{j<=s} T_j >= t) for s = 1..m, as a (len(t), m) array, where T_j = (a U + sqrt(1 - a^2) e_j) / S,
+    U and e_j iid standard normal and S^2 ~ chi^2_df / df: the joint law of ``s`` cases' t statistics, which
+    share the common term ``U`` and (approximately) one variance estimate."""
+    a = min(max(a, 0.0), 0.999)
     s, w = _chi_nodes(round(df, 2)) if math.isfinite(df) and df < 1e4 else (np.ones(1), np.ones(1))
-    z = (t * s[:, None, None] - a[None, :, None] * _GH_X[None, None, :]) / b[None, :, None]
-    below = np.prod(special.ndtr(z), axis=1)  # (s nodes, u nodes)
-    return float(min(max(1.0 - float(w @ below @ _GH_W), 0.0), 1.0))
+    z = (np.asarray(t, dtype=float)[:, None, None] * s[None, :, None] - a * _GH_X) / math.sqrt(1 - a * a)
+    log_cdf = special.log_ndtr(z)  # (t, S nodes, U nodes)
+    sizes = np.arange(1, m + 1)
+    below = np.exp(log_cdf[..., None] * sizes) * w[None, :, None, None] * _GH_W[None, None, :, None]
+    return np.clip(1.0 - below.sum(axis=(1, 2)), 0.0, 1.0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -665,33 +633,69 @@ def _chi_nodes(df: float) -> tuple[np.ndarray, np.ndarray]:
     return np.sqrt(2 * x / df), w / w.sum()
 
 
-def step_down(t: np.ndarray, a: np.ndarray, df: float) -> np.ndarray:
-    """Adjusted p-values of the one-sided max-t step-down (closed testing over the cases, with the joint law
-    of :func:`_max_sf`): strong family-wise control whatever the other cases do."""
-    order = np.argsort(-t)
-    adj = np.empty(t.size)
-    running = 0.0
-    for pos, i in enumerate(order):
-        running = max(running, _max_sf(float(t[i]), a[order[pos:]], df))
-        adj[i] = running
-    return adj
+@dataclass(frozen=True)
+class _Family:
+    """The cases judged together: log changes ``d``, their se, the variances ``v`` of their own parts (inf
+    where the contrasts cannot be made), and the df of the common-law and contrast tests."""
+
+    d: np.ndarray
+    se: np.ndarray
+    v: np.ndarray
+    a: float  # the smallest share of a case's sd that is common (the conservative end of the joint law)
+    nu: float
+    nu_own: float
+    level_share: float = 0.5  # of alpha, for the level tests of a set of cases; the rest for the contrasts
+
+
+def closed_test(f: _Family, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Adjusted one-sided p-values of "case i moved up" by closed testing (strong family-wise control
+    whatever the other cases do), and the change each case needs to be flagged at ``alpha``, the others as
+    they are. A set S of unchanged cases shares the common term C, so H_S is tested by the level of its
+    largest t (the joint law of :func:`_max_sf`, at ``level_share`` of alpha) or by the largest contrast
+    ``d_j - mean of the rest of S``, free of C (Bonferroni over S, the rest); a single case by its t alone.
+    The largest p over the sets holding i is bounded from above by the sets made of i and the highest
+    changes among the cases below each t."""
+    t, m, w = f.d / f.se, f.d.size, f.level_share
+    tail = _max_sf(t, f.a, f.nu, m)  # (case, size)
+    grid = np.linspace(0.0, 10.0, 41)
+    log_tail = np.log(np.maximum(_max_sf(grid, f.a, f.nu, m), 1e-300))  # near linear in t: interpolated
+    t_level = np.array([np.interp(-math.log(alpha * (w if s else 1)), -log_tail[:, s], grid)
+                        for s in range(m)])
+    t_own = special.stdtrit(f.nu_own, 1 - alpha * (1 - w) / np.arange(2, m + 1))
+    p, need = tail[:, 0].copy(), t_level[0] * f.se
+    for i in range(m):
+        others = np.array([j for j in np.argsort(t) if j != i], dtype=int)
+        for q in range(others.size):
+            below = others[: q + 1]
+            order = below[np.argsort(-f.d[below])]
+            k = np.arange(1, q + 2)  # the other members of S
+            level = np.diagonal(np.minimum.accumulate(tail[order, 1:q + 2]))
+            spread = np.sqrt(f.v[i] + f.v[below].max() / k)
+            rest = np.cumsum(f.d[order]) / k
+            own = (k + 1) * special.stdtr(f.nu_own, -(f.d[i] - rest) / spread)
+            p[i] = max(p[i], float(np.min([np.minimum(tail[i, k], level) / w, own / (1 - w)], axis=0).max()))
+            open_sets = level > alpha * w  # sets the other members' level does not reject
+            if open_sets.any():
+                need[i] = max(need[i], float(np.minimum(t_level[k] * f.se[i], rest + t_own[k - 1] * spread)[
+                    open_sets].max()))
+    return np.minimum(p, 1.0), need
 
 
 def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict, dict, dict]:
     """Adjusted one-sided p-values (regression, improvement) per case, and the per-case alpha a single
     changed case is tested at (for the MDE)."""
     cs = [model.cases[n] for n in tested]
-    t = np.array([c.d / c.se for c in cs])
+    d = np.array([c.d for c in cs])
     df = np.array([c.df for c in cs])
-    a = np.array([math.sqrt(c.var_u) / c.se for c in cs])
-    nu = float(df.min()) if cs else math.inf  # the smallest: the conservative end
-    if policy.correction == "holm":
-        reg, imp = step_down(t, a, nu), step_down(-t, a, nu)
-        crit = optimize.brentq(lambda x: _max_sf(x, a, nu) - policy.alpha, -10, 1e3) if cs else 0.0
-        # the step-down's first critical t, as each case's own one-sided alpha on its df
-        alpha_one = {n: float(special.ndtr(-crit) if math.isinf(c.df) else special.stdtr(c.df, -crit))
-                     for n, c in zip(tested, cs, strict=True)}
+    if policy.correction == "holm" and cs:
+        fam = _Family(d, np.array([c.se for c in cs]), np.array([c.own_var for c in cs]),
+                      min(math.sqrt(c.var_u) / c.se for c in cs), float(df.min()), min(c.own_df for c in cs))
+        (reg, need), (imp, _) = (closed_test(f, policy.alpha) for f in (fam, dataclasses.replace(fam, d=-d)))
+        # the t a case needs, as its own one-sided alpha on its df
+        alpha_one = {n: float(special.ndtr(-x / c.se) if math.isinf(c.df) else special.stdtr(c.df, -x / c.se))
+                     for n, c, x in zip(tested, cs, need, strict=True)}
     else:
+        t = d / np.array([c.se for c in cs]) if cs else d
         p_reg, p_imp = special.stdtr(df, -t), special.stdtr(df, t)
         reg, imp = adjust_pvalues(p_reg, policy.correction), adjust_pvalues(p_imp, policy.correction)
         alpha_one = dict.fromkeys(tested, policy.alpha / max(len(cs), 1) if policy.correction == "bh"
@@ -719,19 +723,14 @@ def _runs_needed(c: _Case, paired: bool, alpha: float, min_effect: float, policy
         return m_e <= policy.target_mde and _t(0.5 + policy.confidence_level / 2, df) * se <= math.log1p(
             min_effect) / 2
 
-    lo, hi = 1, 100
-    if not enough(hi):
-        return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
-    return hi
+    n = bisect.bisect_left(range(1, 101), True, key=enough) + 1  # enough() only turns true as n grows
+    return n if n <= 100 else None
 
 
 def _time_result(
     name: str, b: CaseSamples, c: CaseSamples, e: _Case | None, paired: bool, p_reg: float | None,
     p_imp: float | None, alpha_one: float, policy: Policy, blockers: list[Reason], reasons: Sequence[Reason],
-    disturbed: Sequence[str],
+    disturbed: Reason | None,
 ) -> MetricResult:
     """The time verdict of one case; ``alpha_one`` is the per-case alpha the MDE assumes."""
     min_effect = policy.min_effect_for(name)
@@ -763,8 +762,8 @@ def _time_result(
                            mde=m_e, runs_needed=needed, target_mde=policy.target_mde,
                            across_machines=e.fixed > 0))
     if disturbed:
-        reasons.append(why("disturbed", detail="; ".join(disturbed),
-                           would_have_been=None if verdict == INCONCLUSIVE else verdict))
+        reasons.append(dataclasses.replace(disturbed, values=disturbed.values + (
+            ("would_have_been", None if verdict == INCONCLUSIVE else verdict),)))
         verdict = INCONCLUSIVE
     return MetricResult(verdict=verdict, reasons=tuple(reasons), **base)
 
@@ -826,58 +825,50 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     # A candidate on a machine none of the baseline's runs came from: its canary differs from the baseline's
     # by the machine (taken out of every change in compare), so a run is held against the other candidate
     # runs.
-    ref, against = (b_meds.mean(), "the baseline's") if b_meds.size and not env_changed else (None, "")
+    ref, against = (b_meds.mean(), "baseline") if b_meds.size and not env_changed else (None, "")
     if not by_pair and on_new_machine(baseline, candidate):
         c_meds = np.log([np.median(r) for r in c_runs])
         ref = float(np.median(c_meds)) if c_meds.size >= 3 else None
-        against = "the candidate runs' median (a machine none of the baseline's runs came from)"
+        against = "candidate-median"  # a machine none of the baseline's runs came from
     disturbed = []
     for i, (r, cv) in enumerate(zip(c_runs, c_cvs, strict=True)):
         med = float(np.median(r))
         trouble = None
         if by_pair:
-            partner = b_runs[i]
             shift = math.log(med) - b_meds[i]
             limit = max(math.log1p(policy.canary_min_shift),
-                        policy.canary_z * math.hypot(_median_se(r), _median_se(partner)))
+                        policy.canary_z * math.hypot(_median_se(r), _median_se(b_runs[i])))
             if max(cv, b_cvs[i]) > cv_limit:
-                trouble = (f"machine disturbed: canary spread {max(cv, b_cvs[i]):.1%} within pair {i + 1} "
-                       f"(usual < {cv_limit:.1%})")
+                trouble = why("canary-spread", cv=max(cv, b_cvs[i]), limit=cv_limit, run=i + 1,
+                              pair=True)
             elif abs(shift) > limit:
-                trouble = (f"machine disturbed: canary {math.expm1(shift):+.1%} between the runs of pair "
-                       f"{i + 1} (their own noise allows ±{math.expm1(limit):.1%})")
+                trouble = why("canary-pair-shift", shift=math.expm1(shift), limit=math.expm1(limit),
+                              run=i + 1)
         elif cv > cv_limit:
-            trouble = (f"machine disturbed: canary spread {cv:.1%} within candidate run {i + 1} "
-                       f"(usual < {cv_limit:.1%})")
+            trouble = why("canary-spread", cv=cv, limit=cv_limit, run=i + 1, pair=False)
         elif ref is not None and abs(math.log(med) - ref) > shift_limit:
-            trouble = (f"machine disturbed: canary {math.expm1(math.log(med) - ref):+.1%} in candidate run "
-                   f"{i + 1} against {against} (the baseline's run-to-run noise allows "
-                   f"±{math.expm1(shift_limit):.1%})")
+            trouble = why("canary-shift", shift=math.expm1(math.log(med) - ref),
+                          limit=math.expm1(shift_limit), run=i + 1, against=against)
         if trouble is None and len(device) == len(c_runs):
             trouble = device[i]
         runs.append(CanaryRun("candidate", i, med, cv, trouble))
-        if trouble:
-            disturbed.append(trouble)
-    ratio = None
-    if b_meds.size:
-        ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"]))
-                               - b_meds.mean()))
+        disturbed += [trouble] if trouble else []
+    ratio = math.exp(float(np.mean(np.log([cr.median for cr in runs if cr.side == "candidate"]))
+                           - b_meds.mean())) if b_meds.size else None
     env_shift = (f"plain kernels moved {ratio - 1:+.1%} with the environment change" if env_changed and ratio
                  else None)
     return CanaryResult(tuple(runs), ratio, run_sd if b_meds.size >= 2 else None, tuple(disturbed), env_shift,
                         by_pair=by_pair)
 
 
-def _device_disturbances(baseline: Side, candidate: Side, paired: bool) -> list[str | None]:
+def _device_disturbances(baseline: Side, candidate: Side, paired: bool) -> list[Reason | None]:
     """Per candidate run (pair, when paired): why the device slowed it down by itself, else None."""
     own = candidate.disturbances if len(candidate.disturbances) == candidate.n_runs else []
-    if not paired:
-        return list(own)
-    partner = baseline.disturbances if len(baseline.disturbances) == baseline.n_runs else []
+    partner = baseline.disturbances if paired and len(baseline.disturbances) == baseline.n_runs else []
     if not own and not partner:
         return []
     own, partner = own or [None] * candidate.n_runs, partner or [None] * baseline.n_runs
-    return [c or (f"{b} (the other side of pair {i + 1})" if b else None)
+    return [why("device", detail=c or b, run=i + 1, partner=not c) if c or b else None
             for i, (c, b) in enumerate(zip(own, partner, strict=False))]
 
 
@@ -961,11 +952,9 @@ def _few_values_result(
                            n_candidate=c.size))
     if b.size == 1 and c.size == 1 and verdict != INCONCLUSIVE:
         reasons.append(why("single-ratio"))
-    return MetricResult(
-        metric=metric, verdict=verdict, ratio=c_med / b_med, ci=(lo, hi), threshold=threshold,
-        n_baseline=b.size, n_candidate=c.size, baseline_median=b_med, candidate_median=c_med,
-        reasons=tuple(reasons),
-    )
+    return MetricResult(metric=metric, verdict=verdict, ratio=c_med / b_med, ci=(lo, hi), threshold=threshold,
+                        n_baseline=b.size, n_candidate=c.size, baseline_median=b_med, candidate_median=c_med,
+                        reasons=tuple(reasons))
 
 
 def _by_cache(cs: CaseSamples) -> dict[str | None, list[float]]:
@@ -990,18 +979,13 @@ def _compile_result(b: CaseSamples, c: CaseSamples, policy: Policy, blockers: li
             n_candidate=sum(map(len, cc.values())),
             reasons=(why("cache-state-differs", baseline=describe(bb), candidate=describe(cc)),),
         )
-    state = common[0]
-    note = state
-    return _few_values_result("compile_time", bb[state], cc[state], policy.compile_threshold,
-                              policy.compile_floor_s, blockers, note)
+    return _few_values_result("compile_time", bb[common[0]], cc[common[0]], policy.compile_threshold,
+                              policy.compile_floor_s, blockers, common[0])
 
 
 def _overall(metrics: Mapping[str, MetricResult]) -> str:
     verdicts = {m.verdict for m in metrics.values()}
-    for v in (REGRESSION, INCONCLUSIVE, IMPROVEMENT):
-        if v in verdicts:
-            return v
-    return NO_CHANGE
+    return next((v for v in (REGRESSION, INCONCLUSIVE, IMPROVEMENT) if v in verdicts), NO_CHANGE)
 
 
 # --- the comparator --------------------------------------------------------------------------------
@@ -1011,18 +995,16 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
             paired: bool = False) -> Comparison:
     """Judge every case of ``candidate`` against ``baseline``. Pure: no I/O.
 
-    ``paired=True``: the two sides' runs alternated (A, B, A, B) and run ``k`` of one side is paired with run
-    ``k`` of the other; both sides must hold the same number of runs.
+    ``paired=True``: run ``k`` of one side ran in a pair with run ``k`` of the other (either one first);
+    both sides must hold the same number of runs.
     """
     policy = policy or Policy()
     baseline, candidate = on_one_clock(baseline, candidate)
     if paired and baseline.n_runs != candidate.n_runs:
-        raise ValueError(f"paired comparison needs as many runs on both sides, got {baseline.n_runs} "
-                         f"baseline and {candidate.n_runs} candidate runs")
+        raise ValueError(f"paired comparison needs as many runs a side: {baseline.n_runs} v {candidate.n_runs}")
     if paired and baseline.run_order and candidate.run_order and any(
             abs(b - c) != 1 for b, c in zip(baseline.run_order, candidate.run_order, strict=False)):
-        raise ValueError(f"paired comparison needs runs that alternated A, B, A, B: run order baseline "
-                         f"{baseline.run_order}, candidate {candidate.run_order}")
+        raise ValueError(f"paired runs must be adjacent: order {baseline.run_order} v {candidate.run_order}")
     mismatch = tuple(environment_mismatch(baseline.environment, candidate.environment,
                                           [f for f in policy.env_fields if f in INCOMPARABLE_ENV_FIELDS]))
     changes = tuple(environment_changes(baseline.environment, candidate.environment, policy.env_fields))
@@ -1059,7 +1041,10 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
             not_selected.append(name)
 
     baseline, candidate, canary = _leave_out_disturbed(baseline, candidate, canary, judged, paired)
-    disturbed = (canary.disturbed_summary,) if canary and canary.disturbed and not canary.left_out else ()
+    disturbed = None
+    if canary and canary.disturbed and not canary.left_out:
+        disturbed = why("disturbed", runs=tuple(r["run"] for r in canary.disturbed), by_pair=canary.by_pair,
+                        total=sum(r.side == "candidate" for r in canary.runs))
     new_machine = not paired and on_new_machine(baseline, candidate)
     model = _fit(baseline, candidate, judged, policy, paired, new_machine, use_canary=not changes)
     net_of_canary = model.canary_weight is not None
@@ -1098,18 +1083,13 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
                                         adj_imp.get(name), alpha_one.get(name, policy.alpha), policy,
                                         blockers, case_reasons[name], disturbed)}
         metrics["time"] = dataclasses.replace(metrics["time"], clock=c.clock)
-        compile_res = _compile_result(b, c, policy, list(blockers))
-        if compile_res is not None:
-            metrics["compile_time"] = compile_res
-        if judge_memory:
-            mem = _few_values_result("peak_memory", b.peak_memory_bytes, c.peak_memory_bytes,
-                                     policy.memory_threshold, float(policy.memory_floor_bytes),
-                                     list(blockers))
-            if mem is not None:
-                metrics["peak_memory"] = mem
+        once = {"compile_time": _compile_result(b, c, policy, list(blockers)),
+                "peak_memory": _few_values_result("peak_memory", b.peak_memory_bytes, c.peak_memory_bytes,
+                                                  policy.memory_threshold, float(policy.memory_floor_bytes),
+                                                  list(blockers)) if judge_memory else None}
+        metrics.update({k: v for k, v in once.items() if v is not None})
         if c.correct is False:
-            verdicts[name] = CaseVerdict(name, FAILED, metrics, (why("wrong-output"),),
-                                         labels)
+            verdicts[name] = CaseVerdict(name, FAILED, metrics, (why("wrong-output"),), labels)
         else:
             verdicts[name] = CaseVerdict(name, _overall(metrics), metrics, (), labels)
 
@@ -1134,20 +1114,11 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
                      f"weighted by {model.canary_weight:.2f}, the share of the runs' common speed it "
                      "tracked: a machine that moved every case alike is not a change of the code")
     order = [*candidate.cases, *candidate.failed, *baseline.cases]
+    suite_blockers = [why("environment-mismatch", detail=m) for m in mismatch] + (
+        [why("machine-not-taken-out", environment_changed=bool(changes))] if new_machine and not net_of_canary
+        else [])
     return Comparison(
-        cases=tuple(verdicts[n] for n in dict.fromkeys(order) if n in verdicts),
-        policy=policy,
-        env_mismatch=mismatch,
-        env_changes=changes,
-        notes=tuple(notes),
-        baseline_label=baseline.label,
-        candidate_label=candidate.label,
-        not_selected=tuple(not_selected),
-        new_machine=new_machine,
-        canary=canary,
-        paired=paired,
-        pairing_narrowing=1 - float(np.median(narrowing)) if narrowing else None,
-        suite=_suite_result(model, policy, [why("environment-mismatch", detail=m) for m in mismatch]
-                            + ([why("machine-not-taken-out", environment_changed=bool(changes))]
-                               if new_machine and not net_of_canary else [])),
-    )
+        tuple(verdicts[n] for n in dict.fromkeys(order) if n in verdicts), policy, mismatch, changes,
+        tuple(notes), baseline.label, candidate.label, tuple(not_selected), canary, paired,
+        1 - float(np.median(narrowing)) if narrowing else None, new_machine,
+        _suite_result(model, policy, suite_blockers))

@@ -11,8 +11,8 @@ from perf_tests.errors import InputError
 VERDICT_RULES = """\
 verdicts (per case; time, compile time and peak memory each judged). Time is judged on runs (each run's
 median), not rounds: the run-to-run variance is part of the interval.
-  regression    slower: a one-sided t test on the runs' log medians significant after Holm (or BH) across
-                cases, AND the estimated slowdown above +min-effect; exit 1
+  regression    slower: a one-sided t test on the runs' log medians significant family-wise across cases
+                (closed test; or BH), AND the estimated slowdown above +min-effect; exit 1
   improvement   the mirror image
   no-change     the whole 90% interval within +-min-effect
   inconclusive  anything else: the interval straddles the band, too few runs (the reason says how many

@@ -25,6 +25,7 @@ from perf_tests.analysis.stats import (
     NOT_COMPARED,
     REGRESSION,
     SKIPPED,
+    CanaryResult,
     CaseVerdict,
     Comparison,
     MetricResult,
@@ -79,8 +80,21 @@ SENTENCES = {
         "for this device type); run >= 2 processes on a side, after which the report gives the MDE and the "
         f"runs needed for one of {r['target_mde']:.0%}"),
     "unsettled": _unsettled,
-    "disturbed": lambda r: r["detail"] + (f" (would have been {r['would_have_been']})" if r["would_have_been"]
-                                          else ""),
+    "disturbed": lambda r: (f"machine disturbed in {'pair' if r['by_pair'] else 'candidate run'}"
+                            f"{'s' if len(r['runs']) > 1 else ''} {', '.join(map(str, r['runs']))} of "
+                            f"{r['total']} (see the canary)" + (f" (would have been {r['would_have_been']})"
+                                                                if r["would_have_been"] else "")),
+    "canary-spread": lambda r: (f"machine disturbed: canary spread {r['cv']:.1%} within "
+                                f"{'pair' if r['pair'] else 'candidate run'} {r['run']} "
+                                f"(usual < {r['limit']:.1%})"),
+    "canary-pair-shift": lambda r: (f"machine disturbed: canary {r['shift']:+.1%} between the runs of pair "
+                                    f"{r['run']} (their own noise allows ±{r['limit']:.1%})"),
+    "canary-shift": lambda r: (
+        f"machine disturbed: canary {r['shift']:+.1%} in candidate run {r['run']} against "
+        + ("the baseline's" if r["against"] == "baseline"
+           else "the candidate runs' median (a machine none of the baseline's runs came from)")
+        + f" (the baseline's run-to-run noise allows ±{r['limit']:.1%})"),
+    "device": lambda r: r["detail"] + (f" (the other side of pair {r['run']})" if r["partner"] else ""),
     "cache-state": lambda r: f"{r['state']} cache on both sides",
     "cache-state-differs": lambda r: (f"not compared: cache state differs (baseline {r['baseline']}, "
                                       f"candidate {r['candidate']})"),
@@ -167,7 +181,7 @@ def mde_line(cmp: Comparison) -> str:
 def policy_line(cmp: Comparison) -> str:
     p = cmp.policy
     design = "paired A/B, per-pair log ratios" if cmp.paired else "unpaired"
-    over = ("max-t step-down over cases (family-wise)" if p.correction == "holm"
+    over = ("closed testing over cases (family-wise)" if p.correction == "holm"
             else f"{p.correction} over cases")
     return (
         f"time: runs are the unit ({design}): per run the median of its rounds; the noise of each case's "
@@ -242,8 +256,23 @@ def canary_line(cmp: Comparison) -> str:
         text += f"; candidate/baseline {_pct(k.ratio)}"
     if k.env_shift:
         text += f"; {k.env_shift}"
-    text += "; " + (k.disturbed_summary if k.disturbed else "machine quiet")
+    text += "; " + (disturbed_summary(k) if k.disturbed else "machine quiet")
     return text
+
+
+def disturbed_summary(k: CanaryResult) -> str:
+    """The disturbed runs' reasons; beyond two, the first and a count (each run is marked ! in the line)."""
+    if len(k.disturbed) <= 2:
+        return "; ".join(map(sentence, k.disturbed))
+    total = sum(r.side == "candidate" for r in k.runs)
+    return (f"{sentence(k.disturbed[0])}; and {len(k.disturbed) - 1} more of the {total} "
+            f"{'pairs' if k.by_pair else 'candidate runs'}, marked ! in the canary line")
+
+
+def _canary_dict(k: CanaryResult) -> dict:
+    """The canary's fields, each disturbance as its code, values and sentence."""
+    runs = [{**dataclasses.asdict(r), "disturbed": r.disturbed and _reason_dict(r.disturbed)} for r in k.runs]
+    return {**dataclasses.asdict(k), "runs": runs, "disturbed": [_reason_dict(r) for r in k.disturbed]}
 
 
 def _rows(cmp: Comparison) -> list[list[str]]:
@@ -345,7 +374,7 @@ def to_dict(cmp: Comparison) -> dict:
         "mde_worst": cmp.mde_worst,
         "environment_mismatch": list(cmp.env_mismatch),
         "environment_changes": list(cmp.env_changes),
-        "canary": None if cmp.canary is None else dataclasses.asdict(cmp.canary),
+        "canary": None if cmp.canary is None else _canary_dict(cmp.canary),
         "paired": cmp.paired,
         "pairing_narrowing": cmp.pairing_narrowing,
         "new_machine": cmp.new_machine,
