@@ -363,7 +363,7 @@ def test_pairing_narrows_the_interval_under_drift_shared_by_pair_members():
 
 def test_paired_needs_adjacent_pairs_of_equal_number():
     rng = np.random.default_rng(17)
-    with pytest.raises(ValueError, match="as many runs"):
+    with pytest.raises(ValueError, match="as many runs a side"):
         S.compare(make_side(rng, 3), make_side(rng, 2), paired=True)
     base, cand = make_side(rng, 2), make_side(rng, 2)
     base.run_order, cand.run_order = [0, 2], [1, 3]  # B, A, B, A

@@ -1001,7 +1001,7 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
     policy = policy or Policy()
     baseline, candidate = on_one_clock(baseline, candidate)
     if paired and baseline.n_runs != candidate.n_runs:
-        raise ValueError(f"paired comparison needs as many runs a side: {baseline.n_runs} v {candidate.n_runs}")
+        raise ValueError(f"paired: as many runs a side needed, {baseline.n_runs} v {candidate.n_runs}")
     if paired and baseline.run_order and candidate.run_order and any(
             abs(b - c) != 1 for b, c in zip(baseline.run_order, candidate.run_order, strict=False)):
         raise ValueError(f"paired runs must be adjacent: order {baseline.run_order} v {candidate.run_order}")
