@@ -140,7 +140,7 @@ def test_the_module_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
-def _judge(tmp_path, candidate_state: str, *, through_baseline: bool):
+def _judge(tmp_path, candidate_state: str, *, through_baseline: bool, cand_seeds=(4, 5, 6), hot=5):
     """Three clean baseline runs; three candidate runs, the second of which ran one case with the GPU in
     ``candidate_state`` (a replay). Returns (comparison, the baseline side's per-run disturbances)."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -153,8 +153,8 @@ def _judge(tmp_path, candidate_state: str, *, through_baseline: bool):
     clean = case_state("clean.json")
     state = case_state(candidate_state)
     base = [write_run(tmp_path / f"b{s}.json", s, extra={CASES[2]: {"gpu_state": clean}}) for s in (1, 2, 3)]
-    cand = [write_run(tmp_path / f"c{s}.json", s, extra={CASES[2]: {"gpu_state": state if s == 5 else clean}})
-            for s in (4, 5, 6)]
+    cand = [write_run(tmp_path / f"c{s}.json", s,
+                      extra={CASES[2]: {"gpu_state": state if s == hot else clean}}) for s in cand_seeds]
     if through_baseline:
         (update,) = B.update_baselines(base, tmp_path / "baselines")
         assert json.loads(update.path.read_text())["cases"][CASES[2]]["runs"][0]["gpu_state"] == clean
@@ -176,6 +176,14 @@ def test_a_throttled_run_is_disturbed_and_a_clean_one_is_judged(tmp_path, throug
     cool, _ = _judge(tmp_path, "clean.json", through_baseline=through_baseline)
     assert cool.canary.disturbed == () and cool.canary.left_out == ()
     assert all(c.verdict not in ("regression", "improvement") for c in cool.cases)
+
+
+def test_a_throttled_run_beyond_the_baselines_run_count_is_disturbed(tmp_path):
+    """Five candidate runs against three baseline runs, the fifth throttled: it is left out all the same."""
+    hot, _ = _judge(tmp_path, "throttled.json", through_baseline=False, cand_seeds=(4, 5, 6, 7, 8), hot=8)
+    (reason,) = map(sentence, hot.canary.disturbed)
+    assert reason.startswith("machine disturbed: thermal throttling")
+    assert hot.canary.disturbed_runs == (4,) and hot.canary.left_out == (4,)
 
 
 def test_a_throttled_member_disturbs_its_pair_in_ab(tmp_path):

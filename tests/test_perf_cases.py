@@ -191,7 +191,7 @@ def test_every_full_cpu_case_runs_or_has_a_reason():
             assert reason is None or len(reason) > 20
             if reason is None and kind == "unet-step":
                 runnable.add((c.attention, c.compile, c.batch_size))
-    # issue 3: every available backend x compile off/default x batch 1 and 2
+    # every available backend x compile off/default x batch 1 and 2
     expected = {(a, comp, b) for a in ("original", "sdpa", "sdpa-math", "sdpa-flash")
                 for comp in ("eager", "compile") for b in (1, 2)}
     assert runnable == expected
@@ -249,7 +249,7 @@ def test_run_order_eager_first_kernels_first_then_models_grouped(device):
 
 @pytest.mark.parametrize("name", ["full", "gate"])
 def test_every_cuda_grid_case_runs_or_skips_naming_the_unet_kernel(name):
-    """The VAE's 512-wide head never decides a case (issue 11): sd picks the VAE's kernel itself, so a skip
+    """The VAE's 512-wide head never decides a case: sd picks the VAE's kernel itself, so a skip
     reason only ever names the kernel the case asked for, the UNet's."""
     g = C.grid(name, "cuda")
     no_flash = dataclasses.replace(CUDA, attention={**ALL_AVAILABLE, "xformers": "xformers is not importable",

@@ -233,6 +233,8 @@ def change_points(
     after the change, p-value), in order. Found by E-Divisive on the commits' medians, placed by
     :func:`refine` on the runs."""
     counts = np.array([len(r) for r in runs])
+    if counts.size and counts.min() < 1:
+        raise ValueError(f"commit {int(np.argmin(counts))} has no run: every commit of a series needs one")
     values = np.concatenate([np.asarray(r, dtype=float) for r in runs]) if len(runs) else np.empty(0)
     kw = dict(window=window, stride=stride, alpha=alpha, permutations=permutations, min_size=min_size)
     return find_all([(values, counts)], [np.random.default_rng(seed)], **kw)[0]

@@ -60,7 +60,7 @@ class Policy:
     alpha: float = 0.05  # family-wise error rate across the cases of one run (Holm) / FDR (BH)
     min_effect: float = 0.05  # smallest relative change that counts (the no-change band is ±min_effect)
     min_effect_overrides: tuple[tuple[str, float], ...] = ()  # (fnmatch pattern on the case name, value)
-    correction: str = "holm"  # "holm" | "bh" | "none"
+    correction: str = "holm"  # "holm" (the closed test, its name kept) | "bh" | "none"
     confidence_level: float = 0.90  # two-sided interval of the change (unadjusted)
     power: float = 0.80  # for the MDE
     target_mde: float = 0.10  # "runs needed" in reasons: runs per side that bring the MDE down to this
@@ -867,7 +867,7 @@ def _device_disturbances(baseline: Side, candidate: Side, paired: bool) -> list[
     partner = baseline.disturbances if paired and len(baseline.disturbances) == baseline.n_runs else []
     if not own and not partner:
         return []
-    own, partner = own or [None] * candidate.n_runs, partner or [None] * baseline.n_runs
+    own, partner = own or [None] * candidate.n_runs, partner or [None] * candidate.n_runs
     return [why("device", detail=c or b, run=i + 1, partner=not c) if c or b else None
             for i, (c, b) in enumerate(zip(own, partner, strict=False))]
 

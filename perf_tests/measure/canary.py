@@ -2,10 +2,10 @@
 
 A matmul and a 3x3 convolution of fixed sizes in plain torch, on the run's device and dtype. Its time
 moves when the machine does (another job on the cores, a throttled clock, a new PyTorch or driver), never
-because the code under test changed, so a comparator can tell a disturbed run from slower code (issue 8,
-item 5). One measurement is one untimed call, then a block of ``calls`` calls closed by one device
-synchronisation (about 20-50 ms), reported as per-call seconds. Its inputs are on the device only while it
-runs, so that they never count in a case's peak memory.
+because the code under test changed, so a comparator can tell a disturbed run from slower code. One
+measurement is one untimed call, then a block of ``calls`` calls closed by one device synchronisation
+(about 20-50 ms), reported as per-call seconds. Its inputs are on the device only while it runs, so that
+they never count in a case's peak memory.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def grid(name: str, device_type: str) -> GridDefaults:
 
 
 def _cuda_gate() -> GridDefaults:
-    # The pull-request grid (issue 8): the seed study's configurations at fp16, batch 1 and 4, eager and
+    # The pull-request grid: the seed study's configurations at fp16, batch 1 and 4, eager and
     # compiled. The UNet step and the attention kernels are the sensitive instruments; txt2img (50 steps)
     # at batch 1 is the end-to-end figure users quote. Estimated run time: see the README.
     attention_kinds = KIND_FAMILIES["attention"]

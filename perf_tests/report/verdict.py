@@ -36,6 +36,9 @@ from perf_tests.analysis.stats import (
 from perf_tests.report.tabular import format_seconds, markdown_table, text_table
 
 # What settles a comparison across machines, where more runs do not (the machine-to-machine variance stays).
+# Policy.correction's values, as a sentence says them ("holm", the name the option has always had, selects
+# the closed test that replaced Holm's step-down: docs/statistics.md)
+CORRECTIONS = {"holm": "the closed test across cases", "bh": "Benjamini-Hochberg", "none": "no correction"}
 ACROSS_MACHINES_FIX = ("compare on one machine: --ab REF, or a baseline recorded on this one "
                        "(update-baselines)")
 
@@ -47,7 +50,8 @@ def _unsettled(r: Reason) -> str:
             + ACROSS_MACHINES_FIX if r["across_machines"]
             else "over 100 runs per side would be needed to settle it")
     return (f"interval [{r['low'] - 1:+.1%}, {r['high'] - 1:+.1%}] reaches beyond the ±{r['min_effect']:.1%} "
-            f"band and no change beyond it is significant after {r['correction']} (MDE {r['mde']:.1%}); "
+            f"band and no change beyond it is significant after "
+            f"{CORRECTIONS.get(r['correction'], r['correction'])} (MDE {r['mde']:.1%}); "
             f"{more}")
 
 

@@ -4,7 +4,8 @@ B is checked out into a temporary detached worktree (perf_tests.tools.worktree) 
 sides run in the same environment (the interpreter running ``python -m perf_tests run``), in separate
 processes run in pairs: pair i is (A_i, B_i), side by side or back to back, A first in odd pairs and B first
 in even ones, so drift of the machine that hits both members of a pair cancels in the paired analysis
-(per-pair log ratios of the case medians), and so does an effect of going first.
+(per-pair log ratios of the case medians), and so does an effect of going first over an even number of
+pairs.
 ``perf_tests.tools.run`` drives the runs and the budget; this module holds the trees and their order.
 """
 

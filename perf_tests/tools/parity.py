@@ -1,6 +1,6 @@
 """Our UNet forward against diffusers' `UNet2DConditionModel`, rung by rung, side by side in one process.
 
-The speed target of issue 12: at every rung of the optimisation ladder that runs on a device, our UNet
+The speed target: at every rung of the optimisation ladder that runs on a device, our UNet
 takes at most 1.00x the time of diffusers' with the same settings. Both sides get the same weights
 (diffusers' own LDM-checkpoint converters applied to our state dict, as the oracle in tests/conftest.py),
 the same input, SDPA attention (ours `attention="sdpa"`, theirs `AttnProcessor2_0`, or

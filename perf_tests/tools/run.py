@@ -156,7 +156,8 @@ def run_all(
     """Run the suite in each tree until --runs or --budget is spent, in pairs with two trees, each pair side
     by side taking turns round by round unless ``--interleave runs``. The side that goes first alternates
     (A, B in odd pairs, B, A in even ones), so what going first does to a process (the machine's state it
-    meets, the partner still starting) falls on both sides alike and cancels in the paired analysis."""
+    meets, the partner still starting) falls on both sides alike: it cancels in the paired mean over an even
+    number of pairs, and leaves a third of itself over three (it widens the interval either way)."""
     budget_s = opts.budget * 60 if opts.budget is not None else None
     side_by_side = len(trees) == 2 and getattr(opts, "interleave", "rounds") == "rounds"
     turns_files = ("measure/turns.py", "turns.py")  # the second: a tree from before the layers
