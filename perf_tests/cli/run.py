@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                       help="run the suite again while the next run fits in MINUTES of suite time (at least "
                            "once)")
     ab = p.add_mutually_exclusive_group()
-    ab.add_argument("--ab", metavar="REF", help="A/B: the current tree against git REF, alternating A,B,A,B")
+    ab.add_argument("--ab", metavar="REF",
+                    help="A/B: the current tree against git REF, in pairs whose first turn alternates")
     ab.add_argument("--ab-baseline", action="store_true",
                     help="A/B against the commit the newest run of the committed baselines (--baseline-dir) "
                          "of the suite's device type was recorded at, on any machine of that type")
