@@ -89,15 +89,13 @@ class Policy:
     env_fields: tuple[str, ...] = DEFAULT_ENV_FIELDS
 
     def __post_init__(self) -> None:
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.min_effect < 0:
             raise ValueError(f"min_effect must be >= 0, got {self.min_effect}")
         if self.correction not in ("holm", "bh", "none"):
             raise ValueError(f"correction must be holm, bh or none, got {self.correction!r}")
         if self.machine_sd < 0 or any(sd < 0 for _, sd in self.machine_case_sds):
             raise ValueError(f"machine sds must be >= 0, got {self.machine_sd} and {self.machine_case_sds}")
-        for name in ("confidence_level", "power"):
+        for name in ("alpha", "confidence_level", "power"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
 
@@ -173,8 +171,7 @@ class Side:
     # None: unknown (e.g. a baseline), every baseline case counts as selected
     selected: set[str] | None = None
     run_order: list[int] | None = None  # global position of each run when A and B ran in pairs
-    # per run: why the device slowed it down by itself (a throttled GPU, perf_tests.measure.gpu_state), else
-    # None
+    # per run: why the device slowed it down by itself (a throttled GPU, perf_tests.measure.gpu_state) or None
     disturbances: list[str | None] = field(default_factory=list)
 
 
@@ -291,20 +288,14 @@ class Comparison:
         return max(m) if (m := self._mdes()) else None
 
 
-# --- small statistical helpers -------------------------------------------------------------------
-
-
 def adjust_pvalues(p: Sequence[float], method: str) -> np.ndarray:
-    """Benjamini-Hochberg step-up (FDR) adjusted p-values ("none": as they are)."""
+    """Benjamini-Hochberg step-up (FDR) adjusted p-values, scipy's ("none": as they are)."""
     p = np.asarray(p, dtype=float)
-    k = p.size
-    if k == 0 or method == "none":
+    if p.size == 0 or method == "none":
         return p.copy()
-    order = np.argsort(p)
-    adj = np.minimum.accumulate((p[order] * k / np.arange(1, k + 1))[::-1])[::-1]
-    out = np.empty(k)
-    out[order] = np.minimum(adj, 1.0)
-    return out
+    from scipy import stats as sps  # here, not at import: scipy.stats is 0.6 s of every command's start
+
+    return sps.false_discovery_control(p)
 
 
 def robust_cv(x: np.ndarray) -> float:
@@ -319,39 +310,10 @@ def _t(q: float, df: float) -> float:
     return float(special.ndtri(q) if math.isinf(df) else special.stdtrit(df, q))
 
 
-def run_interval(runs: Sequence[Sequence[float]], confidence: float = Policy.confidence_level
-                 ) -> tuple[float, float | None, float | None]:
-    """One case's time on one side, by this model: (exp of the mean log run median, and its two-sided
-    ``confidence`` t interval over runs); no interval from a single run."""
-    y = np.log([float(np.median(r)) for r in runs])
-    center = float(np.exp(y.mean()))
-    if y.size < 2:
-        return center, None, None
-    half = _t(0.5 + confidence / 2, y.size - 1) * float(y.std(ddof=1)) / math.sqrt(y.size)
-    return center, float(np.exp(y.mean() - half)), float(np.exp(y.mean() + half))
-
-
 def ratio_interval(d: float, se: float, df: float, confidence: float) -> tuple[float, float]:
     """The two-sided t interval of a log change ``d`` (standard error ``se`` on ``df``), as ratios."""
     half = _t(0.5 + confidence / 2, df) * se
     return math.exp(max(d - half, -700.0)), math.exp(min(d + half, 700.0))
-
-
-def median_ratio_interval(log_ratios: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
-                          seed: int = 0) -> tuple[float, float, float]:
-    """(ratio, low, high): the median of paired log ratios and its percentile bootstrap interval (seeded,
-    so a report is reproducible from its samples); nan bounds with fewer than two pairs."""
-    logs = np.asarray(log_ratios, dtype=float)
-    point = math.exp(float(np.median(logs)))
-    if logs.size < 2:
-        return point, math.nan, math.nan
-    if np.ptp(logs) == 0:
-        return point, point, point
-    from scipy import stats as sps  # here, not at import: scipy.stats is 0.6 s of every command's start
-
-    ci = sps.bootstrap((logs,), np.median, confidence_level=confidence, n_resamples=resamples,
-                       method="percentile", random_state=np.random.default_rng(seed)).confidence_interval
-    return point, math.exp(ci.low), math.exp(ci.high)
 
 
 def mde(se: float, df: float, alpha: float, min_effect: float, power: float) -> float:
@@ -361,9 +323,6 @@ def mde(se: float, df: float, alpha: float, min_effect: float, power: float) -> 
     crit = _t(1 - alpha, df)
     need = max(crit * se, math.log1p(min_effect))
     return math.expm1(need + _t(power, math.inf) * se * math.sqrt(1 + crit * crit / (2 * df)))
-
-
-# --- environment ----------------------------------------------------------------------------------
 
 
 def environment_mismatch(baseline: Mapping, candidate: Mapping, fields: Sequence[str]) -> list[str]:
@@ -444,6 +403,38 @@ def _k(n_b: int, n_c: int, paired: bool) -> float:
     return 1 / n_b if paired else 1 / n_b + 1 / n_c
 
 
+def _weights(w: np.ndarray, cap: float = 0.4) -> np.ndarray:
+    """``w`` normalised to sum 1 with no share above ``cap``, the excess spread over the others (3+ cases)."""
+    a, fixed = w / w.sum(), np.zeros(w.size, bool)
+    while (over := (a > cap) & ~fixed).any():
+        fixed |= over
+        a = np.where(fixed, cap, a * (1 - cap * fixed.sum()) / a[~fixed].sum())
+    return a
+
+
+def _own_variances(rs: Sequence[np.ndarray], a: np.ndarray, df: float) -> np.ndarray:
+    """Each case's own per-run variance from the residuals of within-group-centred runs ``rs`` (runs x cases)
+    about g = r @ a: E[s_j^2] = v_j (1 - 2 a_j) + Q with Q = sum a^2 v (heteroscedastic cases, so a case's
+    large own noise is not charged to the others; Grubbs' estimator for equal weights)."""
+    s2 = sum(((r - (r @ a)[:, None]) ** 2).sum(axis=0) for r in rs) / df
+    f = a * a / (1 - 2 * a)
+    q = float(np.sum(f * s2) / (1 + np.sum(f)))
+    return np.maximum((s2 - q) / (1 - 2 * a), 0.05 * s2)
+
+
+def _prior_df(variances: Sequence[float], df: float) -> float:
+    """The df the cases' variances (each on ``df``) lend one another: the spread of their logs beyond what
+    sampling on ``df`` explains (Smyth 2004, limma's squeezeVar): none left, inf; all of it, 0."""
+    if len(variances) < 3 or df <= 0:
+        return 0.0
+    excess = float(np.var(np.log(variances), ddof=1) - special.polygamma(1, df / 2))
+    if excess <= 1e-6:
+        return math.inf
+    from scipy import optimize  # here, not at import: most commands never fit a model
+
+    return 2 * optimize.brentq(lambda y: float(special.polygamma(1, y)) - excess, 1e-8, 1e7)
+
+
 def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, paired: bool,
          new_machine: bool, use_canary: bool) -> _Model:
     """Estimate the model once (see docs/statistics.md): per (side, machine) group of runs, each run's log
@@ -469,28 +460,18 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
                 machines = side.machines if grouped else [None] * side.n_runs
                 samples.append((np.stack([y[n] for n in full], 1), kk if canary_ok else None, machines))
     m = len(full)
-    split = m >= 3
-    # run level: within (side, machine) groups
-    ss_g = df_g = ss_kk = 0.0
-    g_parts, k_parts = [], []
-    ss_e: dict[str, float] = {}
-    df_e: dict[str, float] = {}
-    for y, kk, machines in samples:
-        for mach in dict.fromkeys(machines):
-            rows = [i for i, x in enumerate(machines) if x == mach]
-            if len(rows) < 2:
-                continue
-            r = y[rows] - y[rows].mean(axis=0)
-            g = r.mean(axis=1)
-            g_parts.append(g)
-            k_parts.append(None if kk is None else kk[rows] - kk[rows].mean())
-            df_g += len(rows) - 1
-            if split:
-                resid = r - g[:, None]
-                for j, n in enumerate(full):
-                    ss_e[n] = ss_e.get(n, 0.0) + float(np.sum(resid[:, j] ** 2))
-                    df_e[n] = df_e.get(n, 0.0) + (len(rows) - 1) * (m - 1) / m
-    split = split and df_g > 0
+    # run level: within (side, machine) groups, each run's common term g its weighted mean over the cases
+    ss_g = ss_kk = 0.0
+    groups = [(y[rows] - y[rows].mean(axis=0), None if kk is None else kk[rows] - kk[rows].mean())
+              for y, kk, machines in samples for mach in dict.fromkeys(machines)
+              if len(rows := [i for i, x in enumerate(machines) if x == mach]) >= 2]
+    df_g = float(sum(len(r) - 1 for r, _ in groups))
+    split, df_own = m >= 3 and df_g > 0, df_g * (m - 1) / max(m, 1)
+    a, own = np.full(m, 1 / max(m, 1)), np.zeros(m)
+    for _ in range(3 if split else 0):
+        own = _own_variances([r for r, _ in groups], a, df_g)
+        a = _weights(1 / np.maximum(own, 1e-12 + 1e-3 * own.max()))
+    g_parts, k_parts = [r @ a for r, _ in groups], [k for _, k in groups]
     model = _Model({}, paired and bool(full))
     fixed_beta = new_machine and not paired
     beta = 0.0
@@ -511,31 +492,27 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
     if canary_ok:
         shift = float(kc.mean() - kb.mean()) if not paired else float(np.mean(kc - kb))
         model.canary_shift = shift
-    # the per-run variances: common (net of the canary) and case-specific per kind
-    # a case's own case-specific variance, moderated towards its kind's (a kind of one case: all cases')
+    # a case's own variance, moderated towards its kind's (a kind of one case: all cases') taken as the
+    # geometric mean of theirs corrected for the bias of a log variance, with the df they lend one another
     var_e = {}
-    for n in ss_e:
-        others = [o for o in ss_e if o != n and kinds[o] == kinds[n]] or [o for o in ss_e if o != n]
-        prior_var, prior_df = _pool(*((ss_e[o] / df_e[o], df_e[o]) for o in others))
-        prior_df = min(prior_df, float(policy.case_prior_df))
-        var_e[n] = ((ss_e[n] + prior_var * prior_df) / (df_e[n] + prior_df), df_e[n] + prior_df)
+    prior_df = min(_prior_df(own, df_own), policy.case_prior_df) if split else 0.0
+    log_bias = float(special.digamma(df_own / 2) - math.log(df_own / 2)) if split else 0.0
+    for j, n in enumerate(full if split else []):
+        others = [o for o in range(m) if o != j and kinds[full[o]] == kinds[n]] or [o for o in range(m)
+                                                                                    if o != j]
+        prior_var = math.exp(float(np.mean(np.log(own[others]))) - log_bias)
+        var_e[n] = ((own[j] * df_own + prior_var * prior_df) / (df_own + prior_df), df_own + prior_df)
     var_g = ss_g / df_g if df_g > 0 else 0.0
     mean_e = float(np.mean([var_e[n][0] for n in full])) if split else 0.0
-    var_u = max(var_g - mean_e / m, 0.0) if split else 0.0
+    q = float(sum(a[j] ** 2 * var_e[n][0] for j, n in enumerate(full))) if split else 0.0  # the e's in g
+    var_u = max(var_g - q, 0.0) if split else 0.0
     # var_u is a difference of two estimates: its df (Satterthwaite) are below those of var_g
     df_e_sum = sum(df for _, df in var_e.values())
-    df_u = max(var_u**2 / (var_g**2 / df_g + (mean_e / m) ** 2 / df_e_sum), 1.0) if split and var_u > 0 \
-        else max(df_g, 1.0)
+    df_u = max(var_u**2 / (var_g**2 / df_g + q**2 / df_e_sum), 1.0) if split and var_u > 0 else max(df_g, 1.0)
     # where the split cannot be made: the total per-run variance pooled per kind
     total: dict[str, list] = {}
     for n in names:
-        for side_y in (yb[n], yc[n]):
-            if paired and n in full:
-                continue
-            total.setdefault(kinds[n], []).append(side_y)
-    if model.paired:
-        for n in full:
-            total.setdefault(kinds[n], []).append(yc[n] - yb[n])
+        total.setdefault(kinds[n], []).extend([yc[n] - yb[n]] if paired and n in full else [yb[n], yc[n]])
     pooled = {}
     for kind, groups in total.items():
         df = sum(g.size - 1 for g in groups if g.size >= 2)
@@ -645,16 +622,18 @@ class _Family:
     nu: float
     nu_own: float
     level_share: float = 0.5  # of alpha, for the level tests of a set of cases; the rest for the contrasts
+    band: np.ndarray | float = 0.0  # the log change a regression must also exceed
 
 
-def closed_test(f: _Family, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def closed_test(f: _Family, alpha: float, power: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
     """Adjusted one-sided p-values of "case i moved up" by closed testing (strong family-wise control
-    whatever the other cases do), and the change each case needs to be flagged at ``alpha``, the others as
-    they are. A set S of unchanged cases shares the common term C, so H_S is tested by the level of its
-    largest t (the joint law of :func:`_max_sf`, at ``level_share`` of alpha) or by the largest contrast
-    ``d_j - mean of the rest of S``, free of C (Bonferroni over S, the rest); a single case by its t alone.
-    The largest p over the sets holding i is bounded from above by the sets made of i and the highest
-    changes among the cases below each t."""
+    whatever the other cases do), and the log change each case needs to be flagged with ``power`` when it
+    moves alone (its MDE). A set S of unchanged cases shares the common term C, so H_S is tested by the
+    level of its largest t (the joint law of :func:`_max_sf`, at ``level_share`` of alpha) or by the largest
+    contrast ``d_j - mean of the rest of S``, free of C (Bonferroni over S, the rest); a single case by its
+    t alone. The largest p over the sets holding i is bounded from above by the sets made of i and the
+    highest changes among the cases below each t. The MDE is the largest over the sets the others' levels
+    do not reject of the easier of the set's two tests, each with its own sd."""
     t, m, w = f.d / f.se, f.d.size, f.level_share
     tail = _max_sf(t, f.a, f.nu, m)  # (case, size)
     grid = np.linspace(0.0, 10.0, 41)
@@ -662,7 +641,8 @@ def closed_test(f: _Family, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     t_level = np.array([np.interp(-math.log(alpha * (w if s else 1)), -log_tail[:, s], grid)
                         for s in range(m)])
     t_own = special.stdtrit(f.nu_own, 1 - alpha * (1 - w) / np.arange(2, m + 1))
-    p, need = tail[:, 0].copy(), t_level[0] * f.se
+    p = tail[:, 0].copy()
+    sets = [(i, t_level[0], math.inf, f.nu, f.se[i], 0.0) for i in range(m)]  # (case, t, t, df, sd, rest)
     for i in range(m):
         others = np.array([j for j in np.argsort(t) if j != i], dtype=int)
         for q in range(others.size):
@@ -675,10 +655,42 @@ def closed_test(f: _Family, alpha: float) -> tuple[np.ndarray, np.ndarray]:
             own = (k + 1) * special.stdtr(f.nu_own, -(f.d[i] - rest) / spread)
             p[i] = max(p[i], float(np.min([np.minimum(tail[i, k], level) / w, own / (1 - w)], axis=0).max()))
             open_sets = level > alpha * w  # sets the other members' level does not reject
-            if open_sets.any():
-                need[i] = max(need[i], float(np.minimum(t_level[k] * f.se[i], rest + t_own[k - 1] * spread)[
-                    open_sets].max()))
-    return np.minimum(p, 1.0), need
+            sets += [(i, t_level[j], t_own[j - 1], f.nu_own, spread[j - 1], rest[j - 1])
+                     for j in k[open_sets]]
+    i, t_lv, t_ct, nu_ct, sd_ct, rest = (np.array(c) for c in zip(*sets, strict=True))
+    mde_log = np.full(m, -np.inf)
+    band = np.broadcast_to(f.band, (m,))[i]
+    # A case is flagged only when every set holding it rejects, and their misses overlap only in part: each
+    # set is solved for 3/4 of the miss rate (with all of it, 0.70-0.83 of draws were caught at the MDE)
+    power = 1 - (1 - power) * 0.75
+    np.maximum.at(mde_log, i, _reach(t_lv, f.nu, f.se[i], t_ct, nu_ct, sd_ct, rest, f.v[i], band, power))
+    return np.minimum(p, 1.0), mde_log
+
+
+def _phi2(h: np.ndarray, k: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """P(X < h, Y < k) for standard normals of correlation r, elementwise (Owen's T; Owen 1956)."""
+    h, k, s = np.where(h == 0, 1e-12, h), np.where(k == 0, 1e-12, k), np.sqrt(1 - r * r)
+    return (0.5 * (special.ndtr(h) + special.ndtr(k)) - special.owens_t(h, (k - r * h) / (h * s))
+            - special.owens_t(k, (h - r * k) / (k * s)) - 0.5 * (h * k < 0))
+
+
+def _reach(t_lv, nu, se, t_ct, nu_ct, sd_ct, rest, v, band, power: float) -> np.ndarray:
+    """The log change flagged with ``power`` by a set's level test (d / se beyond t_lv) or contrast
+    ((d - rest) / sd_ct beyond t_ct, rest as measured), d also above ``band``: P(d > max(t_lv se, band)) +
+    P(band < d <= that, contrast beyond t_ct), correlation v / (se sd_ct), noncentral t margins as normal."""
+    finite = np.isfinite(t_ct * sd_ct * v)
+    t_ct, sd_ct, v, rest = (np.where(finite, x, 1.0 if x is sd_ct else 0.0) for x in (t_ct, sd_ct, v, rest))
+    r = np.clip(v / (se * sd_ct), 0.0, 0.999)
+    g_lv, g_ct = np.sqrt(1 + t_lv * t_lv / (2 * nu)), np.sqrt(1 + t_ct * t_ct / (2 * nu_ct))
+    lo, hi = np.zeros_like(se), (t_lv + 6) * g_lv * se + band + 6 * se
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        z_b = (mid - band) / se
+        z_1 = np.where(t_lv * se >= band, (mid / se - t_lv) / g_lv, z_b)
+        z_c = np.where(finite, ((mid - rest) / sd_ct - t_ct) / g_ct, -40.0)
+        ok = special.ndtr(z_1) + _phi2(z_b, z_c, r) - _phi2(z_1, z_c, r) >= power
+        lo, hi = np.where(ok, lo, mid), np.where(ok, mid, hi)
+    return hi
 
 
 def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict, dict, dict]:
@@ -689,11 +701,12 @@ def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict
     df = np.array([c.df for c in cs])
     if policy.correction == "holm" and cs:
         fam = _Family(d, np.array([c.se for c in cs]), np.array([c.own_var for c in cs]),
-                      min(math.sqrt(c.var_u) / c.se for c in cs), float(df.min()), min(c.own_df for c in cs))
-        (reg, need), (imp, _) = (closed_test(f, policy.alpha) for f in (fam, dataclasses.replace(fam, d=-d)))
-        # the t a case needs, as its own one-sided alpha on its df
-        alpha_one = {n: float(special.ndtr(-x / c.se) if math.isinf(c.df) else special.stdtr(c.df, -x / c.se))
-                     for n, c, x in zip(tested, cs, need, strict=True)}
+                      min(math.sqrt(c.var_u) / c.se for c in cs), float(df.min()), min(c.own_df for c in cs),
+                      band=np.array([math.log1p(policy.min_effect_for(n)) for n in tested]))
+        (reg, reach), (imp, _) = (closed_test(f, policy.alpha, policy.power)
+                                  for f in (fam, dataclasses.replace(fam, d=-d)))
+        alpha_one = {n: _alpha_for(x / c.se, c.df, policy.power)
+                     for n, c, x in zip(tested, cs, reach, strict=True)}
     else:
         t = d / np.array([c.se for c in cs]) if cs else d
         p_reg, p_imp = special.stdtr(df, -t), special.stdtr(df, t)
@@ -702,6 +715,13 @@ def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict
                                   else policy.alpha)
     adjusted = dict(zip(tested, reg.tolist(), strict=True)), dict(zip(tested, imp.tolist(), strict=True))
     return *adjusted, alpha_one
+
+
+def _alpha_for(x: float, df: float, power: float) -> float:
+    """The one-sided alpha at which :func:`mde` gives ``x`` se (solving c + z sqrt(1 + c^2 / 2 df) = x)."""
+    z, a = special.ndtri(power), 1 - special.ndtri(power) ** 2 / (2 * df)
+    c = (x - z * math.sqrt(a + x * x / (2 * df))) / a
+    return float(special.ndtr(-c) if math.isinf(df) else special.stdtr(df, -c))
 
 
 def _mde_at(c: _Case, n_b: int, n_c: int, paired: bool, alpha: float, min_effect: float, power: float
@@ -727,6 +747,13 @@ def _runs_needed(c: _Case, paired: bool, alpha: float, min_effect: float, policy
     return n if n <= 100 else None
 
 
+def _verdict(d: float, lo: float, hi: float, p_reg: float, p_imp: float, band: float, alpha: float) -> str:
+    """Regression (improvement): significant at ``alpha`` and beyond the band; no change: the interval
+    inside it."""
+    return (REGRESSION if p_reg <= alpha and d > band else IMPROVEMENT if p_imp <= alpha and d < -band
+            else NO_CHANGE if -band <= math.log(lo) and math.log(hi) <= band else INCONCLUSIVE)
+
+
 def _time_result(
     name: str, b: CaseSamples, c: CaseSamples, e: _Case | None, paired: bool, p_reg: float | None,
     p_imp: float | None, alpha_one: float, policy: Policy, blockers: list[Reason], reasons: Sequence[Reason],
@@ -735,9 +762,9 @@ def _time_result(
     """The time verdict of one case; ``alpha_one`` is the per-case alpha the MDE assumes."""
     min_effect = policy.min_effect_for(name)
     y_b, y_c = b.log_run_medians(), c.log_run_medians()
-    base = dict(metric="time", ratio=math.exp(e.d if e else y_c.mean() - y_b.mean()), threshold=min_effect,
-                n_baseline=y_b.size, n_candidate=y_c.size, baseline_median=float(np.median(b.samples)),
-                candidate_median=float(np.median(c.samples)))
+    base = dict(metric="time", clock=c.clock, ratio=math.exp(e.d if e else y_c.mean() - y_b.mean()),
+                threshold=min_effect, n_baseline=y_b.size, n_candidate=y_c.size,
+                baseline_median=float(np.median(b.samples)), candidate_median=float(np.median(c.samples)))
     reasons = list(blockers) + list(reasons)
     if e is None:
         reasons.append(why("too-few-samples", target_mde=policy.target_mde))
@@ -747,15 +774,8 @@ def _time_result(
     base.update(ci=(lo, hi), p_regression=p_reg, p_improvement=p_imp, mde=m_e, se=e.se, df=e.df)
     if blockers:
         return MetricResult(verdict=INCONCLUSIVE, reasons=tuple(reasons), **base)
-    band = math.log1p(min_effect)
-    if p_reg <= policy.alpha and e.d > band:
-        verdict = REGRESSION
-    elif p_imp <= policy.alpha and e.d < -band:
-        verdict = IMPROVEMENT
-    elif lo >= 1 / (1 + min_effect) and hi <= 1 + min_effect:
-        verdict = NO_CHANGE
-    else:
-        verdict = INCONCLUSIVE
+    verdict = _verdict(e.d, lo, hi, p_reg, p_imp, math.log1p(min_effect), policy.alpha)
+    if verdict == INCONCLUSIVE:
         needed = _runs_needed(e, paired, alpha_one, min_effect, policy)
         base["runs_needed"] = needed
         reasons.append(why("unsettled", low=lo, high=hi, min_effect=min_effect, correction=policy.correction,
@@ -775,10 +795,8 @@ def _suite_result(model: _Model, policy: Policy, blockers: Sequence[str]) -> Met
     d, se, df = model.suite
     lo, hi = ratio_interval(d, se, df, policy.confidence_level)
     p_reg, p_imp = float(special.stdtr(df, -d / se)), float(special.stdtr(df, d / se))
-    band = math.log1p(policy.min_effect)
-    verdict = (INCONCLUSIVE if blockers else REGRESSION if p_reg <= policy.alpha and d > band
-               else IMPROVEMENT if p_imp <= policy.alpha and d < -band
-               else NO_CHANGE if -band <= math.log(lo) and math.log(hi) <= band else INCONCLUSIVE)
+    verdict = INCONCLUSIVE if blockers else _verdict(d, lo, hi, p_reg, p_imp, math.log1p(policy.min_effect),
+                                                     policy.alpha)
     return MetricResult(metric="suite", verdict=verdict, ratio=math.exp(d), ci=(lo, hi),
                         p_regression=p_reg, p_improvement=p_imp, threshold=policy.min_effect,
                         mde=mde(se, df, policy.alpha, policy.min_effect, policy.power), se=se, df=df,
@@ -788,20 +806,12 @@ def _suite_result(model: _Model, policy: Policy, blockers: Sequence[str]) -> Met
 # --- canary ------------------------------------------------------------------------------------------
 
 
-def _median_se(r: np.ndarray) -> float:
-    """Standard error of the log of a run's canary median, from its spread within the run."""
-    return 1.2533 * robust_cv(r) / math.sqrt(r.size)  # the median's efficiency under normal noise
-
-
 def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: bool,
                  paired: bool = False) -> CanaryResult | None:
-    """Per-run canary medians and CVs; which candidate runs are disturbed (see the module docstring).
-
-    Unpaired, a candidate run is judged against the baseline's runs. Paired (A/B), against its partner:
-    drift that moved both members of a pair cancels in the paired analysis, so only a canary that moved
-    between the two members (beyond ``canary_z`` standard errors of the two medians, and ``canary_min_shift``)
-    or spread within either of them disturbs the pair.
-    """
+    """Per-run canary medians and CVs, and which candidate runs are disturbed: judged against the baseline's
+    runs, or paired (A/B) against the partner, since drift that moved both members cancels in the pair: a
+    canary that moved between them (beyond ``canary_z`` standard errors of the two medians, whose se is
+    1.2533 robust CV / sqrt(n) under normal noise, and ``canary_min_shift``) or spread within either."""
     b_runs = [np.asarray(r, dtype=float) for r in baseline.canary if len(r)]
     c_runs = [np.asarray(r, dtype=float) for r in candidate.canary if len(r)]
     device = _device_disturbances(baseline, candidate, paired)
@@ -823,8 +833,7 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
     runs = [CanaryRun("baseline", i, float(np.median(r)), cv) for i, (r, cv) in enumerate(zip(b_runs, b_cvs,
                                                                                              strict=True))]
     # A candidate on a machine none of the baseline's runs came from: its canary differs from the baseline's
-    # by the machine (taken out of every change in compare), so a run is held against the other candidate
-    # runs.
+    # by the machine (taken out of every change in compare), so a run is held against the other candidates.
     ref, against = (b_meds.mean(), "baseline") if b_meds.size and not env_changed else (None, "")
     if not by_pair and on_new_machine(baseline, candidate):
         c_meds = np.log([np.median(r) for r in c_runs])
@@ -837,7 +846,8 @@ def judge_canary(baseline: Side, candidate: Side, policy: Policy, env_changed: b
         if by_pair:
             shift = math.log(med) - b_meds[i]
             limit = max(math.log1p(policy.canary_min_shift),
-                        policy.canary_z * math.hypot(_median_se(r), _median_se(b_runs[i])))
+                        policy.canary_z * 1.2533 * math.hypot(cv / math.sqrt(r.size),
+                                                              b_cvs[i] / math.sqrt(b_runs[i].size)))
             if max(cv, b_cvs[i]) > cv_limit:
                 trouble = why("canary-spread", cv=max(cv, b_cvs[i]), limit=cv_limit, run=i + 1,
                               pair=True)
@@ -938,16 +948,9 @@ def _few_values_result(
     lo, hi = float(c.min() / b.max()), float(c.max() / b.min())
     up, down = 1.0 + threshold, 1.0 / (1.0 + threshold)  # symmetric on the log scale
     reasons = list(blockers) + ([why("cache-state", state=note)] if note else [])
-    if blockers:
-        verdict = INCONCLUSIVE
-    elif lo > up:
-        verdict = REGRESSION
-    elif hi < down:
-        verdict = IMPROVEMENT
-    elif lo >= down and hi <= up:
-        verdict = NO_CHANGE
-    else:
-        verdict = INCONCLUSIVE
+    verdict = (INCONCLUSIVE if blockers else REGRESSION if lo > up else IMPROVEMENT if hi < down
+               else NO_CHANGE if lo >= down and hi <= up else INCONCLUSIVE)
+    if verdict == INCONCLUSIVE and not blockers:
         reasons.append(why("values-overlap", threshold=threshold, low=lo, high=hi, n_baseline=b.size,
                            n_candidate=c.size))
     if b.size == 1 and c.size == 1 and verdict != INCONCLUSIVE:
@@ -1062,18 +1065,17 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
         count, common_sd, case_sd, estimated = model.machines
         machine_reason = why("machine-variance", machines=count if estimated else 1, common_sd=common_sd,
                              case_sd=case_sd, prior_df=policy.machine_prior_df)
-    case_reasons = {n: [r for r in (model.reasons.get(n), machine_reason) if r] for n in judged}
-    if paired and not model.paired:
-        for n in judged:
-            case_reasons[n].append(why("analysed-unpaired"))
+    unpaired_why = why("analysed-unpaired") if paired and not model.paired else None
+    case_reasons = {n: [r for r in (model.reasons.get(n), machine_reason, unpaired_why) if r] for n in judged}
+    suite_blockers = [why("environment-mismatch", detail=m) for m in mismatch] + (
+        [why("machine-not-taken-out", environment_changed=bool(changes))] if new_machine and not net_of_canary
+        else [])
 
     device_type = candidate.environment.get("device_type")
     judge_memory = device_type is None or device_type in policy.memory_device_types
     for name in judged:
         b, c = baseline.cases[name], candidate.cases[name]
-        blockers = [why("environment-mismatch", detail=m) for m in mismatch]
-        if new_machine and not net_of_canary:
-            blockers.append(why("machine-not-taken-out", environment_changed=bool(changes)))
+        blockers = list(suite_blockers)
         if b.attention_used and c.attention_used and b.attention_used != c.attention_used:
             blockers.append(why("attention-differs", baseline=b.attention_used, candidate=c.attention_used))
         if b.unet_kernels and c.unet_kernels and b.unet_kernels != c.unet_kernels:
@@ -1082,16 +1084,14 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
         metrics = {"time": _time_result(name, b, c, model.cases.get(name), model.paired, adj_reg.get(name),
                                         adj_imp.get(name), alpha_one.get(name, policy.alpha), policy,
                                         blockers, case_reasons[name], disturbed)}
-        metrics["time"] = dataclasses.replace(metrics["time"], clock=c.clock)
         once = {"compile_time": _compile_result(b, c, policy, list(blockers)),
                 "peak_memory": _few_values_result("peak_memory", b.peak_memory_bytes, c.peak_memory_bytes,
                                                   policy.memory_threshold, float(policy.memory_floor_bytes),
                                                   list(blockers)) if judge_memory else None}
         metrics.update({k: v for k, v in once.items() if v is not None})
-        if c.correct is False:
-            verdicts[name] = CaseVerdict(name, FAILED, metrics, (why("wrong-output"),), labels)
-        else:
-            verdicts[name] = CaseVerdict(name, _overall(metrics), metrics, (), labels)
+        wrong = c.correct is False
+        verdicts[name] = CaseVerdict(name, FAILED if wrong else _overall(metrics), metrics,
+                                     (why("wrong-output"),) if wrong else (), labels)
 
     notes = []
     if not judge_memory:
@@ -1114,9 +1114,6 @@ def compare(baseline: Side, candidate: Side, policy: Policy | None = None, *,
                      f"weighted by {model.canary_weight:.2f}, the share of the runs' common speed it "
                      "tracked: a machine that moved every case alike is not a change of the code")
     order = [*candidate.cases, *candidate.failed, *baseline.cases]
-    suite_blockers = [why("environment-mismatch", detail=m) for m in mismatch] + (
-        [why("machine-not-taken-out", environment_changed=bool(changes))] if new_machine and not net_of_canary
-        else [])
     return Comparison(
         tuple(verdicts[n] for n in dict.fromkeys(order) if n in verdicts), policy, mismatch, changes,
         tuple(notes), baseline.label, candidate.label, tuple(not_selected), canary, paired,

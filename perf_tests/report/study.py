@@ -13,17 +13,20 @@ rerun: only the result files are read, through ``results.read_run`` (each cell f
 
 The study's own layout (``build_study_layout``, ``report --layout study``): one table per batch size, its five
 configurations as rows, the study's release pair (original code on torch1, optimized on torch20) and the
-current release (torch2) as columns, each cell the time over runs with its interval (stats.run_interval).
+current release (torch2) as columns, each cell the time over runs with its interval (run_interval).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perf_tests.analysis.stats import Policy, run_interval
+import numpy as np
+
+from perf_tests.analysis.stats import Policy, ratio_interval
 from perf_tests.errors import InputError
 from perf_tests.records.names import (
     ATTENTION_BACKENDS,
@@ -42,6 +45,17 @@ from perf_tests.report.tabular import format_seconds, markdown_table, text_table
 STUDY_ROWS = ("original", "original+xformers", "sdpa-math", "sdpa-mem-efficient",
               "sdpa-mem-efficient+compile")
 _COMPILE_ORDER = ("eager", *COMPILE_MODES)
+
+
+def run_interval(runs: Sequence[Sequence[float]], confidence: float = Policy.confidence_level
+                 ) -> tuple[float, float | None, float | None]:
+    """One case's time on one side, by the comparator's model: exp of the mean log run median, and its
+    two-sided ``confidence`` t interval over runs (none from a single run)."""
+    y = np.log([float(np.median(r)) for r in runs])
+    if y.size < 2:
+        return float(np.exp(y.mean())), None, None
+    se = float(y.std(ddof=1)) / math.sqrt(y.size)
+    return float(np.exp(y.mean())), *ratio_interval(float(y.mean()), se, y.size - 1, confidence)
 
 
 def config_label(attention: str, compile: str, memory_format: str = MEMORY_FORMATS[0],
@@ -450,7 +464,7 @@ STUDY_REFERENCES = ("original+xformers", "original")
 
 @dataclass
 class StudyCell:
-    time_s: float | None = None  # stats.run_interval's centre: exp(mean log run median)
+    time_s: float | None = None  # run_interval's centre: exp(mean log run median)
     low_s: float | None = None
     high_s: float | None = None
     runs: int = 0
