@@ -94,7 +94,8 @@ def _side(rng, w: World, n_runs: int, machines: list[str], machine_level: dict, 
         speed, per_case, canary_speed = machine_level[machines[r]]
         level = np.log(1 + 0.1 * np.arange(m)) + speed + per_case + session[r] + truth
         level += rng.normal(0, w.case_sd, m) * case_scale
-        level[WILD] += w.wild * rng.choice((-1.0, 1.0))
+        if w.wild:  # drawn only here, so the other scenarios' draws stay as they were
+            level[WILD] += w.wild * rng.choice((-1.0, 1.0))
         trend = rng.normal(0, w.drift_sd) * np.linspace(-0.5, 0.5, w.rounds)
         x = np.exp(level[:, None] + trend[None, :] + rng.normal(0, w.round_sd, (m, w.rounds)))
         x *= np.where(rng.random(x.shape) < w.p_outlier, 1.25, 1.0)

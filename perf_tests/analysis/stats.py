@@ -412,14 +412,30 @@ def _weights(w: np.ndarray, cap: float = 0.4) -> np.ndarray:
     return a
 
 
-def _own_variances(rs: Sequence[np.ndarray], a: np.ndarray, df: float) -> np.ndarray:
+def _own_variances(rs: Sequence[np.ndarray], a: np.ndarray, df: float) -> tuple[np.ndarray, np.ndarray]:
     """Each case's own per-run variance from the residuals of within-group-centred runs ``rs`` (runs x cases)
     about g = r @ a: E[s_j^2] = v_j (1 - 2 a_j) + Q with Q = sum a^2 v (heteroscedastic cases, so a case's
-    large own noise is not charged to the others; Grubbs' estimator for equal weights)."""
+    large own noise is not charged to the others; Grubbs' estimator for equal weights), and the s_j^2."""
     s2 = sum(((r - (r @ a)[:, None]) ** 2).sum(axis=0) for r in rs) / df
     f = a * a / (1 - 2 * a)
     q = float(np.sum(f * s2) / (1 + np.sum(f)))
-    return np.maximum((s2 - q) / (1 - 2 * a), 0.05 * s2)
+    return np.maximum((s2 - q) / (1 - 2 * a), 0.05 * s2), s2
+
+
+def _moderated(own: np.ndarray, s2: np.ndarray, kinds: Sequence[str], df: float, max_df: float
+               ) -> tuple[np.ndarray, float]:
+    """Each case's own variance (on ``df``) moderated towards its kind's (a kind of one case: all the other
+    cases'), the geometric mean of theirs corrected for the bias of a log variance, with the df the cases
+    lend one another as their mean squares ``s2`` show (at most ``max_df``); and the df of the result."""
+    prior_df = min(_prior_df(s2, df), max_df)
+    log_bias = float(special.digamma(df / 2) - math.log(df / 2))
+    out = np.empty_like(own)
+    for j in range(own.size):
+        others = [o for o in range(own.size) if o != j and kinds[o] == kinds[j]] or [
+            o for o in range(own.size) if o != j]
+        prior = math.exp(float(np.mean(np.log(own[others]))) - log_bias)
+        out[j] = (own[j] * df + prior * prior_df) / (df + prior_df)
+    return out, df + prior_df
 
 
 def _prior_df(variances: Sequence[float], df: float) -> float:
@@ -467,10 +483,13 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
               if len(rows := [i for i, x in enumerate(machines) if x == mach]) >= 2]
     df_g = float(sum(len(r) - 1 for r, _ in groups))
     split, df_own = m >= 3 and df_g > 0, df_g * (m - 1) / max(m, 1)
-    a, own = np.full(m, 1 / max(m, 1)), np.zeros(m)
-    for _ in range(3 if split else 0):
-        own = _own_variances([r for r, _ in groups], a, df_g)
-        a = _weights(1 / np.maximum(own, 1e-12 + 1e-3 * own.max()))
+    a, var_e, kind_of = np.full(m, 1 / max(m, 1)), {}, [kinds[n] for n in full]
+    for step in range(3 if split else 0):  # weights from the moderated variances, which the weights change
+        own, own_df = _moderated(*_own_variances([r for r, _ in groups], a, df_g), kind_of, df_own,
+                                 policy.case_prior_df)
+        if step < 2:
+            a = _weights(1 / np.maximum(own, 1e-12 + 1e-3 * own.max()))
+        var_e = {n: (float(own[j]), own_df) for j, n in enumerate(full)}
     g_parts, k_parts = [r @ a for r, _ in groups], [k for _, k in groups]
     model = _Model({}, paired and bool(full))
     fixed_beta = new_machine and not paired
@@ -492,16 +511,6 @@ def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, 
     if canary_ok:
         shift = float(kc.mean() - kb.mean()) if not paired else float(np.mean(kc - kb))
         model.canary_shift = shift
-    # a case's own variance, moderated towards its kind's (a kind of one case: all cases') taken as the
-    # geometric mean of theirs corrected for the bias of a log variance, with the df they lend one another
-    var_e = {}
-    prior_df = min(_prior_df(own, df_own), policy.case_prior_df) if split else 0.0
-    log_bias = float(special.digamma(df_own / 2) - math.log(df_own / 2)) if split else 0.0
-    for j, n in enumerate(full if split else []):
-        others = [o for o in range(m) if o != j and kinds[full[o]] == kinds[n]] or [o for o in range(m)
-                                                                                    if o != j]
-        prior_var = math.exp(float(np.mean(np.log(own[others]))) - log_bias)
-        var_e[n] = ((own[j] * df_own + prior_var * prior_df) / (df_own + prior_df), df_own + prior_df)
     var_g = ss_g / df_g if df_g > 0 else 0.0
     mean_e = float(np.mean([var_e[n][0] for n in full])) if split else 0.0
     q = float(sum(a[j] ** 2 * var_e[n][0] for j, n in enumerate(full))) if split else 0.0  # the e's in g
