@@ -16,7 +16,8 @@ import pytest
 FULL = os.environ.get("SD_PERF_GATE_VALIDITY") == "1"
 full_only = pytest.mark.skipif(not FULL, reason="every scenario: SD_PERF_GATE_VALIDITY=1 (gate-validity)")
 NULLS = [name for name in G.SCENARIOS if name != "every case +10% 5v4, 6% canary"]
-FAST = ["default 5v3", "7 of 12 +-15-25% noisy"]
+# the bimodal case: a comparator that charges one case's noise to the others raised false alarms to 7%
+FAST = ["default 5v3", "7 of 12 +-15-25% noisy", "one case bimodal +-20%"]
 DRAWS = 1000
 
 
@@ -48,7 +49,8 @@ def test_power_targets(name, probe, power):
 @pytest.mark.slow
 @full_only
 @pytest.mark.parametrize("name", ["default 5v3", "noisy 5v3", "8v8 noisy", "paired A/B 4v4, drift",
-                                  "heavy-tailed sessions, unequal cases", "7 of 12 +10%"])
+                                  "heavy-tailed sessions, unequal cases", "7 of 12 +10%",
+                                  "one case bimodal +-20%", "paired A/B 6v6, one case bimodal"])
 def test_power_at_the_reported_mde_is_the_promised_power(name):
     w = G.SCENARIOS[name]
     mde = float(np.median(G.run_world(w, 200, seed=14)["mdes"]))
