@@ -426,8 +426,14 @@ def _moderated(own: np.ndarray, s2: np.ndarray, kinds: Sequence[str], df: float,
                ) -> tuple[np.ndarray, float]:
     """Each case's own variance (on ``df``) moderated towards its kind's (a kind of one case: all the other
     cases'), the geometric mean of theirs corrected for the bias of a log variance, with the df the cases
-    lend one another as their mean squares ``s2`` show (at most ``max_df``); and the df of the result."""
-    prior_df = min(_prior_df(s2, df), max_df)
+    lend one another: the spread of their log mean squares ``s2`` beyond what sampling on ``df`` explains
+    (Smyth 2004, limma's squeezeVar), at most ``max_df``; and the df of the result."""
+    excess = float(np.var(np.log(s2), ddof=1) - special.polygamma(1, df / 2)) if s2.size >= 3 else math.nan
+    prior_df = max_df if excess <= 1e-6 else 0.0
+    if excess > 1e-6:
+        from scipy import optimize  # here, not at import: most commands never fit a model
+
+        prior_df = min(2 * optimize.brentq(lambda y: special.polygamma(1, y) - excess, 1e-8, 1e7), max_df)
     log_bias = float(special.digamma(df / 2) - math.log(df / 2))
     out = np.empty_like(own)
     for j in range(own.size):
@@ -436,19 +442,6 @@ def _moderated(own: np.ndarray, s2: np.ndarray, kinds: Sequence[str], df: float,
         prior = math.exp(float(np.mean(np.log(own[others]))) - log_bias)
         out[j] = (own[j] * df + prior * prior_df) / (df + prior_df)
     return out, df + prior_df
-
-
-def _prior_df(variances: Sequence[float], df: float) -> float:
-    """The df the cases' variances (each on ``df``) lend one another: the spread of their logs beyond what
-    sampling on ``df`` explains (Smyth 2004, limma's squeezeVar): none left, inf; all of it, 0."""
-    if len(variances) < 3 or df <= 0:
-        return 0.0
-    excess = float(np.var(np.log(variances), ddof=1) - special.polygamma(1, df / 2))
-    if excess <= 1e-6:
-        return math.inf
-    from scipy import optimize  # here, not at import: most commands never fit a model
-
-    return 2 * optimize.brentq(lambda y: float(special.polygamma(1, y)) - excess, 1e-8, 1e7)
 
 
 def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, paired: bool,
