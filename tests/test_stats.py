@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -835,3 +836,14 @@ def test_reasons_are_codes_with_numbers_and_the_json_carries_the_sentence():
     doc = R.to_dict(cmp)
     entry = doc["cases"][0]["metrics"]["time"]["reasons"][-1]
     assert entry["code"] == "unsettled" and entry["sentence"] == R.sentence(reason)
+
+
+def test_cases_whose_runs_are_all_identical_are_judged_without_a_warning():
+    # A constant timer (a fake suite) leaves every residual at zero: the log variances must stay finite.
+    same = [[1e-3] * 5 for _ in range(4)]
+    cases = {f"test_x[c{i}]": S.CaseSamples(f"test_x[c{i}]", same, case={"kind": "k"}) for i in range(4)}
+    sides = [S.Side(label, {"device_type": "cpu", "env": "torch2"}, cases, n_runs=4) for label in ("b", "c")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cmp = S.compare(*sides)
+    assert [c.verdict for c in cmp.cases] == [S.NO_CHANGE] * 4

@@ -419,7 +419,7 @@ def _own_variances(rs: Sequence[np.ndarray], a: np.ndarray, df: float) -> tuple[
     s2 = sum(((r - (r @ a)[:, None]) ** 2).sum(axis=0) for r in rs) / df
     f = a * a / (1 - 2 * a)
     q = float(np.sum(f * s2) / (1 + np.sum(f)))
-    return np.maximum((s2 - q) / (1 - 2 * a), 0.05 * s2), s2
+    return np.maximum((s2 - q) / (1 - 2 * a), 0.05 * s2) + 1e-18, s2 + 1e-18  # a constant case: finite logs
 
 
 def _moderated(own: np.ndarray, s2: np.ndarray, kinds: Sequence[str], df: float, max_df: float
@@ -447,8 +447,8 @@ def _moderated(own: np.ndarray, s2: np.ndarray, kinds: Sequence[str], df: float,
 def _fit(baseline: Side, candidate: Side, names: Sequence[str], policy: Policy, paired: bool,
          new_machine: bool, use_canary: bool) -> _Model:
     """Estimate the model once (see docs/statistics.md): per (side, machine) group of runs, each run's log
-    medians of the cases measured in every run are split into the run's mean over cases ``g`` (common) and
-    the rest (case-specific, pooled per kind); ``g`` is regressed on the run's log canary median. Paired,
+    medians of the cases measured in every run are split into their weighted mean ``g`` (common) and the
+    rest (each case's own, moderated per kind); ``g`` is regressed on the run's log canary median. Paired,
     the per-pair differences are the runs of one sample. On a new machine the baseline's machine means give
     the machine-level variances, pooled with the policy's prior."""
     yb = {n: baseline.cases[n].log_run_medians() for n in names}
