@@ -847,3 +847,14 @@ def test_cases_whose_runs_are_all_identical_are_judged_without_a_warning():
         warnings.simplefilter("error")
         cmp = S.compare(*sides)
     assert [c.verdict for c in cmp.cases] == [S.NO_CHANGE] * 4
+
+
+def test_an_mde_the_min_effect_sets_stays_finite():
+    # One precise case (se 0.2%) against a 5% band: the MDE is the band plus a little, not inf or nan.
+    rng = np.random.default_rng(1)
+    sides = [S.Side(label, {"device_type": "cpu", "env": "torch2"},
+                    {"test_x[a]": S.CaseSamples("test_x[a]", [[float(np.exp(rng.normal(shift, 0.01)))]
+                                                              for _ in range(30)], case={"kind": "k"})},
+                    n_runs=30) for label, shift in (("b", 0.0), ("c", 0.18))]
+    t = S.compare(*sides).cases[0].metrics["time"]
+    assert t.verdict == S.REGRESSION and 0.05 < t.mde < 0.06

@@ -320,7 +320,7 @@ def mde(se: float, df: float, alpha: float, min_effect: float, power: float) -> 
     """Smallest relative slowdown flagged with ``power``: significant at one-sided ``alpha`` (already
     corrected) AND a point estimate above ``min_effect``. The critical value is itself estimated: the power
     term is the normal approximation to the noncentral t, z_power sqrt(1 + t_crit^2 / 2 df)."""
-    crit = _t(1 - alpha, df)
+    crit = -_t(alpha, df)  # the lower tail: exact for the tiny alpha of an MDE the min effect sets
     need = max(crit * se, math.log1p(min_effect))
     return math.expm1(need + _t(power, math.inf) * se * math.sqrt(1 + crit * crit / (2 * df)))
 
@@ -723,7 +723,7 @@ def _alpha_for(x: float, df: float, power: float) -> float:
     """The one-sided alpha at which :func:`mde` gives ``x`` se (solving c + z sqrt(1 + c^2 / 2 df) = x)."""
     z, a = special.ndtri(power), 1 - special.ndtri(power) ** 2 / (2 * df)
     c = (x - z * math.sqrt(a + x * x / (2 * df))) / a
-    return float(special.ndtr(-c) if math.isinf(df) else special.stdtr(df, -c))
+    return max(float(special.ndtr(-c) if math.isinf(df) else special.stdtr(df, -c)), 1e-15)  # band-bound
 
 
 def _mde_at(c: _Case, n_b: int, n_c: int, paired: bool, alpha: float, min_effect: float, power: float
