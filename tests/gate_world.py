@@ -170,9 +170,9 @@ def run_world(w: World, draws: int, seed: int = 0, probe: float = 0.0, policy: S
     rng = np.random.default_rng(seed)
     false = hit = no_change = covered = judged = 0
     mdes = []
+    policy = policy or S.Policy(**({"run_sd_priors": (("*", "*", w.prior_sd),)} if w.prior_sd else {}))
     for _ in range(draws):
         d = draw(rng, w, probe)
-        policy = policy or S.Policy(**({"run_sd_priors": (("*", "*", w.prior_sd),)} if w.prior_sd else {}))
         cmp = S.compare(d.baseline, d.candidate, policy, paired=w.paired)
         wrong = False
         for i, c in enumerate(cmp.cases):

@@ -428,9 +428,9 @@ def _moderated(own: np.ndarray, s2: np.ndarray, kinds: Sequence[str], df: float,
     cases'), the geometric mean of theirs corrected for the bias of a log variance, with the df the cases
     lend one another: the spread of their log mean squares ``s2`` beyond what sampling on ``df`` explains
     (Smyth 2004, limma's squeezeVar), at most ``max_df``; and the df of the result."""
-    excess = float(np.var(np.log(s2), ddof=1) - special.polygamma(1, df / 2)) if s2.size >= 3 else math.nan
-    prior_df = max_df if excess <= 1e-6 else 0.0
-    if excess > 1e-6:
+    excess = float(np.var(np.log(s2), ddof=1) - special.polygamma(1, df / 2))  # 3+ cases: the split's
+    prior_df = max_df
+    if excess > 1e-6:  # the cases' noise differs beyond what sampling on df explains
         from scipy import optimize  # here, not at import: most commands never fit a model
 
         prior_df = min(2 * optimize.brentq(lambda y: special.polygamma(1, y) - excess, 1e-8, 1e7), max_df)
@@ -627,7 +627,7 @@ class _Family:
     band: np.ndarray | float = 0.0  # the log change a regression must also exceed
 
 
-def closed_test(f: _Family, alpha: float, power: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+def closed_test(f: _Family, alpha: float, power: float | None = 0.8) -> tuple[np.ndarray, np.ndarray | None]:
     """Adjusted one-sided p-values of "case i moved up" by closed testing (strong family-wise control
     whatever the other cases do), and the log change each case needs to be flagged with ``power`` when it
     moves alone (its MDE). A set S of unchanged cases shares the common term C, so H_S is tested by the
@@ -635,7 +635,7 @@ def closed_test(f: _Family, alpha: float, power: float = 0.8) -> tuple[np.ndarra
     contrast ``d_j - mean of the rest of S``, free of C (Bonferroni over S, the rest); a single case by its
     t alone. The largest p over the sets holding i is bounded from above by the sets made of i and the
     highest changes among the cases below each t. The MDE is the largest over the sets the others' levels
-    do not reject of the easier of the set's two tests, each with its own sd."""
+    do not reject of the easier of the set's two tests, each with its own sd (``power`` None: no MDE)."""
     t, m, w = f.d / f.se, f.d.size, f.level_share
     tail = _max_sf(t, f.a, f.nu, m)  # (case, size)
     grid = np.linspace(0.0, 10.0, 41)
@@ -659,9 +659,10 @@ def closed_test(f: _Family, alpha: float, power: float = 0.8) -> tuple[np.ndarra
             open_sets = level > alpha * w  # sets the other members' level does not reject
             sets += [(i, t_level[j], t_own[j - 1], f.nu_own, spread[j - 1], rest[j - 1])
                      for j in k[open_sets]]
+    if power is None:
+        return np.minimum(p, 1.0), None
     i, t_lv, t_ct, nu_ct, sd_ct, rest = (np.array(c) for c in zip(*sets, strict=True))
-    mde_log = np.full(m, -np.inf)
-    band = np.broadcast_to(f.band, (m,))[i]
+    mde_log, band = np.full(m, -np.inf), np.broadcast_to(f.band, (m,))[i]
     # A case is flagged only when every set holding it rejects, and their misses overlap only in part: each
     # set is solved for 3/4 of the miss rate (with all of it, 0.70-0.83 of draws were caught at the MDE)
     power = 1 - (1 - power) * 0.75
@@ -705,8 +706,8 @@ def _pvalues(model: _Model, tested: Sequence[str], policy: Policy) -> tuple[dict
         fam = _Family(d, np.array([c.se for c in cs]), np.array([c.own_var for c in cs]),
                       min(math.sqrt(c.var_u) / c.se for c in cs), float(df.min()), min(c.own_df for c in cs),
                       band=np.array([math.log1p(policy.min_effect_for(n)) for n in tested]))
-        (reg, reach), (imp, _) = (closed_test(f, policy.alpha, policy.power)
-                                  for f in (fam, dataclasses.replace(fam, d=-d)))
+        reg, reach = closed_test(fam, policy.alpha, policy.power)
+        imp = closed_test(dataclasses.replace(fam, d=-d), policy.alpha, None)[0]  # an improvement has no MDE
         alpha_one = {n: _alpha_for(x / c.se, c.df, policy.power)
                      for n, c, x in zip(tested, cs, reach, strict=True)}
     else:
