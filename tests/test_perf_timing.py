@@ -175,8 +175,10 @@ def test_cpu_peak_memory_is_the_workloads_allocation():
         pytest.skip("no /proc/self/statm on this platform")
 
     def fn():
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, freed when fn returns
-        return x[:8].clone()
+        # 64 MiB of fresh pages, freed when fn returns. Not a torch tensor: in one full-suite run a 64 MiB
+        # torch.ones read a peak of 0, as memory an earlier test freed but kept resident would.
+        _touched_pages(64 * 2**20).close()
+        return torch.ones(8)
 
     extra = timing.measure(FakeBenchmark([]), fn, device="cpu", rounds=1, warmup_rounds=2, min_round_s=1e-9)
     assert extra["peak_memory_bytes"] >= 32 * 2**20
