@@ -375,8 +375,8 @@ def test_consecutive_runs_record_and_the_second_is_judged_against_the_first(tmp_
     where = tmp_path / "store.sqlite"
     (tmp_path / "bl").mkdir()  # no committed baseline for this device
     # The fake case is timed for real on a shared machine, so two invocations differ by chance: on a loaded
-    # 2-core machine even CPU time shifted by 36% from one invocation to the next (hyperthread siblings busy
-    # or not), an A/A difference the gate rightly calls real. A 75% minimum effect keeps this A/A step from
+    # 2-core machine even CPU time shifted by 36% from one invocation to the next, an A/A difference the gate
+    # rightly calls real. A 75% minimum effect keeps this A/A step from
     # failing on such a shift, and the 5x slowdown below fails far outside it.
     args = ["--runs", "3", "--label", "torch2", "--baseline-dir", str(tmp_path / "bl"), "--store", str(where),
             "--min-effect", "0.75"]

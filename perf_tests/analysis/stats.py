@@ -428,7 +428,7 @@ def _moderated(own: np.ndarray, s2: np.ndarray, kinds: Sequence[str], df: float,
     cases'), the geometric mean of theirs corrected for the bias of a log variance, with the df the cases
     lend one another: the spread of their log mean squares ``s2`` beyond what sampling on ``df`` explains
     (Smyth 2004, limma's squeezeVar), at most ``max_df``; and the df of the result."""
-    excess = float(np.var(np.log(s2), ddof=1) - special.polygamma(1, df / 2))  # 3+ cases: the split's
+    excess = float(np.var(np.log(s2), ddof=1) - special.polygamma(1, df / 2))  # called with 3+ cases only
     prior_df = max_df
     if excess > 1e-6:  # the cases' noise differs beyond what sampling on df explains
         from scipy import optimize  # here, not at import: most commands never fit a model
